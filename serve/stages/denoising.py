@@ -1,0 +1,254 @@
+"""Stage 2 of 3: `PromptEmbeddings` + `SamplingParams` -> denoised `Latents`, handed on to the decoder.
+
+Our own copy of the `CogVideoXPipeline.__call__` denoising loop (diffusers 0.42), numerically identical
+to it for the same seed, with progress reporting and cancellation between steps. Only the transformer
+and the scheduler config are loaded; the scheduler itself is created per request because the DPM
+scheduler keeps per-request state and both draw noise from the request's generator.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+
+import torch
+
+from serve.stages.types import Latents, PromptEmbeddings, SamplingParams
+
+
+class DenoisingCancelled(Exception):
+    """Raised between two steps when the caller's `should_cancel()` says so."""
+
+
+def prepare_rotary_positional_embeddings(
+    transformer_config,
+    vae_scale_factor_spatial: int,
+    height: int,
+    width: int,
+    num_frames: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`CogVideoXPipeline._prepare_rotary_positional_embeddings`, taking the transformer config
+    instead of a pipeline. `num_frames` counts latent frames (after 1.5's temporal padding)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    p = transformer_config.patch_size
+    p_t = transformer_config.patch_size_t
+    grid_height = height // (vae_scale_factor_spatial * p)
+    grid_width = width // (vae_scale_factor_spatial * p)
+    base_size_width = transformer_config.sample_width // p
+    base_size_height = transformer_config.sample_height // p
+
+    if p_t is None:  # CogVideoX 1.0
+        grid_crops_coords = get_resize_crop_region_for_grid((grid_height, grid_width), base_size_width, base_size_height)
+        return get_3d_rotary_pos_embed(
+            embed_dim=transformer_config.attention_head_dim,
+            crops_coords=grid_crops_coords,
+            grid_size=(grid_height, grid_width),
+            temporal_size=num_frames,
+            device=device,
+        )
+    # CogVideoX 1.5
+    return get_3d_rotary_pos_embed(
+        embed_dim=transformer_config.attention_head_dim,
+        crops_coords=None,
+        grid_size=(grid_height, grid_width),
+        temporal_size=(num_frames + p_t - 1) // p_t,
+        grid_type="slice",
+        max_size=(base_size_height, base_size_width),
+        device=device,
+    )
+
+
+class DenoisingStage:
+    """Owns the transformer of one model and its scheduler config."""
+
+    def __init__(
+        self,
+        transformer,
+        scheduler_cls: type,
+        scheduler_config: dict,
+        vae_scale_factor_spatial: int = 8,
+        vae_scale_factor_temporal: int = 4,
+        device: str = "cpu",
+    ) -> None:
+        self.transformer = transformer
+        self.scheduler_cls = scheduler_cls
+        self.scheduler_config = scheduler_config
+        self.vae_scale_factor_spatial = vae_scale_factor_spatial
+        self.vae_scale_factor_temporal = vae_scale_factor_temporal
+        self.device = torch.device(device)
+        self.dtype = transformer.dtype
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        revision: str | None = None,
+    ) -> DenoisingStage:
+        import diffusers
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+
+        transformer = CogVideoXTransformer3DModel.from_pretrained(
+            path, subfolder="transformer", revision=revision, dtype=dtype
+        )
+        if transformer.config.ofs_embed_dim or transformer.config.in_channels != transformer.config.out_channels:
+            # Image-to-video checkpoints take image latents concatenated to the noise and an `ofs`
+            # input; `CogVideoXPipeline` (and this loop) cannot drive them.
+            raise ValueError(
+                f"{path} holds an image-to-video CogVideoX transformer (in_channels="
+                f"{transformer.config.in_channels}, ofs_embed_dim={transformer.config.ofs_embed_dim}); "
+                "point the model source at a text-to-video checkpoint"
+            )
+        # Any scheduler class reads scheduler_config.json; `_class_name` says which one it is.
+        scheduler_config = CogVideoXDDIMScheduler.load_config(path, subfolder="scheduler", revision=revision)
+        scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
+        # Latent geometry comes from the VAE; its config (not its weights) is all we need.
+        vae_config = AutoencoderKLCogVideoX.load_config(path, subfolder="vae", revision=revision)
+        return cls(
+            transformer.to(device).eval(),
+            scheduler_cls,
+            scheduler_config,
+            vae_scale_factor_spatial=2 ** (len(vae_config["block_out_channels"]) - 1),
+            vae_scale_factor_temporal=vae_config["temporal_compression_ratio"],
+            device=device,
+        )
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        emb: PromptEmbeddings,
+        params: SamplingParams,
+        on_step: Callable[[int, int], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> Latents:
+        from diffusers import CogVideoXDPMScheduler
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
+        from diffusers.utils.torch_utils import randn_tensor
+
+        config = self.transformer.config
+        device, dtype = self.device, self.dtype
+
+        # 1. Check inputs (the API validated ranges; these guard the stage contract)
+        if params.height % 8 != 0 or params.width % 8 != 0:
+            raise ValueError(
+                f"`height` and `width` have to be divisible by 8 but are {params.height} and {params.width}."
+            )
+        do_cfg = params.do_classifier_free_guidance
+        if do_cfg and emb.negative is None:
+            raise ValueError("guidance_scale > 1 needs negative embeddings, but `emb.negative` is None.")
+
+        # 2. Per-request scheduler and generator: the DPM scheduler carries state across steps and
+        # draws noise from the generator at every step, so nothing may be shared between requests.
+        scheduler = self.scheduler_cls.from_config(self.scheduler_config)
+        # A CPU generator, as in `pipe(generator=torch.Generator("cpu").manual_seed(seed))`:
+        # `randn_tensor` then draws on the CPU and moves to `device`, so a seed gives the same
+        # video on any accelerator.
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+
+        # 3. Prompt embeddings, `[negative, positive]` (unconditional first)
+        # torch.tensor copies: inputs may be read-only (Ray zero-copy reads, the cached negative).
+        prompt_embeds = torch.tensor(emb.positive, device=device, dtype=dtype)
+        if do_cfg:
+            negative = torch.tensor(emb.negative, device=device, dtype=dtype)
+            prompt_embeds = torch.cat([negative, prompt_embeds], dim=0)
+
+        # 4. Prepare timesteps
+        timesteps, num_inference_steps = retrieve_timesteps(scheduler, params.num_inference_steps, device)
+
+        # 5. Prepare latents. CogVideoX 1.5 patches 2 latent frames at a time: an odd latent count
+        # is made even by sampling extra latent frames, which sit at the front and are dropped
+        # after the loop (exactly as the pipeline does, so the seed's noise lines up).
+        latent_frames = (params.num_frames - 1) // self.vae_scale_factor_temporal + 1
+        patch_size_t = config.patch_size_t
+        additional_frames = 0
+        if patch_size_t is not None and latent_frames % patch_size_t != 0:
+            additional_frames = patch_size_t - latent_frames % patch_size_t
+        shape = (
+            1,
+            latent_frames + additional_frames,
+            config.in_channels,
+            params.height // self.vae_scale_factor_spatial,
+            params.width // self.vae_scale_factor_spatial,
+        )
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma
+
+        # 6. Prepare extra step kwargs (eta=0 for DDIM; both schedulers take the generator)
+        step_params = set(inspect.signature(scheduler.step).parameters)
+        extra_step_kwargs = {}
+        if "eta" in step_params:
+            extra_step_kwargs["eta"] = 0.0
+        if "generator" in step_params:
+            extra_step_kwargs["generator"] = generator
+
+        # 7. Create rotary embeds if required (5b, 1.5; 2b adds sin-cos positions in the patch embedding)
+        image_rotary_emb = None
+        if config.use_rotary_positional_embeddings:
+            image_rotary_emb = prepare_rotary_positional_embeddings(
+                config, self.vae_scale_factor_spatial, params.height, params.width, latents.size(1), device
+            )
+
+        # 8. Denoising loop
+        total = len(timesteps)
+        old_pred_original_sample = None  # for DPM-solver++
+        try:
+            for i, t in enumerate(timesteps):
+                if should_cancel is not None and should_cancel():
+                    raise DenoisingCancelled(f"cancelled before step {i + 1} of {total}")
+
+                latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+                latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+                timestep = t.expand(latent_model_input.shape[0])
+
+                # 8a. Predict the noise (cache_context lets diffusers' cache hooks key their state)
+                with self.transformer.cache_context("cond_uncond"):
+                    noise_pred = self.transformer(
+                        hidden_states=latent_model_input,
+                        encoder_hidden_states=prompt_embeds,
+                        timestep=timestep,
+                        image_rotary_emb=image_rotary_emb,
+                        return_dict=False,
+                    )[0]
+                noise_pred = noise_pred.float()
+
+                # 8b. Guidance. Dynamic CFG is computed from the timestep *value* over the step
+                # count, verbatim from diffusers (it oscillates; matching upstream matters more).
+                guidance_scale = params.guidance_scale
+                if params.use_dynamic_cfg:
+                    guidance_scale = 1 + params.guidance_scale * (
+                        (1 - math.cos(math.pi * ((num_inference_steps - t.item()) / num_inference_steps) ** 5.0)) / 2
+                    )
+                if do_cfg:
+                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+
+                # 8c. x_t -> x_t-1
+                if not isinstance(scheduler, CogVideoXDPMScheduler):
+                    latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                else:
+                    latents, old_pred_original_sample = scheduler.step(
+                        noise_pred,
+                        old_pred_original_sample,
+                        t,
+                        timesteps[i - 1] if i > 0 else None,
+                        latents,
+                        **extra_step_kwargs,
+                        return_dict=False,
+                    )
+                latents = latents.to(dtype)
+
+                if on_step is not None:
+                    on_step(i + 1, total)
+        finally:
+            # Cache hooks (if any) must not carry one request's activations into the next.
+            if hasattr(self.transformer, "_reset_stateful_cache"):
+                self.transformer._reset_stateful_cache()
+
+        # 9. Drop 1.5's front padding, hand over as float32 CPU numpy
+        latents = latents[:, additional_frames:]
+        return Latents(latents=latents.float().cpu().numpy(), padding_frames=additional_frames)

@@ -1,0 +1,48 @@
+"""Where a stage runs: resolve device, dtype and the local path of the model for a stage replica."""
+
+from __future__ import annotations
+
+import logging
+
+from serve.config import ModelConfig, S3Config
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(model: ModelConfig) -> str:
+    import torch
+
+    if model.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if model.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"model.device is {model.device!r} but CUDA is not available on this replica")
+    return model.device
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def weights_dtype(model: ModelConfig, device: str):
+    """The preset's dtype on a GPU; float32 on a CPU (half precision on CPU is slow and lossy)."""
+    return torch_dtype(model.resolved_dtype() if device != "cpu" else (model.dtype or "float32"))
+
+
+def text_encoder_dtype(model: ModelConfig, device: str):
+    # random/real T5 in fp16 overflows; bf16 is the safe half-precision choice on GPU
+    default = "bfloat16" if device != "cpu" else "float32"
+    return torch_dtype(model.text_encoder_dtype or default)
+
+
+def local_model_path(model: ModelConfig, s3: S3Config) -> str:
+    """A local directory (or hub id) for `from_pretrained`; s3:// sources are downloaded once."""
+    from serve.models.source import resolve_model_source
+
+    client = None
+    if model.source.startswith("s3://"):
+        from serve.storage import Storage
+
+        client = Storage.from_config(s3).client
+    return resolve_model_source(model.source, model.cache_dir, s3_client=client, revision=model.revision)

@@ -1,0 +1,78 @@
+"""Typed values that cross stage boundaries (TextEncoder -> Denoiser -> VaeDecoder).
+
+Everything here is plain numpy on the CPU so Ray can ship it between replicas without copying
+through the GPU (see FIELD-NOTES: CUDA tensors get copied to CPU and back anyway).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks the denoiser and decoder for (already validated by the API)."""
+
+    num_frames: int
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+    use_dynamic_cfg: bool
+    seed: int
+    fps: int
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """T5 output for one prompt, padded to ``max_sequence_length`` tokens (no attention mask).
+
+    Arrays are float32 ``[1, seq_len, hidden]`` whatever the encoder's dtype (bf16 and fp16 are
+    exactly representable in float32; numpy has no bfloat16). ``negative`` is None when CFG is off.
+    """
+
+    positive: np.ndarray
+    negative: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class Latents:
+    """Denoised latents ``[1, latent_frames, C, H/8, W/8]`` as float32, already with CogVideoX1.5's
+    front temporal padding removed (``padding_frames`` says how many latent frames were dropped)."""
+
+    latents: np.ndarray
+    padding_frames: int = 0
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """Seconds spent by one stage call, recorded into the job's metadata."""
+
+    stage: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One attempt of one job, as every stage sees it."""
+
+    job_id: str
+    prompt: str
+    negative_prompt: str | None
+    params: SamplingParams
+    model: str
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A stage's output plus the seconds each stage so far spent on it (for the metadata record)."""
+
+    value: object
+    timings: dict[str, float]
