@@ -1,0 +1,133 @@
+"""HTTP routes (FastAPI): auth, body parsing (JSON or multipart) and mapping to `VideoService` calls.
+
+`create_app` is a factory so each ingress replica builds its own app around its own service (no
+module-global app), and unit tests build one around a fake pipeline.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from serve.api.errors import ApiError, ErrorEnvelope, install_error_handlers
+from serve.api.wire import CreateVideoRequest, Video, VideoDeleted, VideoList
+from serve.config import ApiConfig
+from serve.jobs.service import VideoService
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorEnvelope} for code in (400, 401, 404, 409, 422, 500, 503)
+}
+POLL_AFTER_MS = "1000"
+
+
+def _auth_dependency(api: ApiConfig) -> Callable[[Request], str]:
+    keys = [k.get_secret_value().encode() for k in api.api_keys]
+
+    def authenticate(request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        supplied = token.strip().encode()
+        # compare against every key so the time taken does not reveal which prefix matched
+        ok = False
+        for key in keys:
+            ok |= hmac.compare_digest(supplied, key)
+        if not ok:
+            raise ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        return "default"
+
+    return authenticate
+
+
+async def _parse_create(request: Request) -> CreateVideoRequest:
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data") or ctype.startswith("application/x-www-form-urlencoded"):
+        form = await request.form()
+        raw: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if not isinstance(value, str):
+                raise ApiError(400, f"file uploads are not supported (field {key!r})", param=key,
+                               code="invalid_value")
+            raw[key] = value
+        # form values are strings: let pydantic coerce "7" -> 7 and "true" -> True
+    elif ctype.startswith("application/json") or not ctype:
+        try:
+            raw = json.loads(await request.body() or b"null")
+        except json.JSONDecodeError as exc:
+            raise ApiError(400, f"body is not valid JSON: {exc.msg} at position {exc.pos}",
+                           code="invalid_json") from None
+        if not isinstance(raw, dict):
+            raise ApiError(400, "body must be a JSON object with at least a 'prompt'", code="invalid_json")
+    else:
+        raise ApiError(415, f"unsupported content type {ctype!r}; send application/json or multipart/form-data",
+                       code="unsupported_media_type")
+    try:
+        return CreateVideoRequest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        if first["type"] == "extra_forbidden":
+            msg = f"unknown field {param!r}; accepted: {sorted(CreateVideoRequest.model_fields)}"
+        elif first["type"] == "missing":
+            msg = f"{param} is required"
+        else:
+            msg = f"{param}: {first['msg']} (got {first.get('input')!r})"
+        raise ApiError(400, msg, param=param, code="invalid_value") from None
+
+
+def create_app(service: VideoService, api: ApiConfig,
+               readiness: Callable[[], Awaitable[dict[str, Any]]]) -> FastAPI:
+    app = FastAPI(title="videogen-serve", version="0.1.0",
+                  description="Text to video with CogVideoX; OpenAI Videos API shape.")
+    install_error_handlers(app)
+    Tenant = Annotated[str, Depends(_auth_dependency(api))]
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        checks = await readiness()
+        ready = all(v is True for v in checks.values())
+        return JSONResponse(status_code=200 if ready else 503,
+                            content={"status": "ready" if ready else "not_ready", "checks": checks})
+
+    @app.post("/v1/videos", response_model=Video, responses=_ERRORS)
+    async def create_video(request: Request, tenant: Tenant, response: Response) -> Video:
+        req = await _parse_create(request)
+        response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
+        return await service.create(req, tenant)
+
+    @app.get("/v1/videos", response_model=VideoList, responses=_ERRORS)
+    async def list_videos(tenant: Tenant, after: str | None = None, limit: Annotated[int, Query()] = 20,
+                          order: Literal["asc", "desc"] = "desc") -> VideoList:
+        return await service.list(after, limit, order, tenant)
+
+    @app.get("/v1/videos/{video_id}", response_model=Video, responses=_ERRORS)
+    async def get_video(video_id: str, tenant: Tenant, response: Response) -> Video:
+        video = await service.get(video_id, tenant)
+        if video.status in ("queued", "in_progress"):
+            response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
+        return video
+
+    @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses=_ERRORS)
+    async def delete_video(video_id: str, tenant: Tenant) -> VideoDeleted:
+        return await service.delete(video_id, tenant)
+
+    @app.get("/v1/videos/{video_id}/content", responses=_ERRORS)
+    async def video_content(video_id: str, tenant: Tenant, variant: str = "video") -> Response:
+        data, media_type = await service.content(video_id, variant, tenant)
+        ext = "mp4" if media_type == "video/mp4" else "jpg"
+        return Response(content=data, media_type=media_type,
+                        headers={"Content-Disposition": f'attachment; filename="{video_id}.{ext}"'})
+
+    return app

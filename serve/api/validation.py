@@ -1,0 +1,121 @@
+"""Turn a `CreateVideoRequest` into complete, valid generation parameters, or a 400 naming the field.
+
+Checks what CogVideoX can actually do: frames 8N+1 (16N+1 for CogVideoX1.5), sides multiples of 16,
+the family's limits, prompt length, known model names. Nothing here touches a GPU or S3.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any
+
+from serve.api.errors import ApiError
+from serve.api.wire import CreateVideoRequest
+from serve.config import ApiConfig, ModelConfig
+from serve.stages.types import SamplingParams
+
+MAX_SEED = 2**32 - 1
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, message, param=param, code="invalid_value")
+
+
+def _parse_size(size: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise _bad("size", f"size must look like WIDTHxHEIGHT (e.g. '720x480'), got {size!r}") from None
+    return w, h
+
+
+def _parse_seconds(seconds: str) -> float:
+    try:
+        value = float(seconds)
+    except ValueError:
+        raise _bad("seconds", f"seconds must be a number of seconds (e.g. '6'), got {seconds!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise _bad("seconds", f"seconds must be positive, got {seconds!r}")
+    return value
+
+
+def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig) -> dict[str, Any]:
+    """Validated parameters with every default filled in; stored in the job record as `params`."""
+    preset = model.preset()
+    # 1. Prompt and model
+    prompt = req.prompt.strip()
+    if not prompt:
+        raise _bad("prompt", "prompt must not be empty")
+    if len(req.prompt) > api.max_prompt_chars:
+        raise _bad("prompt", f"prompt is {len(req.prompt)} characters; at most {api.max_prompt_chars} allowed")
+    if req.negative_prompt is not None and len(req.negative_prompt) > api.max_prompt_chars:
+        raise _bad("negative_prompt", f"negative_prompt is longer than {api.max_prompt_chars} characters")
+    if req.model is not None and req.model not in model.names:
+        raise ApiError(400, f"unknown model {req.model!r}; this deployment serves {model.names}",
+                       param="model", code="model_not_found")
+    if req.input_reference is not None:
+        raise _bad("input_reference", "input_reference is not supported: this service is text-to-video only")
+
+    # 2. Geometry
+    width, height = _parse_size(req.size) if req.size else (preset.width, preset.height)
+    for name, side in (("width", width), ("height", height)):
+        if side % preset.side_multiple or not preset.min_side <= side <= preset.max_side:
+            raise _bad("size", f"{name} must be a multiple of {preset.side_multiple} between {preset.min_side} "
+                               f"and {preset.max_side}, got {side} (size {width}x{height})")
+
+    # 3. Time: frames and fps
+    fps = preset.fps if req.fps is None else req.fps
+    if not 1 <= fps <= 60:
+        raise _bad("fps", f"fps must be between 1 and 60, got {fps}")
+    if req.num_frames is not None:
+        num_frames = req.num_frames
+        param = "num_frames"
+    elif req.seconds is not None:
+        num_frames = preset.frames_for_seconds(_parse_seconds(req.seconds), fps)
+        param = "seconds"
+    else:
+        num_frames = preset.num_frames
+        param = "num_frames"
+    if not preset.frames_allowed(num_frames):
+        m = preset.frame_multiple
+        raise _bad(param, f"{preset.family} generates {m}N+1 frames, from {m + 1} to {preset.max_frames}; "
+                          f"the request asks for {num_frames} frames (at {fps} fps)")
+
+    # 4. Sampling
+    steps = preset.num_inference_steps if req.num_inference_steps is None else req.num_inference_steps
+    if not 1 <= steps <= preset.max_steps:
+        raise _bad("num_inference_steps", f"num_inference_steps must be 1..{preset.max_steps}, got {steps}")
+    guidance = preset.guidance_scale if req.guidance_scale is None else req.guidance_scale
+    if not (math.isfinite(guidance) and 0 <= guidance <= preset.max_guidance):
+        raise _bad("guidance_scale", f"guidance_scale must be 0..{preset.max_guidance}, got {guidance}")
+    seed = secrets.randbelow(MAX_SEED + 1) if req.seed is None else req.seed
+    if not 0 <= seed <= MAX_SEED:
+        raise _bad("seed", f"seed must be 0..{MAX_SEED}, got {seed}")
+    dynamic = preset.use_dynamic_cfg if req.use_dynamic_cfg is None else req.use_dynamic_cfg
+
+    return {
+        "negative_prompt": req.negative_prompt,
+        "width": width,
+        "height": height,
+        "size": f"{width}x{height}",
+        "num_frames": num_frames,
+        "fps": fps,
+        "seconds": _format_seconds((num_frames - 1) / fps),
+        "num_inference_steps": steps,
+        "guidance_scale": float(guidance),
+        "use_dynamic_cfg": bool(dynamic),
+        "seed": seed,
+    }
+
+
+def _format_seconds(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:.2f}".rstrip("0")
+
+
+def sampling_params(params: dict[str, Any]) -> SamplingParams:
+    return SamplingParams(
+        num_frames=params["num_frames"], height=params["height"], width=params["width"],
+        num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
+        use_dynamic_cfg=params["use_dynamic_cfg"], seed=params["seed"], fps=params["fps"],
+    )

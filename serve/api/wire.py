@@ -1,0 +1,78 @@
+"""Wire models of `/v1/videos`: the OpenAI Videos API shape plus CogVideoX extensions."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class CreateVideoRequest(BaseModel):
+    """Body of `POST /v1/videos` (JSON or multipart/form-data; form values arrive as strings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="What the video shows.")
+    model: str | None = Field(default=None, description="A configured model name; default: the served model.")
+    seconds: str | None = Field(default=None, description="Clip length in seconds; ignored if num_frames is set.")
+    size: str | None = Field(default=None, description="WIDTHxHEIGHT, each a multiple of 16.")
+    input_reference: str | None = Field(default=None, description="Not supported (text-to-video only).")
+    negative_prompt: str | None = Field(default=None, description="What the video should not show.")
+    seed: int | None = Field(default=None, description="0..2**32-1; random when omitted (returned).")
+    num_inference_steps: int | None = Field(default=None, description="Denoising steps.")
+    guidance_scale: float | None = Field(default=None, description="CFG scale; <= 1 disables CFG.")
+    use_dynamic_cfg: bool | None = Field(default=None, description="CogVideoX's cosine CFG schedule.")
+    num_frames: int | None = Field(default=None, description="8N+1 (16N+1 for CogVideoX1.5).")
+    fps: int | None = Field(default=None, description="Frames per second of the mp4.")
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class Video(BaseModel):
+    """The job as clients see it (OpenAI `Video` plus extension fields)."""
+
+    id: str
+    object: Literal["video"] = "video"
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = None
+    status: Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+    progress: int
+    model: str
+    prompt: str | None = None
+    seconds: str
+    size: str
+    error: VideoError | None = None
+    remixed_from_video_id: str | None = None
+    # extensions
+    stage: str | None = Field(default=None, description="encoding, denoising, decoding, uploading.")
+    step: int | None = Field(default=None, description="Denoising steps done.")
+    total_steps: int | None = None
+    num_frames: int
+    fps: int
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    use_dynamic_cfg: bool
+    negative_prompt: str | None = None
+    attempts: int = 0
+    video_url: str | None = Field(default=None, description="Fresh presigned URL of the mp4 (completed only).")
+    thumbnail_url: str | None = Field(default=None, description="Fresh presigned URL of the cover JPEG.")
+    url_expires_at: int | None = None
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Video]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True

@@ -1,0 +1,204 @@
+"""The one typed configuration of the service: models, S3, jobs, API keys and every deployment option.
+
+`deployments/app.py:build_app` takes this (as the `args` of a Serve config file) and nothing else, so
+the local CPU run and a GPU cluster differ only in the YAML they pass.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from serve.presets import FAMILIES, Family, Preset, preset_for
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PresetOverrides(_Strict):
+    """Per-deployment changes to a family's defaults (a tiny local model wants small, fast videos)."""
+
+    width: int | None = Field(default=None, ge=16)
+    height: int | None = Field(default=None, ge=16)
+    num_frames: int | None = Field(default=None, ge=1)
+    fps: int | None = Field(default=None, ge=1, le=120)
+    num_inference_steps: int | None = Field(default=None, ge=1)
+    guidance_scale: float | None = Field(default=None, ge=0)
+    use_dynamic_cfg: bool | None = None
+    max_frames: int | None = Field(default=None, ge=1)
+    max_side: int | None = Field(default=None, ge=16)
+    max_steps: int | None = Field(default=None, ge=1)
+
+
+class ModelConfig(_Strict):
+    name: str = Field(default="cogvideox-tiny-2b", description="Name clients pass as `model`.")
+    source: str = Field(
+        default="./models/tiny-2b",
+        description="Hugging Face id, local directory or s3://bucket/prefix in the diffusers layout.",
+    )
+    family: Family = Field(default="cogvideox-2b", description=f"One of {sorted(FAMILIES)}.")
+    dtype: Dtype | None = Field(default=None, description="Weights dtype; default: the family's preset.")
+    text_encoder_dtype: Dtype | None = Field(
+        default=None, description="T5 dtype; default bfloat16 on GPU, float32 on CPU."
+    )
+    device: str = Field(default="auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'.")
+    cache_dir: str = Field(
+        default_factory=lambda: os.environ.get("VIDEOGEN_MODEL_CACHE", str(Path.home() / ".cache" / "videogen")),
+        description="Where s3:// sources are downloaded once.",
+    )
+    revision: str | None = Field(default=None, description="Hub revision for a Hugging Face id.")
+    aliases: list[str] = Field(default_factory=list, description="Other names accepted for this model.")
+    defaults: PresetOverrides = Field(default_factory=PresetOverrides, description="Overrides of the preset.")
+
+    @field_validator("source", "cache_dir")
+    @classmethod
+    def _absolute_local_paths(cls, value: str) -> str:
+        # replicas do not share the driver's working directory: pin relative paths where they are given
+        if value.startswith((".", "~")) or (os.sep in value and not value.startswith("s3://")):
+            path = Path(value).expanduser()
+            if value.startswith((".", "~")) or path.exists():
+                return str(path.resolve())
+        return value
+
+    def preset(self) -> Preset:
+        """The family's preset with this deployment's overrides applied."""
+        return replace(preset_for(self.family), **self.defaults.model_dump(exclude_none=True))
+
+    def resolved_dtype(self) -> str:
+        return self.dtype or preset_for(self.family).dtype
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name, *self.aliases]
+
+
+class S3Config(_Strict):
+    bucket: str = Field(default="videogen-local", description="Bucket for videos and job records.")
+    prefix: str = Field(default="", description="Key prefix inside the bucket (e.g. 'prod/').")
+    endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint; None for AWS (standard credential chain)."
+    )
+    region: str = Field(default="us-east-1", description="Signing region.")
+    presign_expires_s: int = Field(default=900, ge=1, le=7 * 24 * 3600, description="Presigned URL lifetime.")
+    create_bucket: bool = Field(default=False, description="Create the bucket at start (local runs only).")
+    multipart_threshold_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    max_attempts: int = Field(default=5, ge=1, le=20, description="botocore total attempts per call.")
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class JobsConfig(_Strict):
+    max_attempts: int = Field(default=3, ge=1, le=10, description="Whole-chain attempts before a job fails.")
+    lease_s: float = Field(default=30.0, gt=0, description="A job's lease; an expired lease is reclaimed.")
+    heartbeat_s: float = Field(default=5.0, gt=0, description="How often the owner renews the lease.")
+    reclaim_interval_s: float = Field(default=10.0, gt=0, description="How often replicas scan for orphans.")
+    retry_backoff_s: float = Field(default=2.0, ge=0, description="Wait before a retried attempt.")
+    attempt_timeout_s: float = Field(default=3600.0, gt=0, description="Upper bound for one chain attempt.")
+    retention_s: int = Field(default=7 * 24 * 3600, gt=0, description="`expires_at` = completion + this.")
+    progress_interval_s: float = Field(default=0.5, ge=0, description="Min seconds between progress writes.")
+    max_concurrent_per_replica: int = Field(default=64, ge=1, description="Jobs one ingress drives at once.")
+
+    @model_validator(mode="after")
+    def _heartbeat_inside_lease(self) -> JobsConfig:
+        if self.heartbeat_s >= self.lease_s:
+            raise ValueError(f"jobs.heartbeat_s ({self.heartbeat_s}) must be below jobs.lease_s ({self.lease_s})")
+        return self
+
+
+class ApiConfig(_Strict):
+    api_keys: list[SecretStr] = Field(
+        default_factory=lambda: [SecretStr("sk-local-dev")], description="Accepted bearer keys."
+    )
+    max_prompt_chars: int = Field(default=2000, ge=1, description="Longest accepted prompt, in characters.")
+    default_page_limit: int = Field(default=20, ge=1, le=100)
+    public_base_url: str | None = Field(default=None, description="Used in links; None = relative.")
+
+
+class AutoscalingConfig(_Strict):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=1.0, gt=0)
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+
+
+class RayActorOptions(_Strict):
+    num_cpus: float = Field(default=0.0, ge=0, description="Logical CPUs per replica.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs (or a fraction) per replica.")
+    memory: int | None = Field(default=None, ge=0, description="Bytes of RAM reserved per replica.")
+    accelerator_type: str | None = Field(default=None, description="e.g. 'H100'.")
+    runtime_env: dict[str, Any] | None = None
+
+
+class DeploymentOptions(_Strict):
+    num_replicas: int | None = Field(default=1, ge=0, description="Fixed replicas; ignored with autoscaling.")
+    autoscaling_config: AutoscalingConfig | None = None
+    ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
+    max_ongoing_requests: int = Field(default=2, ge=1, description="Requests a replica holds at once.")
+    max_queued_requests: int = Field(default=-1, ge=-1, description="Per-caller queue cap; -1 = none.")
+    graceful_shutdown_timeout_s: float = Field(default=3600.0, ge=0, description="Above the longest job.")
+    graceful_shutdown_wait_loop_s: float = Field(default=2.0, ge=0)
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+
+    def to_serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for `serve.deployment(cls, **options)`."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": self.ray_actor_options.model_dump(exclude_none=True),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+        else:
+            opts["num_replicas"] = self.num_replicas
+        return opts
+
+
+def _ingress_defaults() -> DeploymentOptions:
+    return DeploymentOptions(max_ongoing_requests=256, graceful_shutdown_timeout_s=30.0)
+
+
+class DeploymentsConfig(_Strict):
+    ingress: DeploymentOptions = Field(default_factory=_ingress_defaults)
+    text_encoder: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    denoiser: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    vae_decoder: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+
+class AppConfig(_Strict):
+    """`args` of the Serve application (see configs/*.yaml)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    s3: S3Config = Field(default_factory=S3Config)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _known_family(cls, model: ModelConfig) -> ModelConfig:
+        if model.family not in FAMILIES:
+            raise ValueError(f"model.family must be one of {sorted(FAMILIES)}, got {model.family!r}")
+        return model
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> AppConfig:
+        """Load either a bare AppConfig YAML or a Serve config file (takes the first app's `args`)."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if "applications" in data:
+            data = data["applications"][0].get("args", {})
+        return cls.model_validate(data)

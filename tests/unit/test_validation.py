@@ -1,0 +1,109 @@
+"""Request validation against the model families (no Ray, no torch, no S3)."""
+
+import pytest
+
+from serve.api.errors import ApiError
+from serve.api.validation import resolve_request
+from serve.api.wire import CreateVideoRequest
+from serve.config import ApiConfig, AppConfig, ModelConfig
+from serve.presets import FAMILIES
+
+API = ApiConfig(max_prompt_chars=50)
+
+
+def model(family: str = "cogvideox-2b", **defaults) -> ModelConfig:
+    return ModelConfig(name="m", aliases=["alias"], source="THUDM/x", family=family, defaults=defaults)
+
+
+def resolve(family="cogvideox-2b", **fields):
+    return resolve_request(CreateVideoRequest(prompt=fields.pop("prompt", "a cat"), **fields), model(family), API)
+
+
+def error(family="cogvideox-2b", **fields) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        resolve(family, **fields)
+    assert info.value.status == 400
+    return info.value
+
+
+def test_family_defaults_fill_every_field():
+    p = resolve("cogvideox-2b")
+    assert (p["width"], p["height"], p["num_frames"], p["fps"]) == (720, 480, 49, 8)
+    assert p["seconds"] == "6" and p["size"] == "720x480"
+    assert p["num_inference_steps"] == 50 and p["guidance_scale"] == 6.0 and p["use_dynamic_cfg"] is False
+    assert 0 <= p["seed"] < 2**32
+    p5 = resolve("cogvideox-5b")
+    assert p5["use_dynamic_cfg"] is True
+    p15 = resolve("cogvideox1.5-5b")
+    assert (p15["width"], p15["height"], p15["num_frames"], p15["fps"]) == (1360, 768, 81, 16)
+
+
+def test_seconds_map_to_allowed_frame_counts():
+    assert resolve(seconds="4")["num_frames"] == 33  # 4 s * 8 fps = 32 -> 8N+1
+    assert resolve(seconds="6")["num_frames"] == 49
+    assert resolve("cogvideox1.5-5b", seconds="10")["num_frames"] == 161
+    assert resolve(seconds="5", num_frames=17)["num_frames"] == 17  # explicit frames win
+
+
+@pytest.mark.parametrize("frames", [0, 8, 10, 48, 57])
+def test_frames_must_be_8n_plus_1_within_limit(frames):
+    e = error(num_frames=frames)
+    assert e.param == "num_frames" and "8N+1" in e.message and str(frames) in e.message
+
+
+def test_cogvideox15_needs_16n_plus_1():
+    assert resolve("cogvideox1.5-5b", num_frames=17)["num_frames"] == 17
+    e = error("cogvideox1.5-5b", num_frames=25)
+    assert "16N+1" in e.message
+
+
+def test_too_long_seconds_is_refused_naming_seconds():
+    e = error(seconds="12")
+    assert e.param == "seconds" and "97" in e.message
+
+
+@pytest.mark.parametrize("size", ["720x481", "10x480", "720", "axb", "4096x480"])
+def test_size_rules(size):
+    assert error(size=size).param == "size"
+
+
+@pytest.mark.parametrize("field,value", [("num_inference_steps", 0), ("num_inference_steps", 1000),
+                                         ("guidance_scale", -1.0), ("guidance_scale", float("nan")),
+                                         ("seed", -1), ("seed", 2**32), ("fps", 0), ("fps", 500)])
+def test_numeric_ranges(field, value):
+    assert error(**{field: value}).param == field
+
+
+def test_prompt_rules_and_model_names():
+    assert error(prompt="   ").param == "prompt"
+    assert error(prompt="x" * 51).param == "prompt"
+    assert error(model="sora-2").code == "model_not_found"
+    assert resolve(model="alias")["width"] == 720
+    assert error(input_reference="file").param == "input_reference"
+
+
+def test_overrides_change_defaults_and_limits():
+    m = model(width=64, height=48, num_frames=9, max_side=128)
+    p = resolve_request(CreateVideoRequest(prompt="x"), m, API)
+    assert (p["width"], p["height"], p["num_frames"]) == (64, 48, 9)
+    with pytest.raises(ApiError):
+        resolve_request(CreateVideoRequest(prompt="x", size="720x480"), m, API)
+
+
+def test_app_config_validates_and_loads_shipped_files():
+    for name in ("local", "gpu-2b", "gpu-5b"):
+        cfg = AppConfig.from_yaml(f"configs/{name}.yaml")
+        assert cfg.model.family in FAMILIES
+        opts = cfg.deployments.denoiser.to_serve_options()
+        assert opts["graceful_shutdown_timeout_s"] >= 60
+    local = AppConfig.from_yaml("configs/local.yaml")
+    assert all(getattr(local.deployments, d).ray_actor_options.num_cpus == 0
+               for d in ("ingress", "text_encoder", "denoiser", "vae_decoder"))
+    gpu = AppConfig.from_yaml("configs/gpu-5b.yaml")
+    assert gpu.deployments.denoiser.ray_actor_options.num_gpus == 1
+    assert "autoscaling_config" in gpu.deployments.denoiser.to_serve_options()
+    assert "num_replicas" not in gpu.deployments.denoiser.to_serve_options()
+    with pytest.raises(ValueError, match="heartbeat_s"):
+        AppConfig.model_validate({"jobs": {"lease_s": 5, "heartbeat_s": 10}})
+    with pytest.raises(ValueError):
+        AppConfig.model_validate({"model": {"family": "sora"}})
