@@ -1,10 +1,12 @@
 """HTTP routes (FastAPI): auth, body parsing (JSON or multipart) and mapping to `VideoService` calls.
 
+(No `from __future__ import annotations` here: FastAPI resolves the `Tenant` dependency alias, local to
+`create_app`, from the evaluated annotations.)
+
 `create_app` is a factory so each ingress replica builds its own app around its own service (no
 module-global app), and unit tests build one around a fake pipeline.
 """
 
-from __future__ import annotations
 
 import hmac
 import json

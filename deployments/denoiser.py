@@ -1,0 +1,51 @@
+"""Denoiser deployment: embeddings + sampling params -> latents (the DiT loop), progress per step.
+
+One request computes at a time (a lock), but `max_ongoing_requests` 2 lets the next request's
+embeddings arrive while this one runs. A cancelled request stops at the next step and frees the lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from serve.config import AppConfig
+from serve.stages.types import GenerationRequest, Handoff
+
+
+class Denoiser:
+    def __init__(self, config: AppConfig) -> None:
+        from serve.jobs.store import JobStore
+        from serve.stages.denoising import DenoisingStage
+        from serve.stages.runtime import local_model_path, resolve_device, weights_dtype
+        from serve.storage import Storage
+
+        self._config = config
+        device = resolve_device(config.model)
+        path = local_model_path(config.model, config.s3)
+        self._stage = DenoisingStage.from_pretrained(
+            path, device=device, dtype=weights_dtype(config.model, device), revision=config.model.revision)
+        self._store = JobStore(Storage.from_config(config.s3))
+        self._lock = asyncio.Lock()
+
+    async def denoise(self, req: GenerationRequest, encoded: Handoff) -> Handoff:
+        from serve.jobs.progress import ProgressReporter
+
+        progress = ProgressReporter(self._store, req.job_id, "denoising", self._config.jobs.progress_interval_s,
+                                    req.attempt)
+        cancel = threading.Event()
+        async with self._lock:
+            t0 = time.perf_counter()
+            progress(0, req.params.num_inference_steps)
+            work = asyncio.ensure_future(asyncio.to_thread(
+                self._stage.denoise, encoded.value, req.params, on_step=progress, should_cancel=cancel.is_set))
+            try:
+                latents = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # stop the loop at its next step and keep the lock until it has stopped
+                cancel.set()
+                await asyncio.gather(work, return_exceptions=True)
+                raise
+            await asyncio.to_thread(progress.flush)
+        return Handoff(value=latents, timings={**encoded.timings, "denoiser_s": time.perf_counter() - t0})

@@ -1,0 +1,145 @@
+"""The local quick start: tiny model + moto S3 + local Ray + the Serve app, then one sample video.
+
+    python -m deployments.local [--config configs/local.yaml] [--prompt "..."] [--no-wait]
+
+Writes the tiny model if missing, starts moto's S3 server on 127.0.0.1:9000 (unless something already
+answers there), starts the app on http://127.0.0.1:8000, submits a prompt through the HTTP API, waits,
+prints the S3 URI and a downloaded mp4 path, and keeps serving until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from serve.config import AppConfig
+
+log = logging.getLogger("videogen.local")
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _http(method: str, url: str, key: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={
+        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_ready(base: str, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    last = ""
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=10) as resp:
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = exc.read().decode(errors="replace")
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(1)
+    raise SystemExit(f"the app did not become ready in {timeout_s:.0f} s: {last}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/local.yaml")
+    parser.add_argument("--prompt", default="A golden retriever runs along a beach at sunset, waves rolling in")
+    parser.add_argument("--out", default="out", help="Where the downloaded mp4 goes.")
+    parser.add_argument("--no-wait", action="store_true", help="Exit after the sample video instead of serving.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    serve_cfg = __import__("yaml").safe_load(Path(args.config).read_text())
+    app_cfg = AppConfig.from_yaml(args.config)
+    http = serve_cfg.get("http_options", {})
+    host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+    base = f"http://{host}:{port}"
+    key = app_cfg.api.api_keys[0].get_secret_value()
+
+    # 1. The tiny model, in the diffusers layout, loaded later through from_pretrained like real weights
+    from serve.models.tiny import ensure_tiny_model
+
+    source = Path(app_cfg.model.source)
+    if source.name.startswith("tiny-"):  # a local tiny model is written if missing; real sources are used as is
+        ensure_tiny_model(source.name.removeprefix("tiny-"), source)
+
+    # 2. Local S3 (moto server mode) unless one already answers at the endpoint
+    from serve.local_s3 import LocalS3Server
+
+    s3_server = None
+    endpoint = urlparse(app_cfg.s3.endpoint_url or "")
+    if endpoint.hostname in ("127.0.0.1", "localhost") and not _port_open(endpoint.hostname, endpoint.port or 80):
+        s3_server = LocalS3Server(port=endpoint.port or 9000)
+        s3_server.start()
+        log.info("local S3 (moto) at %s", app_cfg.s3.endpoint_url)
+
+    # 3. Ray + Serve
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, ignore_reinit_error=True,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                       if k.startswith(("AWS_", "HF_")) or k == "VIDEOGEN_MODEL_CACHE"}})
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(app_cfg), name="videogen", route_prefix="/", blocking=False)
+    _wait_ready(base, 300)
+    log.info("API at %s/v1 (key %s)", base, key)
+
+    # 4. One sample video through the public HTTP API
+    video = _http("POST", f"{base}/v1/videos", key, {"prompt": args.prompt})
+    log.info("submitted %s", video["id"])
+    while video["status"] in ("queued", "in_progress"):
+        time.sleep(1)
+        video = _http("GET", f"{base}/v1/videos/{video['id']}", key)
+        log.info("%s: %s %s%%", video["id"], video["status"], video["progress"])
+    if video["status"] != "completed":
+        print(f"job {video['id']} ended {video['status']}: {video.get('error')}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mp4 = out / f"{video['id']}.mp4"
+    req = urllib.request.Request(f"{base}/v1/videos/{video['id']}/content",
+                                 headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        mp4.write_bytes(resp.read())
+    prefix = app_cfg.s3.prefix
+    print(f"\nvideo:     s3://{app_cfg.s3.bucket}/{prefix}videos/{video['id']}.mp4")
+    print(f"local mp4: {mp4.resolve()}")
+    print("(a tiny random model draws noise; see README for real CogVideoX weights)")
+    if args.no_wait:
+        serve.shutdown()
+        return 0
+    print(f"\nserving at {base}/v1 with key {key}; Ctrl-C to stop")
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        if s3_server is not None:
+            s3_server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""TextEncoder deployment: prompt (+ negative) -> T5 embeddings, on its own (GPU-share) replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from serve.config import AppConfig
+from serve.stages.types import GenerationRequest, Handoff
+
+
+class TextEncoder:
+    def __init__(self, config: AppConfig) -> None:
+        # heavy imports here so the ingress never imports torch
+        from serve.jobs.store import JobStore
+        from serve.stages.runtime import local_model_path, resolve_device, text_encoder_dtype
+        from serve.stages.text_encoding import TextEncodingStage
+        from serve.storage import Storage
+
+        self._config = config
+        device = resolve_device(config.model)
+        path = local_model_path(config.model, config.s3)
+        self._stage = TextEncodingStage.from_pretrained(
+            path, device=device, dtype=text_encoder_dtype(config.model, device), revision=config.model.revision)
+        self._store = JobStore(Storage.from_config(config.s3))
+        self._lock = asyncio.Lock()
+
+    async def encode(self, req: GenerationRequest) -> Handoff:
+        async with self._lock:  # one forward at a time; the next request's arguments arrive meanwhile
+            await asyncio.to_thread(self._store.put_progress, req.job_id, "encoding", 0,
+                                    req.params.num_inference_steps, attempt=req.attempt)
+            t0 = time.perf_counter()
+            emb = await asyncio.to_thread(self._stage.encode, req.prompt, req.negative_prompt,
+                                          req.params.do_classifier_free_guidance)
+        return Handoff(value=emb, timings={"text_encoder_s": time.perf_counter() - t0})

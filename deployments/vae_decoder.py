@@ -1,0 +1,47 @@
+"""VaeDecoder deployment: latents -> frames -> mp4 + cover + metadata in S3; returns only object keys."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from serve.config import AppConfig
+from serve.stages.types import GenerationRequest, Handoff
+
+
+class VaeDecoder:
+    def __init__(self, config: AppConfig) -> None:
+        from serve.jobs.store import JobStore
+        from serve.stages.decoding import DecodingStage
+        from serve.stages.runtime import local_model_path, resolve_device, weights_dtype
+        from serve.storage import Storage
+
+        self._config = config
+        device = resolve_device(config.model)
+        path = local_model_path(config.model, config.s3)
+        self._stage = DecodingStage.from_pretrained(
+            path, device=device, dtype=weights_dtype(config.model, device), revision=config.model.revision)
+        self._storage = Storage.from_config(config.s3)
+        self._store = JobStore(self._storage)
+        self._lock = asyncio.Lock()
+
+    async def decode(self, req: GenerationRequest, denoised: Handoff) -> dict[str, Any]:
+        from serve.jobs.service import video_keys
+        from serve.stages.decoding import to_uint8
+        from serve.publish import publish_video
+
+        total = req.params.num_inference_steps
+        async with self._lock:
+            await asyncio.to_thread(self._store.put_progress, req.job_id, "decoding", 0, total,
+                                    attempt=req.attempt)
+            t0 = time.perf_counter()
+            frames = await asyncio.to_thread(self._stage.decode, denoised.value)
+            frames = to_uint8(frames)
+            timings = {**denoised.timings, "vae_decoder_s": time.perf_counter() - t0}
+        # encoding and upload run outside the lock: they use the CPU, not the GPU
+        await asyncio.to_thread(self._store.put_progress, req.job_id, "uploading", 0, total,
+                                attempt=req.attempt)
+        keys = video_keys(self._storage, req.job_id)
+        added = await asyncio.to_thread(publish_video, self._storage, keys, req, frames, timings)
+        return {"result": keys, "timings": {**timings, **added}}

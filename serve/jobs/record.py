@@ -1,0 +1,137 @@
+"""The durable job record: what the ingress writes on POST /v1/videos and every replica reads and moves.
+
+Stored as JSON at `jobs/<id>.json` by `serve.jobs.store.JobStore` (conditional writes; `version` bumps per write).
+The API layer turns it into the OpenAI-shaped video object; the job runner moves it through the statuses while it
+holds the lease (`lease_owner` / `lease_expires_at`).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+# Pipeline stages in the order a job passes them; progress only moves forward along this list.
+STAGES: tuple[str, ...] = ("queued", "encoding", "denoising", "decoding", "uploading")
+# Share of the 0..100 progress bar each stage spans: denoising dominates wall time (tens of DiT steps).
+_STAGE_BANDS: dict[str, tuple[int, int]] = {
+    "queued": (0, 0),
+    "encoding": (0, 5),
+    "denoising": (5, 90),
+    "decoding": (90, 97),
+    "uploading": (97, 99),
+}
+
+JOB_ID_PREFIX = "video_"
+# Tenants appear in index keys (`index/<tenant>/...`): a '/' would let one tenant's prefix cover another's.
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_JOB_ID_RE = re.compile(r"^video_[0-9a-f]{12}[0-9a-f]{16}$")
+
+
+def new_job_id(now_ms: int | None = None) -> str:
+    """`video_<12 hex ms><16 hex random>`: ids sort by creation time and carry it (see `job_created_ms`)."""
+    if now_ms is None:
+        now_ms = int(time.time() * 1000)
+    return f"{JOB_ID_PREFIX}{now_ms:012x}{secrets.token_hex(8)}"
+
+
+def is_job_id(value: str) -> bool:
+    return bool(_JOB_ID_RE.match(value))
+
+
+def job_created_ms(job_id: str) -> int:
+    if not is_job_id(job_id):
+        raise ValueError(f"not a job id: {job_id!r} (expected 'video_' + 28 lowercase hex digits)")
+    return int(job_id[len(JOB_ID_PREFIX) : len(JOB_ID_PREFIX) + 12], 16)
+
+
+def stage_index(stage: str | None) -> int:
+    """Position of `stage` in STAGES; -1 for None or an unknown stage."""
+    try:
+        return STAGES.index(stage) if stage is not None else -1
+    except ValueError:
+        return -1
+
+
+def stage_progress(stage: str | None, step: int = 0, total_steps: int = 0) -> int:
+    """0..99 for a running job (100 is reserved for `completed`)."""
+    lo, hi = _STAGE_BANDS.get(stage or "", (0, 0))
+    if total_steps <= 0:
+        return lo
+    frac = min(max(step / total_steps, 0.0), 1.0)
+    return min(99, int(lo + (hi - lo) * frac))
+
+
+class JobError(BaseModel):
+    code: str = Field(description="Machine-readable reason, e.g. 'internal_error', 'timeout', 'cancelled'.")
+    message: str = Field(description="Human-readable detail.")
+
+
+class JobResult(BaseModel):
+    video_key: str = Field(description="S3 key of the mp4.")
+    cover_key: str | None = Field(default=None, description="S3 key of the cover image.")
+    metadata_key: str | None = Field(default=None, description="S3 key of the metadata JSON.")
+
+
+class JobRecord(BaseModel):
+    # extra="allow": a field written by a newer replica survives a read-modify-write by an older one during a
+    # rolling upgrade instead of being silently dropped.
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(pattern=_JOB_ID_RE.pattern, description="video_<12 hex ms><16 hex random>.")
+    tenant: str = Field(
+        default="default",
+        pattern=TENANT_PATTERN,
+        description="Owner; listing is per tenant. Used in S3 keys, hence no '/'.",
+    )
+    status: JobStatus = Field(default="queued")
+    progress: int = Field(default=0, ge=0, le=100, description="Percent, 100 only when completed.")
+    stage: str | None = Field(default="queued", description="queued/encoding/denoising/decoding/uploading.")
+    step: int = Field(default=0, ge=0, description="Denoising step done.")
+    total_steps: int = Field(default=0, ge=0)
+    created_at: int = Field(description="Unix seconds.")
+    started_at: int | None = Field(default=None, description="Unix seconds of the first attempt's start.")
+    completed_at: int | None = Field(default=None, description="Unix seconds of the terminal transition.")
+    expires_at: int | None = Field(default=None, description="Unix seconds after which the video may be removed.")
+    model: str
+    prompt: str
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Resolved sampling params: num_frames, height, width, fps, seconds, size, steps, guidance, "
+        "dynamic_cfg, seed, negative_prompt.",
+    )
+    attempts: int = Field(default=0, ge=0, description="Chain attempts started.")
+    error: JobError | None = None
+    result: JobResult | None = None
+    lease_owner: str | None = Field(default=None, description="Replica running the job now.")
+    lease_expires_at: float | None = Field(default=None, description="Unix seconds; past it anyone may take over.")
+    cancel_requested: bool = False
+    deleted: bool = False
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
+    version: int = Field(default=0, ge=0, description="Bumped by the store on every write.")
+    updated_at: float = Field(default=0.0, description="Unix seconds of the last write.")
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def created_ms(self) -> int:
+        return job_created_ms(self.id)
+
+    def lease_is_free(self, now: float) -> bool:
+        """Nobody holds the lease, or the holder let it expire (crashed or stuck)."""
+        return self.lease_owner is None or self.lease_expires_at is None or self.lease_expires_at <= now
+
+    def to_json_bytes(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
+
+    @classmethod
+    def from_json_bytes(cls, data: bytes) -> JobRecord:
+        return cls.model_validate_json(data)

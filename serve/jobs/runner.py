@@ -1,0 +1,230 @@
+"""Drives accepted jobs to an end on an ingress replica: lease, run the stage chain, retry, finish.
+
+Every accepted job ends `completed`, `failed` (with a reason) or `cancelled`:
+- the owner holds a lease on the job record and renews it every `heartbeat_s`;
+- a chain attempt that raises is retried (the whole chain) up to `max_attempts`, counted in the record,
+  so attempts made by a replica that died still count;
+- every replica scans the `active/` markers every `reclaim_interval_s` and takes over jobs whose lease
+  expired (their ingress died) or that nobody ever started;
+- a cancel sets `cancel_requested` in the record (a DELETE removes the record); the owner sees it at its
+  next heartbeat (or at once if the request landed on the same replica) and cancels the in-flight chain,
+  which cancels the stage requests, so the Denoiser stops at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from serve.config import JobsConfig
+from serve.jobs.record import JobError, JobRecord, JobResult, job_created_ms
+from serve.jobs.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline(Protocol):
+    """The stage chain for one job (Ray Serve handles in production, a fake in unit tests)."""
+
+    async def run(self, job: JobRecord) -> dict[str, Any]:
+        """Run the chain once; return `{"result": {...object keys}, "timings": {...}}`."""
+        ...
+
+
+class NonRetryableError(Exception):
+    """A failure that another attempt cannot fix (the request itself is bad for the model)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str]:
+    """A client-safe (code, message) for a failed attempt: no node addresses, actor ids or tracebacks."""
+    if isinstance(exc, NonRetryableError):
+        return exc.code, exc.message
+    if isinstance(exc, asyncio.TimeoutError):
+        return "stage_timeout", "a pipeline stage did not answer within the attempt timeout"
+    text = f"{type(exc).__name__}: {exc}"
+    for stage in ("TextEncoder", "Denoiser", "VaeDecoder"):
+        if stage in text:
+            if "died" in text.lower() or "unavailable" in text.lower() or "ActorError" in text:
+                return "replica_died", f"the {stage} replica running this job stopped before it finished"
+            return "stage_error", f"the {stage} stage failed ({type(exc).__name__})"
+    return "internal_error", f"generation failed ({type(exc).__name__})"
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, pipeline: Pipeline, cfg: JobsConfig, owner: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._pipeline = pipeline
+        self._cfg = cfg
+        self.owner = owner
+        self._clock = clock
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._attempts: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._reclaimer: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(cfg.max_concurrent_per_replica)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._reclaimer is None:
+            self._reclaimer = asyncio.get_running_loop().create_task(self._reclaim_loop())
+
+    async def stop(self) -> None:
+        """Stop driving jobs; their leases expire and another replica takes them over."""
+        tasks = [t for t in [self._reclaimer, *self._tasks.values()] if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def running(self) -> set[str]:
+        return set(self._tasks)
+
+    def submit(self, job_id: str) -> None:
+        """Start driving `job_id` here unless this replica already does."""
+        if job_id in self._tasks:
+            return
+        task = asyncio.get_running_loop().create_task(self._drive(job_id), name=f"job-{job_id}")
+        self._tasks[job_id] = task
+        task.add_done_callback(lambda _t, j=job_id: self._tasks.pop(j, None))
+
+    def cancel_local(self, job_id: str) -> bool:
+        """Cancel the in-flight attempt of a job this replica drives; False if it is not here."""
+        attempt = self._attempts.get(job_id)
+        if attempt is None:
+            return False
+        attempt.cancel()
+        return True
+
+    # -- one job ---------------------------------------------------------------------------------
+    async def _drive(self, job_id: str) -> None:
+        async with self._slots:
+            job = await asyncio.to_thread(self._store.try_acquire_lease, job_id, self.owner,
+                                          self._cfg.lease_s, self._clock())
+            if job is None:
+                return  # another replica owns it, or it already ended
+            heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(job_id))
+            try:
+                await self._attempt_until_done(job)
+            except asyncio.CancelledError:
+                raise  # replica shutting down: leave the lease to expire so another replica resumes
+            except Exception:  # never leave an accepted job stuck on a bug in this loop
+                log.exception("job %s: runner error", job_id)
+                await self._finish(job_id, "failed", error={"code": "internal_error",
+                                                            "message": "the job runner failed"})
+            finally:
+                heartbeat.cancel()
+                await asyncio.gather(heartbeat, return_exceptions=True)
+
+    async def _attempt_until_done(self, job: JobRecord) -> None:
+        job_id = job.id
+        error: tuple[str, str] = ("internal_error", "no attempt was made")
+        while True:
+            if job.cancel_requested or job.deleted:
+                await self._finish(job_id, "cancelled", error={"code": "cancelled",
+                                                               "message": "the job was cancelled"})
+                return
+            if job.attempts >= self._cfg.max_attempts:
+                code, message = error
+                await self._finish(job_id, "failed", error={
+                    "code": code, "message": f"{message} (after {job.attempts} attempts)"})
+                return
+            job = await asyncio.to_thread(self._store.update, job_id, self._mark_started)
+            await asyncio.to_thread(self._store.clear_progress, job_id)
+            attempt = asyncio.get_running_loop().create_task(self._pipeline.run(job))
+            self._attempts[job_id] = attempt
+            try:
+                out = await asyncio.wait_for(attempt, self._cfg.attempt_timeout_s)
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise  # the runner itself is being stopped
+                job = await self._reread(job)
+                if job.cancel_requested or job.deleted:
+                    continue  # finish as cancelled at the top of the loop
+                error = ("internal_error", "the attempt was interrupted")
+            except NonRetryableError as exc:
+                await self._finish(job_id, "failed", error={"code": exc.code, "message": exc.message})
+                return
+            except Exception as exc:  # noqa: BLE001 - every stage failure is retried, bounded
+                error = describe_failure(exc)
+                log.warning("job %s attempt %d failed: %s: %s", job_id, job.attempts, type(exc).__name__, exc)
+            else:
+                await self._finish(job_id, "completed", result=out.get("result"), timings=out.get("timings"))
+                return
+            finally:
+                self._attempts.pop(job_id, None)
+            await asyncio.sleep(self._cfg.retry_backoff_s * (1 + random.random()) * job.attempts)
+            job = await self._reread(job)
+
+    async def _reread(self, job: JobRecord) -> JobRecord:
+        """The current record; a vanished one (DELETE removed it) reads as deleted."""
+        fresh = await asyncio.to_thread(self._store.get, job.id, include_deleted=True)
+        return fresh if fresh is not None else job.model_copy(update={"deleted": True})
+
+    def _mark_started(self, job: JobRecord) -> JobRecord:
+        now = self._clock()
+        return job.model_copy(update={
+            "status": "in_progress", "attempts": job.attempts + 1, "stage": "encoding", "step": 0,
+            "started_at": job.started_at or int(now), "updated_at": now,
+        })
+
+    async def _finish(self, job_id: str, status: str, *, error: dict[str, str] | None = None,
+                      result: dict[str, Any] | None = None, timings: dict[str, float] | None = None) -> None:
+        job = await asyncio.to_thread(
+            self._store.finish, job_id, self.owner, status,
+            error=JobError(**error) if error else None, result=JobResult(**result) if result else None,
+            timings=timings)
+        log.info("job %s %s", job_id, status if job is not None else f"{status} (not recorded: lease lost or deleted)")
+
+    async def _heartbeat(self, job_id: str) -> None:
+        while True:
+            await asyncio.sleep(self._cfg.heartbeat_s)
+            try:
+                job = await asyncio.to_thread(self._store.renew_lease, job_id, self.owner, self._cfg.lease_s)
+            except Exception:  # noqa: BLE001 - S3 hiccup: try again next beat, the lease has slack
+                log.warning("job %s: lease renewal failed", job_id, exc_info=True)
+                continue
+            if job is None:
+                log.warning("job %s: lease lost; stopping here", job_id)
+                self._tasks.get(job_id) and self._tasks[job_id].cancel()
+                return
+            if job.cancel_requested or job.deleted:
+                self.cancel_local(job_id)
+
+    # -- orphans ---------------------------------------------------------------------------------
+    async def _reclaim_loop(self) -> None:
+        while True:
+            try:
+                await self.reclaim_once()
+            except Exception:  # noqa: BLE001
+                log.warning("reclaim scan failed", exc_info=True)
+            await asyncio.sleep(self._cfg.reclaim_interval_s * (0.5 + random.random()))
+
+    async def reclaim_once(self) -> list[str]:
+        """Take over every active job whose lease is free or expired; returns the ids submitted."""
+        now = self._clock()
+        taken = []
+        for job_id in await asyncio.to_thread(self._store.list_active_ids):
+            if job_id in self._tasks:
+                continue
+            job = await asyncio.to_thread(self._store.get, job_id)
+            if job is None:
+                # `create` writes the marker just before the record: give a young marker time
+                if now - job_created_ms(job_id) / 1000 > 2 * self._cfg.lease_s:
+                    await asyncio.to_thread(self._store.drop_active, job_id)
+                continue
+            if job.is_terminal:
+                await asyncio.to_thread(self._store.drop_active, job_id)
+                continue
+            if job.lease_is_free(now):
+                self.submit(job_id)
+                taken.append(job_id)
+        return taken

@@ -1,0 +1,135 @@
+"""What the `/v1/videos` endpoints do, independent of HTTP and of Ray: create, read, list, delete, content.
+
+The ingress deployment builds one `VideoService` per replica around the shared S3 job store; the
+FastAPI routes in `serve/api/routes.py` only translate HTTP to these calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from serve.api.errors import ApiError
+from serve.api.validation import resolve_request
+from serve.api.wire import CreateVideoRequest, Video, VideoDeleted, VideoError, VideoList
+from serve.config import AppConfig
+from serve.jobs.record import JobRecord, is_job_id, new_job_id, stage_progress
+from serve.jobs.runner import JobRunner
+from serve.jobs.store import JobStore
+from serve.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+
+def video_keys(storage: Storage, job_id: str) -> dict[str, str]:
+    return {
+        "video_key": storage.key("videos", f"{job_id}.mp4"),
+        "cover_key": storage.key("videos", f"{job_id}.jpg"),
+        "metadata_key": storage.key("videos", f"{job_id}.json"),
+    }
+
+
+def progress_of(job: JobRecord) -> int:
+    if job.status == "completed":
+        return 100
+    if job.status != "in_progress":
+        return 0
+    return stage_progress(job.stage, job.step, job.total_steps)
+
+
+class VideoService:
+    def __init__(self, config: AppConfig, store: JobStore, storage: Storage, runner: JobRunner,
+                 clock=time.time) -> None:
+        self._config = config
+        self._store = store
+        self._storage = storage
+        self._runner = runner
+        self._clock = clock
+
+    # -- create ----------------------------------------------------------------------------------
+    async def create(self, req: CreateVideoRequest, tenant: str = "default") -> Video:
+        params = resolve_request(req, self._config.model, self._config.api)
+        now = self._clock()
+        job = JobRecord(
+            id=new_job_id(int(now * 1000)), tenant=tenant, status="queued", progress=0, stage="queued",
+            step=0, total_steps=params["num_inference_steps"], created_at=int(now), model=self._config.model.name,
+            prompt=req.prompt, params=params, updated_at=now,
+        )
+        job = await asyncio.to_thread(self._store.create, job)
+        self._runner.submit(job.id)
+        return self.to_wire(job)
+
+    # -- read ------------------------------------------------------------------------------------
+    async def _load(self, job_id: str, tenant: str) -> JobRecord:
+        job = await asyncio.to_thread(self._store.get, job_id) if is_job_id(job_id) else None
+        if job is None or job.tenant != tenant:
+            raise ApiError(404, f"no video with id {job_id!r}", param="video_id", code="not_found")
+        return job
+
+    async def get(self, job_id: str, tenant: str = "default") -> Video:
+        job = await self._load(job_id, tenant)
+        if job.status == "in_progress":
+            job = await asyncio.to_thread(self._store.merge_progress, job)
+        return self.to_wire(job)
+
+    async def list(self, after: str | None, limit: int, order: str = "desc", tenant: str = "default") -> VideoList:
+        if not 1 <= limit <= 100:
+            raise ApiError(400, f"limit must be 1..100, got {limit}", param="limit", code="invalid_value")
+        if order != "desc":
+            raise ApiError(400, f"order must be 'desc' (newest first), got {order!r}", param="order",
+                           code="invalid_value")
+        if after is not None and not is_job_id(after):
+            raise ApiError(400, f"after must be a video id from a previous page, got {after!r}", param="after",
+                           code="invalid_value")
+        jobs, has_more = await asyncio.to_thread(self._store.list, limit, after, tenant)
+        data = [self.to_wire(j) for j in jobs]
+        return VideoList(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                         last_id=data[-1].id if data else None)
+
+    async def content(self, job_id: str, variant: str, tenant: str = "default") -> tuple[bytes, str]:
+        job = await self._load(job_id, tenant)
+        if variant not in ("video", "thumbnail"):
+            raise ApiError(400, f"variant must be 'video' or 'thumbnail', got {variant!r}", param="variant",
+                           code="invalid_value")
+        if job.status != "completed" or not job.result:
+            raise ApiError(409, f"video {job_id} is {job.status}; content is available once it is completed",
+                           param="video_id", code="video_not_ready")
+        key = job.result.video_key if variant == "video" else job.result.cover_key
+        data = await asyncio.to_thread(self._storage.get_bytes, key)
+        return data, "video/mp4" if variant == "video" else "image/jpeg"
+
+    # -- delete ----------------------------------------------------------------------------------
+    async def delete(self, job_id: str, tenant: str = "default") -> VideoDeleted:
+        """Delete the job and its objects; a running chain is cancelled (its owner loses the lease)."""
+        await self._load(job_id, tenant)
+        await asyncio.to_thread(self._store.delete, job_id)
+        self._runner.cancel_local(job_id)  # at once if this replica drives it; others see it at their heartbeat
+        await asyncio.to_thread(self._storage.delete_many, list(video_keys(self._storage, job_id).values()))
+        return VideoDeleted(id=job_id)
+
+    # -- wire ------------------------------------------------------------------------------------
+    def to_wire(self, job: JobRecord) -> Video:
+        p: dict[str, Any] = job.params
+        urls: dict[str, Any] = {}
+        if job.status == "completed" and job.result:
+            ttl = self._config.s3.presign_expires_s
+            urls = {
+                "video_url": self._storage.presign_get(job.result.video_key, filename=f"{job.id}.mp4",
+                                                       content_type="video/mp4"),
+                "thumbnail_url": self._storage.presign_get(job.result.cover_key, content_type="image/jpeg"),
+                "url_expires_at": int(self._clock()) + ttl,
+            }
+        return Video(
+            id=job.id, created_at=job.created_at, completed_at=job.completed_at, expires_at=job.expires_at,
+            status=job.status, progress=progress_of(job), model=job.model, prompt=job.prompt,
+            seconds=p["seconds"], size=p["size"],
+            error=VideoError(**job.error.model_dump()) if job.error else None,
+            stage=job.stage if job.status == "in_progress" else None, step=job.step,
+            total_steps=job.total_steps, num_frames=p["num_frames"], fps=p["fps"], seed=p["seed"],
+            num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"],
+            use_dynamic_cfg=p["use_dynamic_cfg"], negative_prompt=p.get("negative_prompt"),
+            attempts=job.attempts, **urls,
+        )

@@ -1,0 +1,404 @@
+"""The job store: job records in S3, shared by every ingress replica, moved only by compare-and-swap.
+
+POST /v1/videos `create`s a record; the replica that wins `try_acquire_lease` runs the stage chain, renews the lease
+while it runs and `finish`es the job; a replica whose reclaim scan (`list_active_ids`) finds an expired lease takes
+the job over. GET reads `get` + `merge_progress`, GET /v1/videos reads `list`. Every record write is conditional
+(IfMatch on the ETag read), so two replicas can never both move one job.
+
+S3 layout under the configured prefix:
+    jobs/<id>.json                          the record (JobRecord JSON)
+    index/<tenant>/<inverted ms>_<id>       empty marker; key order = newest first, per tenant
+    active/<id>                             empty marker while the job is not terminal (reclaim scans)
+    progress/<id>.json                      denoising step, written unconditionally by the denoiser replica
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from pydantic import BaseModel, Field
+
+from serve.config import JobsConfig
+from serve.jobs.record import (
+    TERMINAL_STATUSES,
+    JobError,
+    JobRecord,
+    JobResult,
+    JobStatus,
+    is_job_id,
+    job_created_ms,
+    stage_index,
+    stage_progress,
+)
+from serve.storage import NotFound, PreconditionFailed, Storage, StorageError
+
+logger = logging.getLogger(__name__)
+
+_INVERT_MS = 10**13 - 1  # 13 digits cover ms timestamps until the year 2286
+_LIST_FETCH_WORKERS = 8
+
+
+class JobNotFound(NotFound):
+    """No record with that id (or it was deleted)."""
+
+
+class JobExists(PreconditionFailed):
+    """`create` found a different record under the same id."""
+
+
+class UpdateConflict(StorageError):
+    """Too many concurrent writers on one record; the caller may retry later."""
+
+    status_code = 409
+
+
+class _Skip(Exception):
+    """Raised inside a mutate function to abort the update without an error (a lease we may not take)."""
+
+
+class JobProgress(BaseModel):
+    stage: str
+    step: int = Field(ge=0)
+    total_steps: int = Field(ge=0)
+    attempt: int | None = Field(default=None, description="Chain attempt that wrote it; stale attempts ignored.")
+    updated_at: float
+
+
+class JobStore:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        retention_s: int | None = None,
+        now: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.storage = storage
+        self.retention_s = retention_s
+        self._now = now
+        self._sleep = sleep
+
+    @classmethod
+    def from_config(cls, storage: Storage, jobs: JobsConfig, now: Callable[[], float] = time.time) -> JobStore:
+        return cls(storage, retention_s=jobs.retention_s, now=now)
+
+    # ---- keys ---------------------------------------------------------------------------------------------------
+
+    def record_key(self, job_id: str) -> str:
+        return self.storage.key("jobs", f"{job_id}.json")
+
+    def index_key(self, tenant: str, job_id: str) -> str:
+        inverted = _INVERT_MS - job_created_ms(job_id)
+        return self.storage.key("index", tenant, f"{inverted:013d}_{job_id}")
+
+    def active_key(self, job_id: str) -> str:
+        return self.storage.key("active", job_id)
+
+    def progress_key(self, job_id: str) -> str:
+        return self.storage.key("progress", f"{job_id}.json")
+
+    # ---- create / read ------------------------------------------------------------------------------------------
+
+    def create(self, record: JobRecord) -> JobRecord:
+        """Store a new record (version 1). Raises JobExists if another record already has this id."""
+        rec = record.model_copy(update={"version": 1, "updated_at": self._now()})
+        # Markers first: a marker without a record is harmless (listing and reclaim skip it), while a record
+        # without its active marker would never be reclaimed if this replica died right after writing it.
+        if not rec.is_terminal:
+            self.storage.put_bytes(self.active_key(rec.id), b"", "application/octet-stream")
+        self.storage.put_bytes(self.index_key(rec.tenant, rec.id), b"", "application/octet-stream")
+        try:
+            self.storage.put_if_absent(self.record_key(rec.id), rec.to_json_bytes())
+        except PreconditionFailed:
+            # A botocore retry of our own PUT whose first response was lost also ends here: that is success.
+            existing = self.get(rec.id, include_deleted=True)
+            if existing is not None and existing == rec:
+                return existing
+            raise JobExists(f"job {rec.id} already exists") from None
+        return rec
+
+    def get(self, job_id: str, *, include_deleted: bool = False) -> JobRecord | None:
+        got = self._read(job_id)
+        if got is None:
+            return None
+        rec = got[0]
+        return None if rec.deleted and not include_deleted else rec
+
+    def _read(self, job_id: str) -> tuple[JobRecord, str] | None:
+        if not is_job_id(job_id):
+            # Ids come from URLs: never let one shape an S3 key.
+            return None
+        got = self.storage.get_with_etag(self.record_key(job_id))
+        if got is None:
+            return None
+        data, etag = got
+        return JobRecord.from_json_bytes(data), etag
+
+    # ---- compare-and-swap ---------------------------------------------------------------------------------------
+
+    def update(
+        self, job_id: str, mutate: Callable[[JobRecord], JobRecord | None], max_retries: int = 10
+    ) -> JobRecord:
+        """Read, `mutate`, write back only if nobody wrote in between; on a lost race, re-read and re-apply.
+
+        `mutate` gets a private copy (it may change it in place and return it) and must be safe to call again.
+        Returning None means "no change": nothing is written and the current record is returned. An exception from
+        `mutate` aborts the update and propagates. Raises JobNotFound, or UpdateConflict after `max_retries` losses.
+        """
+        written: JobRecord | None = None
+        for attempt in range(max_retries):
+            got = self._read(job_id)
+            if got is None:
+                raise JobNotFound(f"job {job_id} not found")
+            current, etag = got
+            if written is not None and current == written:
+                # Our write landed but its answer was lost and botocore's retry got 412: applying `mutate`
+                # again would apply it twice (e.g. attempts += 2).
+                return current
+            new = mutate(current.model_copy(deep=True))
+            if new is None:
+                return current
+            if new.id != current.id:
+                raise ValueError(f"mutate changed the job id from {current.id} to {new.id}")
+            new = new.model_copy(update={"version": current.version + 1, "updated_at": self._now()})
+            written = new
+            try:
+                self.storage.put_if_match(self.record_key(job_id), new.to_json_bytes(), etag)
+                return new
+            except (PreconditionFailed, NotFound):
+                # Someone else wrote (or deleted) first: re-read. Jitter so two losers do not collide again.
+                self._sleep(random.uniform(0, min(0.005 * 2**attempt, 0.2)))
+        raise UpdateConflict(f"job {job_id}: gave up after {max_retries} conflicting writes")
+
+    def _update_or_none(self, job_id: str, mutate: Callable[[JobRecord], JobRecord | None]) -> JobRecord | None:
+        try:
+            return self.update(job_id, mutate)
+        except (_Skip, JobNotFound):
+            return None
+
+    # ---- leases -------------------------------------------------------------------------------------------------
+
+    def try_acquire_lease(
+        self, job_id: str, owner: str, lease_s: float, now: float | None = None
+    ) -> JobRecord | None:
+        """Take the job if it is live and its lease is free, expired or already ours; None otherwise."""
+
+        def take(rec: JobRecord) -> JobRecord:
+            t = self._now() if now is None else now
+            if rec.is_terminal or rec.deleted:
+                raise _Skip
+            if rec.lease_owner != owner and not rec.lease_is_free(t):
+                raise _Skip
+            rec.lease_owner = owner
+            rec.lease_expires_at = t + lease_s
+            return rec
+
+        return self._update_or_none(job_id, take)
+
+    def renew_lease(self, job_id: str, owner: str, lease_s: float) -> JobRecord | None:
+        """Extend our lease; None if the job is gone, over, or another replica took it (stop working on it).
+
+        The returned record carries `cancel_requested`, so the heartbeat doubles as the cancel check.
+        """
+
+        def renew(rec: JobRecord) -> JobRecord:
+            # Still ours even if it expired, as long as nobody took it over in the meantime.
+            if rec.lease_owner != owner or rec.is_terminal or rec.deleted:
+                raise _Skip
+            rec.lease_expires_at = self._now() + lease_s
+            return rec
+
+        return self._update_or_none(job_id, renew)
+
+    def release_lease(self, job_id: str, owner: str) -> JobRecord | None:
+        """Give the job back (e.g. on graceful shutdown) so another replica can take it at once."""
+
+        def release(rec: JobRecord) -> JobRecord:
+            if rec.lease_owner != owner:
+                raise _Skip
+            rec.lease_owner = None
+            rec.lease_expires_at = None
+            return rec
+
+        return self._update_or_none(job_id, release)
+
+    def finish(
+        self,
+        job_id: str,
+        owner: str | None,
+        status: JobStatus,
+        *,
+        error: JobError | None = None,
+        result: JobResult | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> JobRecord | None:
+        """Terminal transition by the lease holder; None if we lost the lease or the job already ended.
+
+        `owner=None` finishes a job nobody holds (e.g. cancelling a queued job): only while the lease is free.
+        """
+        if status not in TERMINAL_STATUSES:
+            raise ValueError(f"finish needs a terminal status {sorted(TERMINAL_STATUSES)}, got {status!r}")
+
+        def end(rec: JobRecord) -> JobRecord:
+            t = self._now()
+            if rec.is_terminal or rec.deleted:
+                raise _Skip
+            if owner is None and not rec.lease_is_free(t):
+                raise _Skip
+            if owner is not None and rec.lease_owner != owner:
+                raise _Skip
+            rec.status = status
+            rec.completed_at = int(t)
+            if self.retention_s is not None:
+                rec.expires_at = int(t) + self.retention_s
+            if status == "completed":
+                rec.progress = 100
+            rec.error = error
+            rec.result = result
+            if timings:
+                rec.timings.update(timings)
+            rec.lease_owner = None
+            rec.lease_expires_at = None
+            return rec
+
+        rec = self._update_or_none(job_id, end)
+        if rec is not None:
+            try:
+                self.storage.delete_many([self.active_key(job_id), self.progress_key(job_id)])
+            except StorageError as exc:
+                # The record is already terminal; a leftover marker is dropped by the next reclaim scan.
+                logger.warning("job %s finished but its markers remain: %s", job_id, exc)
+        return rec
+
+    # ---- listing ------------------------------------------------------------------------------------------------
+
+    def list(
+        self, limit: int = 20, after: str | None = None, tenant: str = "default"
+    ) -> tuple[list[JobRecord], bool]:
+        """A page of the tenant's jobs, newest first, starting after job id `after`; returns (records, has_more)."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        prefix = self.storage.key("index", tenant, "")
+        start_after = self.index_key(tenant, after) if after else None
+        found: list[JobRecord] = []
+        # One record more than asked tells whether another page exists. Markers of deleted or half-created jobs
+        # are skipped, so keep reading until we have enough or the index ends.
+        while len(found) <= limit:
+            want = limit + 1 - len(found)
+            keys = self.storage.list_keys(prefix, start_after=start_after, max_keys=want)
+            if not keys:
+                break
+            start_after = keys[-1]
+            ids = [k.rsplit("/", 1)[-1].split("_", 1)[1] for k in keys]
+            for rec in self._get_many(ids):
+                if rec is not None and rec.tenant == tenant:
+                    found.append(rec)
+            if len(keys) < want:
+                break
+        return found[:limit], len(found) > limit
+
+    def _get_many(self, ids: list[str]) -> list[JobRecord | None]:
+        if len(ids) <= 1:
+            return [self.get(i) for i in ids]
+        with ThreadPoolExecutor(max_workers=min(_LIST_FETCH_WORKERS, len(ids))) as pool:
+            return list(pool.map(self.get, ids))
+
+    def list_active_ids(self) -> list[str]:
+        """Ids with an active marker: queued or running jobs (plus stale markers, see `drop_active`)."""
+        prefix = self.storage.key("active", "")
+        ids: list[str] = []
+        start_after: str | None = None
+        while True:
+            keys = self.storage.list_keys(prefix, start_after=start_after)
+            ids.extend(k[len(prefix) :] for k in keys)
+            if len(keys) < 1000:
+                return ids
+            start_after = keys[-1]
+
+    def drop_active(self, job_id: str) -> None:
+        """Remove a stale active marker (record missing, terminal or deleted) found by a reclaim scan.
+
+        A scan should leave markers of missing records alone for a while (`job_created_ms` says how old the id is):
+        `create` writes the marker just before the record.
+        """
+        self.storage.delete(self.active_key(job_id))
+
+    # ---- delete -------------------------------------------------------------------------------------------------
+
+    def delete(self, job_id: str) -> JobRecord | None:
+        """Remove the job (record, markers, progress); returns the last record so the caller can delete videos.
+
+        The record is first marked deleted so a crash half-way leaves a job that is hidden everywhere.
+        """
+        existing = self.get(job_id, include_deleted=True)
+        if existing is None:
+            return None
+
+        def mark(rec: JobRecord) -> JobRecord | None:
+            if rec.deleted:
+                return None
+            rec.deleted = True
+            rec.cancel_requested = True
+            return rec
+
+        rec = self._update_or_none(job_id, mark)
+        if rec is None:
+            return None
+        self.storage.delete_many(
+            [self.index_key(rec.tenant, job_id), self.active_key(job_id), self.progress_key(job_id)]
+        )
+        self.storage.delete(self.record_key(job_id))
+        return rec
+
+    # ---- progress side channel ----------------------------------------------------------------------------------
+
+    def put_progress(
+        self, job_id: str, stage: str, step: int, total: int, *, attempt: int | None = None
+    ) -> bool:
+        """Best effort, from the denoiser: a separate object, so it never races the lease CAS on the record.
+
+        Returns False (and logs) on a storage error instead of raising: progress must not fail a job. Callers on
+        the denoising hot path should still call it off-thread (botocore retries can block for seconds).
+        """
+        p = JobProgress(stage=stage, step=step, total_steps=total, attempt=attempt, updated_at=self._now())
+        try:
+            self.storage.put_bytes(self.progress_key(job_id), p.model_dump_json().encode(), "application/json")
+        except StorageError as exc:
+            logger.warning("progress of job %s not written: %s", job_id, exc)
+            return False
+        return True
+
+    def get_progress(self, job_id: str) -> JobProgress | None:
+        if not is_job_id(job_id):
+            return None
+        got = self.storage.get_with_etag(self.progress_key(job_id))
+        return None if got is None else JobProgress.model_validate_json(got[0])
+
+    def clear_progress(self, job_id: str) -> None:
+        """Drop progress left by an earlier attempt (call when a new attempt starts)."""
+        self.storage.delete(self.progress_key(job_id))
+
+    def merge_progress(self, record: JobRecord) -> JobRecord:
+        """The record as GET should show it: with the side channel's step if that is further along."""
+        if record.status != "in_progress":
+            return record
+        p = self.get_progress(record.id)
+        if p is None:
+            return record
+        if p.attempt is not None and record.attempts and p.attempt != record.attempts:
+            return record  # written by an earlier (abandoned) attempt
+        r_idx, p_idx = stage_index(record.stage), stage_index(p.stage)
+        if p_idx == -1 or r_idx == -1:
+            ahead = p.updated_at > record.updated_at
+        else:
+            ahead = p_idx > r_idx or (p_idx == r_idx and p.step >= record.step)
+        if not ahead:
+            return record
+        percent = max(record.progress, stage_progress(p.stage, p.step, p.total_steps))
+        return record.model_copy(
+            update={"stage": p.stage, "step": p.step, "total_steps": p.total_steps, "progress": percent}
+        )

@@ -1,0 +1,354 @@
+"""S3 access for one bucket and key prefix: videos, covers, metadata and the job store's records.
+
+Sits under everything that touches S3: `serve.jobs.store` (job records, conditional writes), the upload step after
+VAE decoding (videos/covers) and the content endpoint (presigned GET URLs). Built from `S3Config`; works against AWS
+(standard credential chain) or any S3-compatible endpoint (moto locally, MinIO, ...).
+
+Every method that takes a `key` expects a full key as returned by `Storage.key(...)` (prefix already applied), and
+`list_keys` returns full keys, so a key read from a listing can be passed straight back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote
+
+import boto3
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from serve.config import S3Config
+
+logger = logging.getLogger(__name__)
+
+_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
+# S3 answers a failed If-None-Match/If-Match with 412; a conditional write racing another write on the same key can
+# also get 409 ConditionalRequestConflict. Both mean "someone else moved the object first".
+_PRECONDITION_CODES = frozenset({"412", "PreconditionFailed", "409", "ConditionalRequestConflict"})
+_DELETE_BATCH = 1000  # DeleteObjects limit
+
+
+class StorageError(Exception):
+    """S3 is unreachable, misconfigured or refused the call. Maps to HTTP 503 at the API."""
+
+    status_code = 503
+
+
+class NotFound(StorageError):
+    """The key (or bucket) does not exist."""
+
+    status_code = 404
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object exists (IfNoneMatch) or changed since it was read (IfMatch)."""
+
+    status_code = 409
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str
+    content_type: str | None
+    last_modified: datetime | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _error_code(exc: ClientError) -> str:
+    err = exc.response.get("Error", {})
+    code = str(err.get("Code", ""))
+    status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    return code or status
+
+
+def _is(exc: ClientError, codes: frozenset[str]) -> bool:
+    err = exc.response.get("Error", {})
+    status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    return str(err.get("Code", "")) in codes or status in codes
+
+
+def _content_disposition(filename: str) -> str:
+    # ASCII fallback for old clients plus RFC 6266 filename* for the real (possibly non-ASCII) name.
+    ascii_name = filename.encode("ascii", "replace").decode("ascii").replace('"', "").replace("\\", "")
+    ascii_name = "".join(c if c.isprintable() else "_" for c in ascii_name) or "download"
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+class Storage:
+    """One bucket + prefix. Thread-safe: boto3 clients may be shared between threads."""
+
+    def __init__(self, cfg: S3Config, client: Any | None = None, list_page_size: int = 1000) -> None:
+        self.cfg = cfg
+        self._page = max(1, min(list_page_size, 1000))  # ListObjectsV2 returns at most 1000 keys a page
+        self.bucket = cfg.bucket
+        prefix = cfg.prefix.strip("/")
+        self.prefix = f"{prefix}/" if prefix else ""
+        self._client = client if client is not None else self._make_client(cfg.max_attempts)
+        self._probe_client: Any | None = None
+        self._transfer = TransferConfig(
+            multipart_threshold=cfg.multipart_threshold_bytes,
+            multipart_chunksize=cfg.multipart_threshold_bytes,
+            max_concurrency=4,
+        )
+
+    @classmethod
+    def from_config(cls, cfg: S3Config) -> Storage:
+        return cls(cfg)
+
+    def _make_client(self, total_max_attempts: int) -> Any:
+        cfg = self.cfg
+        if cfg.endpoint_url or "." in cfg.bucket:
+            # S3-compatible stores (moto, MinIO, Ceph) are addressed by path: virtual-host names such as
+            # `bucket.localhost` do not resolve everywhere; dotted bucket names break TLS on virtual hosts.
+            addressing = "path"
+        else:
+            # botocore's default ("auto") presigns against the global `bucket.s3.amazonaws.com` even for other
+            # regions; S3 may answer that with a redirect to the regional host, and the SigV4 signature (which
+            # covers the host) then fails. "virtual" gives `bucket.s3.<region>.amazonaws.com`.
+            addressing = "virtual"
+        config = Config(
+            # Without s3v4 boto3 presigns SigV2-style URLs against a custom endpoint.
+            signature_version="s3v4",
+            # total_max_attempts counts the first try; `max_attempts` in the same dict would count retries only.
+            retries={"mode": "standard", "total_max_attempts": total_max_attempts},
+            connect_timeout=cfg.connect_timeout_s,
+            read_timeout=cfg.read_timeout_s,
+            region_name=cfg.region,
+            s3={"addressing_style": addressing},
+        )
+        # A session per Storage: the default session is not thread-safe to create clients from.
+        session = boto3.session.Session()
+        return session.client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config)
+
+    # ---- keys ---------------------------------------------------------------------------------------------------
+
+    def key(self, *parts: str) -> str:
+        """Join parts with '/' under the prefix. A last part that is "" or ends in '/' keeps a trailing '/':
+        `key("index", tenant, "")` is a listing prefix that cannot match another tenant's `index/<tenant>x/`."""
+        if not parts:
+            return self.prefix
+        rel = "/".join(p.strip("/") for p in parts if p.strip("/"))
+        if rel and (parts[-1] == "" or parts[-1].endswith("/")):
+            rel += "/"
+        return self.prefix + rel
+
+    # ---- bucket -------------------------------------------------------------------------------------------------
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket when `create_bucket` is set (local runs); an existing bucket is fine."""
+        if not self.cfg.create_bucket:
+            return
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if self.cfg.region != "us-east-1":
+            # us-east-1 rejects an explicit LocationConstraint; every other region needs one.
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.cfg.region}
+        try:
+            self._client.create_bucket(**kwargs)
+            logger.info("created bucket %s", self.bucket)
+        except ClientError as exc:
+            if _error_code(exc) in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                return
+            raise StorageError(f"cannot create bucket {self.bucket!r}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"cannot create bucket {self.bucket!r} at {self._where()}: {exc}") from exc
+
+    def check(self) -> None:
+        """HeadBucket, once and without retries (readiness should reflect now); raises StorageError."""
+        if self._probe_client is None:
+            self._probe_client = self._make_client(1)
+        try:
+            self._probe_client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                msg = f"bucket {self.bucket!r} does not exist at {self._where()}"
+            elif code in ("403", "AccessDenied", "Forbidden"):
+                msg = f"access to bucket {self.bucket!r} at {self._where()} denied (check credentials/policy)"
+            else:
+                msg = f"bucket {self.bucket!r} at {self._where()} answered {code}"
+            raise StorageError(msg) from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 at {self._where()} unreachable: {exc}") from exc
+
+    def _where(self) -> str:
+        return self.cfg.endpoint_url or f"AWS {self.cfg.region}"
+
+    # ---- plain objects ------------------------------------------------------------------------------------------
+
+    def put_bytes(
+        self, key: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        """Upload; above `multipart_threshold_bytes` as a multipart upload (parallel parts, per-part retries)."""
+        extra: dict[str, Any] = {"ContentType": content_type}
+        if metadata:
+            extra["Metadata"] = dict(metadata)
+        try:
+            if len(data) < self.cfg.multipart_threshold_bytes:
+                # Small objects: one PutObject, skipping the transfer manager's thread pool.
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
+            else:
+                self._client.upload_fileobj(
+                    io.BytesIO(data), self.bucket, key, ExtraArgs=extra, Config=self._transfer
+                )
+        except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+            raise StorageError(f"put s3://{self.bucket}/{key} failed: {exc}") from exc
+
+    def get_bytes(self, key: str) -> bytes:
+        got = self.get_with_etag(key)
+        if got is None:
+            raise NotFound(f"s3://{self.bucket}/{key} not found")
+        return got[0]
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.get_bytes(key))
+
+    def put_json(self, key: str, value: Any) -> None:
+        self.put_bytes(key, _dumps(value), "application/json")
+
+    def head(self, key: str) -> ObjectInfo:
+        try:
+            r = self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _is(exc, _NOT_FOUND_CODES):
+                raise NotFound(f"s3://{self.bucket}/{key} not found") from exc
+            raise StorageError(f"head s3://{self.bucket}/{key} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"head s3://{self.bucket}/{key} failed: {exc}") from exc
+        return ObjectInfo(
+            key=key,
+            size=int(r.get("ContentLength", 0)),
+            etag=r.get("ETag", ""),
+            content_type=r.get("ContentType"),
+            last_modified=r.get("LastModified"),
+            metadata=dict(r.get("Metadata") or {}),
+        )
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+        except NotFound:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        """Idempotent: deleting a missing key succeeds."""
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"delete s3://{self.bucket}/{key} failed: {exc}") from exc
+
+    def delete_many(self, keys: Iterable[str]) -> None:
+        keys = list(dict.fromkeys(keys))
+        for i in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[i : i + _DELETE_BATCH]
+            try:
+                r = self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+                )
+            except (ClientError, BotoCoreError) as exc:
+                raise StorageError(f"delete of {len(batch)} keys in {self.bucket!r} failed: {exc}") from exc
+            # DeleteObjects answers 200 even when single keys fail; the failures are in the body.
+            errors = [e for e in r.get("Errors", []) if e.get("Code") not in ("NoSuchKey",)]
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    f"delete of {len(errors)} keys in {self.bucket!r} failed, "
+                    f"e.g. {first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
+                )
+
+    def list_keys(self, prefix: str, start_after: str | None = None, max_keys: int = 1000) -> list[str]:
+        """Up to `max_keys` full keys under `prefix`, in key order, strictly after `start_after`."""
+        keys: list[str] = []
+        token: str | None = None
+        while len(keys) < max_keys:
+            kwargs: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Prefix": prefix,
+                "MaxKeys": min(self._page, max_keys - len(keys)),
+            }
+            if token:
+                kwargs["ContinuationToken"] = token
+            elif start_after:
+                kwargs["StartAfter"] = start_after
+            try:
+                r = self._client.list_objects_v2(**kwargs)
+            except (ClientError, BotoCoreError) as exc:
+                raise StorageError(f"list s3://{self.bucket}/{prefix} failed: {exc}") from exc
+            keys.extend(obj["Key"] for obj in r.get("Contents", []))
+            token = r.get("NextContinuationToken")
+            if not r.get("IsTruncated") or not token:
+                break
+        return keys[:max_keys]
+
+    # ---- conditional primitives (the job store's compare-and-swap) ----------------------------------------------
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            r = self._client.get_object(Bucket=self.bucket, Key=key)
+            return r["Body"].read(), r["ETag"]
+        except ClientError as exc:
+            if _is(exc, _NOT_FOUND_CODES):
+                return None
+            raise StorageError(f"get s3://{self.bucket}/{key} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"get s3://{self.bucket}/{key} failed: {exc}") from exc
+
+    def put_if_absent(self, key: str, data: bytes, content_type: str = "application/json") -> str:
+        """Create `key` only if it does not exist; returns the new ETag. Raises PreconditionFailed if it exists."""
+        return self._put_conditional(key, data, content_type, IfNoneMatch="*")
+
+    def put_if_match(self, key: str, data: bytes, etag: str, content_type: str = "application/json") -> str:
+        """Replace `key` only if its ETag is still `etag`; returns the new ETag.
+
+        Raises PreconditionFailed if it changed, NotFound if it was deleted meanwhile.
+        """
+        return self._put_conditional(key, data, content_type, IfMatch=etag)
+
+    def _put_conditional(self, key: str, data: bytes, content_type: str, **cond: str) -> str:
+        try:
+            r = self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, **cond)
+        except ClientError as exc:
+            if _is(exc, _PRECONDITION_CODES):
+                raise PreconditionFailed(f"conditional put of s3://{self.bucket}/{key} lost ({cond})") from exc
+            if _is(exc, _NOT_FOUND_CODES):
+                raise NotFound(f"s3://{self.bucket}/{key} not found for conditional put") from exc
+            raise StorageError(f"put s3://{self.bucket}/{key} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"put s3://{self.bucket}/{key} failed: {exc}") from exc
+        return r["ETag"]
+
+    # ---- presigned URLs -----------------------------------------------------------------------------------------
+
+    def presign_get(
+        self,
+        key: str,
+        expires_s: int | None = None,
+        filename: str | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        """A SigV4 GET URL, minted per call and never stored (it carries a short-lived signature)."""
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if filename:
+            params["ResponseContentDisposition"] = _content_disposition(filename)
+        if content_type:
+            params["ResponseContentType"] = content_type
+        try:
+            return self._client.generate_presigned_url(
+                "get_object", Params=params, ExpiresIn=int(expires_s or self.cfg.presign_expires_s)
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"presign s3://{self.bucket}/{key} failed: {exc}") from exc
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

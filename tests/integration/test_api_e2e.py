@@ -1,0 +1,141 @@
+"""The whole service on one local Ray cluster with moto's S3 server, through the official OpenAI SDK."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from serve.media import probe_mp4
+from tests.integration.conftest import API_KEY
+
+pytestmark = pytest.mark.integration
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def api(cluster) -> httpx.Client:
+    return httpx.Client(base_url=cluster.base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+
+
+def wait_for(http: httpx.Client, job_id: str, predicate, timeout_s: float = 120, interval_s: float = 0.05) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        r = http.get(f"/v1/videos/{job_id}")
+        if r.status_code == 200 and predicate(r.json()):
+            return r.json()
+        time.sleep(interval_s)
+    raise AssertionError(f"job {job_id} never matched; last: {r.status_code} {r.text}")
+
+
+def job_objects(cluster) -> list[str]:
+    return cluster.storage.list_keys(cluster.storage.key("jobs/"))
+
+
+def test_sdk_create_and_poll_then_download(cluster, client):
+    video = client.videos.create_and_poll(
+        prompt="a red fox jumping over a snowy log", size="48x32", poll_interval_ms=200,
+        extra_body={"num_frames": 9, "fps": 8, "seed": 1234, "num_inference_steps": 4,
+                    "negative_prompt": "blurry"},
+    )
+    assert video.status == "completed", video.error
+    assert video.progress == 100 and video.completed_at >= video.created_at and video.expires_at > video.completed_at
+    assert video.size == "48x32" and video.seconds == "1"
+    extra = video.model_extra or {}
+    assert extra["seed"] == 1234 and extra["num_frames"] == 9
+    assert "X-Amz-Algorithm=AWS4-HMAC-SHA256" in extra["video_url"]
+
+    content = client.videos.download_content(video.id)
+    mp4 = content.read()
+    probe = probe_mp4(mp4)
+    assert (probe["frames"], probe["width"], probe["height"], probe["fps"]) == (9, 48, 32, 8)
+    assert "AI-generated" in probe["metadata"].get("comment", "") and video.id in probe["metadata"]["comment"]
+    thumb = client.videos.download_content(video.id, variant="thumbnail").read()
+    assert Image.open(io.BytesIO(thumb)).size == (48, 32)
+
+    # the presigned URL is fresh, SigV4 and fetches the very same bytes from S3
+    assert httpx.get(extra["video_url"]).content == mp4
+
+    storage = cluster.storage
+    cover = Image.open(io.BytesIO(storage.get_bytes(storage.key("videos", f"{video.id}.jpg"))))
+    assert cover.format == "JPEG" and cover.size == (48, 32)
+    meta = json.loads(storage.get_bytes(storage.key("videos", f"{video.id}.json")))
+    assert meta["prompt"] == "a red fox jumping over a snowy log" and meta["seed"] == 1234
+    assert meta["model"] == "cogvideox-tiny-2b" and meta["parameters"]["num_frames"] == 9
+    assert {"text_encoder_s", "denoiser_s", "vae_decoder_s", "upload_s"} <= set(meta["timings_s"])
+
+
+def test_json_body_and_list_newest_first(cluster):
+    with api(cluster) as http:
+        ids = []
+        for seed in (1, 2):
+            r = http.post("/v1/videos", json={"prompt": f"waves {seed}", "seed": seed})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["status"] in ("queued", "in_progress") and body["object"] == "video"
+            ids.append(body["id"])
+        page = http.get("/v1/videos", params={"limit": 1}).json()
+        assert page["data"][0]["id"] == ids[1] and page["has_more"] is True
+        nxt = http.get("/v1/videos", params={"limit": 1, "after": page["last_id"]}).json()
+        assert nxt["data"][0]["id"] == ids[0]
+        for job_id in ids:
+            done = wait_for(http, job_id, lambda v: v["status"] in TERMINAL)
+            assert done["status"] == "completed", done
+
+
+@pytest.mark.parametrize("body,param,status", [
+    ({"prompt": "x", "num_frames": 10}, "num_frames", 400),
+    ({"prompt": "x", "size": "50x32"}, "size", 400),
+    ({"prompt": "x", "model": "sora-2"}, "model", 400),
+    ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps", 400),
+    ({"prompt": "x", "guidance_scale": "lots"}, "guidance_scale", 400),
+    ({"prompt": "x", "frames": 9}, "frames", 400),
+    ({"size": "48x32"}, "prompt", 400),
+    ({"prompt": ""}, "prompt", 400),
+])
+def test_bad_inputs_get_4xx_naming_the_field_and_create_no_job(cluster, body, param, status):
+    before = job_objects(cluster)
+    with api(cluster) as http:
+        r = http.post("/v1/videos", json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error"
+    assert job_objects(cluster) == before
+
+
+def test_auth_and_malformed_bodies(cluster):
+    before = job_objects(cluster)
+    r = httpx.post(f"{cluster.base}/v1/videos", json={"prompt": "x"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+    r = httpx.post(f"{cluster.base}/v1/videos", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with api(cluster) as http:
+        r = http.post("/v1/videos", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        r = http.post("/v1/videos", content=b"x", headers={"Content-Type": "text/plain"})
+        assert r.status_code == 415
+        r = http.post("/v1/videos", files={"input_reference": ("a.png", b"123", "image/png")},
+                      data={"prompt": "x"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input_reference"
+    assert job_objects(cluster) == before
+
+
+def test_unknown_id_is_404_everywhere(cluster):
+    with api(cluster) as http:
+        for method, path in [("GET", "/v1/videos/video_00000000000000000000000000000"),
+                             ("GET", "/v1/videos/nope/content"),
+                             ("DELETE", "/v1/videos/video_0123456789ab0123456789abcdef")]:
+            r = http.request(method, path)
+            assert r.status_code == 404, (method, path, r.text)
+            assert r.json()["error"]["code"] == "not_found"
+
+
+def test_health_and_readiness(cluster):
+    assert httpx.get(f"{cluster.base}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{cluster.base}/readyz").json()
+    assert ready["status"] == "ready"
+    assert ready["checks"] == {"s3": True, "TextEncoder": True, "Denoiser": True, "VaeDecoder": True}
