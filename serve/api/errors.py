@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.storage import StorageError
+
 log = logging.getLogger(__name__)
 
 _TYPES = {
@@ -25,6 +27,13 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",
+}
+
+
+# StorageError subclasses carry their HTTP status; anything else from S3 means it is unreachable or refusing.
+_STORAGE_ERRORS: dict[int, tuple[str, str]] = {
+    404: ("not_found", "a stored object this request needs does not exist"),
+    409: ("conflict", "the video was changed by a concurrent request; retry"),
 }
 
 
@@ -71,6 +80,16 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(StorageError)
+    async def _storage(_: Request, exc: StorageError) -> JSONResponse:
+        # the exception names the bucket, key and endpoint: log it, answer without them
+        log.warning("storage error: %s", exc)
+        if exc.status_code in _STORAGE_ERRORS:
+            code, message = _STORAGE_ERRORS[exc.status_code]
+            return error_response(exc.status_code, message, code=code)
+        return error_response(503, "the object store is unavailable; retry later", code="storage_unavailable",
+                              headers={"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

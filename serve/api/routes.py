@@ -110,9 +110,10 @@ def create_app(service: VideoService, api: ApiConfig,
         return await service.create(req, tenant)
 
     @app.get("/v1/videos", response_model=VideoList, responses=_ERRORS)
-    async def list_videos(tenant: Tenant, after: str | None = None, limit: Annotated[int, Query()] = 20,
+    async def list_videos(tenant: Tenant, after: str | None = None,
+                          limit: Annotated[int | None, Query(description="1..100; default from config")] = None,
                           order: Literal["asc", "desc"] = "desc") -> VideoList:
-        return await service.list(after, limit, order, tenant)
+        return await service.list(after, api.default_page_limit if limit is None else limit, order, tenant)
 
     @app.get("/v1/videos/{video_id}", response_model=Video, responses=_ERRORS)
     async def get_video(video_id: str, tenant: Tenant, response: Response) -> Video:

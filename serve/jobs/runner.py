@@ -44,6 +44,10 @@ class NonRetryableError(Exception):
         self.message = message
 
 
+class _LeaseLost(Exception):
+    """Another replica took the job over (our renewals did not land in time): stop without touching it."""
+
+
 def describe_failure(exc: BaseException) -> tuple[str, str]:
     """A client-safe (code, message) for a failed attempt: no node addresses, actor ids or tracebacks."""
     if isinstance(exc, NonRetryableError):
@@ -78,11 +82,17 @@ class JobRunner:
             self._reclaimer = asyncio.get_running_loop().create_task(self._reclaim_loop())
 
     async def stop(self) -> None:
-        """Stop driving jobs; their leases expire and another replica takes them over."""
+        """Stop driving jobs and hand their leases back, so another replica takes them over at once."""
+        held = list(self._tasks)
         tasks = [t for t in [self._reclaimer, *self._tasks.values()] if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for job_id in held:
+            try:
+                await asyncio.to_thread(self._store.release_lease, job_id, self.owner)
+            except Exception:  # noqa: BLE001 - the lease then simply expires
+                log.warning("job %s: could not release lease", job_id, exc_info=True)
 
     @property
     def running(self) -> set[str]:
@@ -126,7 +136,8 @@ class JobRunner:
 
     async def _attempt_until_done(self, job: JobRecord) -> None:
         job_id = job.id
-        error: tuple[str, str] = ("internal_error", "no attempt was made")
+        # what a job reclaimed with no attempts left reports: its earlier replicas stopped mid-attempt
+        error: tuple[str, str] = ("internal_error", "the replica running its last attempt stopped before it finished")
         while True:
             if job.cancel_requested or job.deleted:
                 await self._finish(job_id, "cancelled", error={"code": "cancelled",
@@ -137,7 +148,11 @@ class JobRunner:
                 await self._finish(job_id, "failed", error={
                     "code": code, "message": f"{message} (after {job.attempts} attempts)"})
                 return
-            job = await asyncio.to_thread(self._store.update, job_id, self._mark_started)
+            try:
+                job = await asyncio.to_thread(self._store.update, job_id, self._mark_started)
+            except _LeaseLost:
+                log.warning("job %s: another replica took it over; not starting another attempt here", job_id)
+                return
             await asyncio.to_thread(self._store.clear_progress, job_id)
             attempt = asyncio.get_running_loop().create_task(self._pipeline.run(job))
             self._attempts[job_id] = attempt
@@ -170,6 +185,9 @@ class JobRunner:
         return fresh if fresh is not None else job.model_copy(update={"deleted": True})
 
     def _mark_started(self, job: JobRecord) -> JobRecord:
+        # checked inside the compare-and-swap: a replica that lost the lease must not run (or count) an attempt
+        if job.lease_owner != self.owner:
+            raise _LeaseLost
         now = self._clock()
         return job.model_copy(update={
             "status": "in_progress", "attempts": job.attempts + 1, "stage": "encoding", "step": 0,

@@ -18,7 +18,7 @@ from serve.config import AppConfig
 from serve.jobs.record import JobRecord, is_job_id, new_job_id, stage_progress
 from serve.jobs.runner import JobRunner
 from serve.jobs.store import JobStore
-from serve.storage import Storage
+from serve.storage import NotFound, Storage
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,12 @@ class VideoService:
             raise ApiError(409, f"video {job_id} is {job.status}; content is available once it is completed",
                            param="video_id", code="video_not_ready")
         key = job.result.video_key if variant == "video" else job.result.cover_key
-        data = await asyncio.to_thread(self._storage.get_bytes, key)
+        try:
+            data = await asyncio.to_thread(self._storage.get_bytes, key)
+        except NotFound:
+            # the record outlived its object (a lifecycle rule after `expires_at`, or a manual cleanup)
+            raise ApiError(404, f"the {variant} of {job_id} is no longer stored", param="video_id",
+                           code="not_found") from None
         return data, "video/mp4" if variant == "video" else "image/jpeg"
 
     # -- delete ----------------------------------------------------------------------------------
