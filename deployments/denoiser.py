@@ -18,14 +18,11 @@ class Denoiser:
     def __init__(self, config: AppConfig) -> None:
         from serve.jobs.store import JobStore
         from serve.stages.denoising import DenoisingStage
-        from serve.stages.runtime import local_model_path, resolve_device, weights_dtype
+        from serve.stages.runtime import load_stage
         from serve.storage import Storage
 
         self._config = config
-        device = resolve_device(config.model)
-        path = local_model_path(config.model, config.s3)
-        self._stage = DenoisingStage.from_pretrained(
-            path, device=device, dtype=weights_dtype(config.model, device), revision=config.model.revision)
+        self._stage = load_stage(DenoisingStage, config)
         self._store = JobStore(Storage.from_config(config.s3))
         self._lock = asyncio.Lock()
 

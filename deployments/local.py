@@ -41,7 +41,8 @@ def _http(method: str, url: str, key: str, body: dict | None = None) -> dict:
         return json.loads(resp.read())
 
 
-def _wait_ready(base: str, timeout_s: float) -> None:
+def wait_ready(base: str, timeout_s: float) -> None:
+    """Poll `/readyz` until 200 (models loaded, S3 reachable) or fail with the last answer."""
     deadline = time.time() + timeout_s
     last = ""
     while time.time() < deadline:
@@ -53,8 +54,8 @@ def _wait_ready(base: str, timeout_s: float) -> None:
             last = exc.read().decode(errors="replace")
         except OSError as exc:
             last = str(exc)
-        time.sleep(1)
-    raise SystemExit(f"the app did not become ready in {timeout_s:.0f} s: {last}")
+        time.sleep(0.5)
+    raise TimeoutError(f"the app did not become ready in {timeout_s:.0f} s: {last}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                                        if k.startswith(("AWS_", "HF_")) or k == "VIDEOGEN_MODEL_CACHE"}})
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(app_cfg), name="videogen", route_prefix="/", blocking=False)
-    _wait_ready(base, 300)
+    wait_ready(base, 300)
     log.info("API at %s/v1 (key %s)", base, key)
 
     # 4. One sample video through the public HTTP API

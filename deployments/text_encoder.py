@@ -13,15 +13,11 @@ class TextEncoder:
     def __init__(self, config: AppConfig) -> None:
         # heavy imports here so the ingress never imports torch
         from serve.jobs.store import JobStore
-        from serve.stages.runtime import local_model_path, resolve_device, text_encoder_dtype
+        from serve.stages.runtime import load_stage
         from serve.stages.text_encoding import TextEncodingStage
         from serve.storage import Storage
 
-        self._config = config
-        device = resolve_device(config.model)
-        path = local_model_path(config.model, config.s3)
-        self._stage = TextEncodingStage.from_pretrained(
-            path, device=device, dtype=text_encoder_dtype(config.model, device), revision=config.model.revision)
+        self._stage = load_stage(TextEncodingStage, config, text_encoder=True)
         self._store = JobStore(Storage.from_config(config.s3))
         self._lock = asyncio.Lock()
 

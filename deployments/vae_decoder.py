@@ -14,14 +14,10 @@ class VaeDecoder:
     def __init__(self, config: AppConfig) -> None:
         from serve.jobs.store import JobStore
         from serve.stages.decoding import DecodingStage
-        from serve.stages.runtime import local_model_path, resolve_device, weights_dtype
+        from serve.stages.runtime import load_stage
         from serve.storage import Storage
 
-        self._config = config
-        device = resolve_device(config.model)
-        path = local_model_path(config.model, config.s3)
-        self._stage = DecodingStage.from_pretrained(
-            path, device=device, dtype=weights_dtype(config.model, device), revision=config.model.revision)
+        self._stage = load_stage(DecodingStage, config)
         self._storage = Storage.from_config(config.s3)
         self._store = JobStore(self._storage)
         self._lock = asyncio.Lock()

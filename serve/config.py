@@ -119,7 +119,6 @@ class ApiConfig(_Strict):
     )
     max_prompt_chars: int = Field(default=2000, ge=1, description="Longest accepted prompt, in characters.")
     default_page_limit: int = Field(default=20, ge=1, le=100)
-    public_base_url: str | None = Field(default=None, description="Used in links; None = relative.")
 
 
 class AutoscalingConfig(_Strict):

@@ -50,7 +50,7 @@ def _auth_dependency(api: ApiConfig) -> Callable[[Request], str]:
 
 
 async def _parse_create(request: Request) -> CreateVideoRequest:
-    ctype = request.headers.get("content-type", "")
+    ctype = request.headers.get("content-type", "").lower()
     if ctype.startswith("multipart/form-data") or ctype.startswith("application/x-www-form-urlencoded"):
         form = await request.form()
         raw: dict[str, Any] = {}

@@ -74,6 +74,7 @@ class JobRunner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._attempts: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._reclaimer: asyncio.Task[None] | None = None
+        self._finishing: set[str] = set()
         self._slots = asyncio.Semaphore(cfg.max_concurrent_per_replica)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -88,6 +89,10 @@ class JobRunner:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # a cancelled `_finish` leaves its S3 write running in a thread: let it land first
+        deadline = time.monotonic() + 10
+        while self._finishing and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         for job_id in held:
             try:
                 await asyncio.to_thread(self._store.release_lease, job_id, self.owner)
@@ -125,7 +130,7 @@ class JobRunner:
             try:
                 await self._attempt_until_done(job)
             except asyncio.CancelledError:
-                raise  # replica shutting down: leave the lease to expire so another replica resumes
+                raise  # replica shutting down: `stop` hands the lease back so another replica resumes
             except Exception:  # never leave an accepted job stuck on a bug in this loop
                 log.exception("job %s: runner error", job_id)
                 await self._finish(job_id, "failed", error={"code": "internal_error",
@@ -196,10 +201,18 @@ class JobRunner:
 
     async def _finish(self, job_id: str, status: str, *, error: dict[str, str] | None = None,
                       result: dict[str, Any] | None = None, timings: dict[str, float] | None = None) -> None:
-        job = await asyncio.to_thread(
-            self._store.finish, job_id, self.owner, status,
-            error=JobError(**error) if error else None, result=JobResult(**result) if result else None,
-            timings=timings)
+        # a finish already under way must land before `stop` may hand the lease back (else it is skipped)
+        self._finishing.add(job_id)
+
+        def finish() -> JobRecord | None:
+            try:
+                return self._store.finish(
+                    job_id, self.owner, status, error=JobError(**error) if error else None,
+                    result=JobResult(**result) if result else None, timings=timings)
+            finally:  # in the thread: also when the awaiting task was cancelled meanwhile
+                self._finishing.discard(job_id)
+
+        job = await asyncio.to_thread(finish)
         log.info("job %s %s", job_id, status if job is not None else f"{status} (not recorded: lease lost or deleted)")
 
     async def _heartbeat(self, job_id: str) -> None:

@@ -98,6 +98,8 @@ class VideoService:
             raise ApiError(409, f"video {job_id} is {job.status}; content is available once it is completed",
                            param="video_id", code="video_not_ready")
         key = job.result.video_key if variant == "video" else job.result.cover_key
+        if key is None:
+            raise ApiError(404, f"video {job_id} has no {variant}", param="variant", code="not_found")
         try:
             data = await asyncio.to_thread(self._storage.get_bytes, key)
         except NotFound:
@@ -124,7 +126,8 @@ class VideoService:
             urls = {
                 "video_url": self._storage.presign_get(job.result.video_key, filename=f"{job.id}.mp4",
                                                        content_type="video/mp4"),
-                "thumbnail_url": self._storage.presign_get(job.result.cover_key, content_type="image/jpeg"),
+                "thumbnail_url": (self._storage.presign_get(job.result.cover_key, content_type="image/jpeg")
+                                  if job.result.cover_key else None),
                 "url_expires_at": int(self._clock()) + ttl,
             }
         return Video(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from serve.config import ModelConfig, S3Config
+from serve.config import AppConfig, ModelConfig, S3Config
 
 log = logging.getLogger(__name__)
 
@@ -46,3 +46,12 @@ def local_model_path(model: ModelConfig, s3: S3Config) -> str:
 
         client = Storage.from_config(s3).client
     return resolve_model_source(model.source, model.cache_dir, s3_client=client, revision=model.revision)
+
+
+def load_stage(stage_cls, config: AppConfig, *, text_encoder: bool = False):
+    """`stage_cls.from_pretrained` on this replica's device, in the stage's dtype, from the configured source."""
+    device = resolve_device(config.model)
+    dtype = text_encoder_dtype(config.model, device) if text_encoder else weights_dtype(config.model, device)
+    path = local_model_path(config.model, config.s3)
+    log.info("loading %s from %s on %s (%s)", stage_cls.__name__, path, device, dtype)
+    return stage_cls.from_pretrained(path, device=device, dtype=dtype, revision=config.model.revision)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from deployments.local import wait_ready
 
 API_KEY = "sk-test-integration"
 
@@ -41,22 +40,6 @@ def app_config(model_dir: Path, endpoint: str, bucket: str):
     })
 
 
-def wait_ready(base: str, timeout_s: float = 180) -> None:
-    deadline = time.time() + timeout_s
-    last = None
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=10) as resp:
-                if resp.status == 200:
-                    return
-        except urllib.error.HTTPError as exc:
-            last = exc.read()
-        except OSError as exc:
-            last = exc
-        time.sleep(0.5)
-    raise AssertionError(f"app not ready after {timeout_s} s: {last!r}")
-
-
 class Cluster:
     """The running app: deploy/redeploy it, and reach S3 and Ray for assertions."""
 
@@ -70,7 +53,7 @@ class Cluster:
         from deployments.app import build_app
 
         serve.run(build_app(self.config), name="videogen", route_prefix="/", blocking=False)
-        wait_ready(self.base)
+        wait_ready(self.base, 180)
 
     def shutdown_app(self) -> None:
         from ray import serve

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import pytest
 
 from serve.api.routes import create_app
 from serve.config import ApiConfig, AppConfig, JobsConfig, S3Config
@@ -83,13 +82,6 @@ class Env:
 
     def all_keys(self) -> list[str]:
         return self.storage.list_keys(self.storage.key(""))
-
-
-@pytest.fixture
-def storage(s3_config: S3Config) -> Storage:
-    st = Storage.from_config(s3_config)
-    st.ensure_bucket()
-    return st
 
 
 @asynccontextmanager
@@ -303,7 +295,8 @@ def test_bad_requests_get_400_naming_the_field_and_write_nothing(storage: Storag
             form, ctype = multipart({"prompt": "a cat", "num_frames": "nine"})
             r = await env.client.post("/v1/videos", content=form, headers={**AUTH, "Content-Type": ctype})
             assert_error(r, 400, "invalid_value", "num_frames")
-            form, ctype = multipart({"prompt": "a cat"}, files={"input_reference": ("cat.png", b"\x89PNG", "image/png")})
+            form, ctype = multipart({"prompt": "a cat"},
+                                    files={"input_reference": ("cat.png", b"\x89PNG", "image/png")})
             r = await env.client.post("/v1/videos", content=form, headers={**AUTH, "Content-Type": ctype})
             assert_error(r, 400, "invalid_value", "input_reference")
 

@@ -7,6 +7,7 @@ conditions with a deadline rather than fixed sleeps, so a busy machine makes the
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -184,13 +185,6 @@ class ReplicaLoop:
 
 
 @pytest.fixture
-def storage(s3_config: S3Config) -> Storage:
-    st = Storage.from_config(s3_config)
-    st.ensure_bucket()
-    return st
-
-
-@pytest.fixture
 def store(storage: Storage) -> JobStore:
     return JobStore(storage, retention_s=3600)
 
@@ -203,10 +197,13 @@ def make_job(store: JobStore, **fields: Any) -> JobRecord:
     return store.create(record)
 
 
-async def wait_for(predicate: Callable[[], Awaitable[Any]], what: str, timeout_s: float = TIMEOUT_S) -> Any:
+async def wait_for(predicate: Callable[[], Any], what: str, timeout_s: float = TIMEOUT_S) -> Any:
+    """Poll `predicate` (plain or async) until it is truthy; fail after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
-        value = await predicate()
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
@@ -227,15 +224,8 @@ async def until_ended(store: JobStore, job_id: str, *runners: JobRunner) -> JobR
 
     rec = await wait_for(ended, f"job {job_id} to end")
 
-    async def released() -> bool:
-        return all(job_id not in r.running for r in runners)
-
-    await wait_for(released, f"runners to let go of {job_id}")
+    await wait_for(lambda: all(job_id not in r.running for r in runners), f"runners to let go of {job_id}")
     return rec
-
-
-async def true_when(flag: Callable[[], bool]) -> bool:
-    return flag()
 
 
 def run(coro: Awaitable[None]) -> None:
@@ -360,7 +350,7 @@ def test_cancel_requested_elsewhere_is_seen_at_the_heartbeat(store: JobStore) ->
         runner = JobRunner(store, pipeline, jobs_config(), owner="ingress-a")
         try:
             runner.submit(job.id)
-            await wait_for(lambda: true_when(pipeline.started.is_set), "the chain to start")
+            await wait_for(pipeline.started.is_set, "the chain to start")
 
             def request_cancel(rec: JobRecord) -> JobRecord:
                 rec.cancel_requested = True
@@ -387,10 +377,10 @@ def test_delete_while_running_cancels_the_chain_and_does_not_retry(store: JobSto
         service = VideoService(AppConfig(s3=s3_config, jobs=cfg), store, store.storage, runner)
         try:
             runner.submit(job.id)
-            await wait_for(lambda: true_when(pipeline.started.is_set), "the chain to start")
+            await wait_for(pipeline.started.is_set, "the chain to start")
             deleted = await service.delete(job.id)
             assert deleted.id == job.id and deleted.deleted
-            await wait_for(lambda: true_when(lambda: job.id not in runner.running), "the runner to let go")
+            await wait_for(lambda: job.id not in runner.running, "the runner to let go")
             # a few heartbeats later: still one call, nothing was retried or resurrected
             await asyncio.sleep(3 * cfg.heartbeat_s)
             assert await runner.reclaim_once() == []
@@ -420,7 +410,7 @@ def test_dead_ingress_job_is_taken_over_after_its_lease_expires(store: JobStore)
         runner_b = JobRunner(store, finish, cfg, owner="ingress-b", clock=b_clock)
         try:
             ingress_a.call(runner_a.submit, job.id)
-            await wait_for(lambda: true_when(hang.started.is_set), "A's chain to start")
+            await wait_for(hang.started.is_set, "A's chain to start")
             first = await read(store, job.id)
             assert first is not None and first.lease_owner == "ingress-a" and first.attempts == 1
 
@@ -463,7 +453,7 @@ def test_stopped_ingress_hands_its_job_over_at_once(store: JobStore) -> None:
         runner_b = JobRunner(store, finish, cfg, owner="ingress-b")
         try:
             runner_a.submit(job.id)
-            await wait_for(lambda: true_when(hang.started.is_set), "A's chain to start")
+            await wait_for(hang.started.is_set, "A's chain to start")
             assert await runner_b.reclaim_once() == []  # A holds it
             await runner_a.stop()  # graceful shutdown: the chain is cancelled and the lease given back
             assert hang.cancelled == 1
@@ -492,15 +482,15 @@ def test_replica_that_lost_its_lease_starts_no_new_attempt(store: JobStore) -> N
         runner_b = JobRunner(store, b_pipeline, jobs_config(), owner="ingress-b", clock=b_clock)
         try:
             runner_a.submit(job.id)
-            await wait_for(lambda: true_when(a_pipeline.started.is_set), "A's chain to start")
+            await wait_for(a_pipeline.started.is_set, "A's chain to start")
             held = await read(store, job.id)
             assert held is not None and held.lease_expires_at is not None
             b_clock.t = held.lease_expires_at + 0.01
             assert await runner_b.reclaim_once() == [job.id]
-            await wait_for(lambda: true_when(b_pipeline.started.is_set), "B's chain to start")
+            await wait_for(b_pipeline.started.is_set, "B's chain to start")
 
             a_pipeline.fail_now.set()
-            await wait_for(lambda: true_when(lambda: job.id not in runner_a.running or a_pipeline.calls > 1),
+            await wait_for(lambda: job.id not in runner_a.running or a_pipeline.calls > 1,
                            "A to stop or retry")
             rec = await read(store, job.id)
         finally:
