@@ -105,6 +105,11 @@ class Storage:
     def from_config(cls, cfg: S3Config) -> Storage:
         return cls(cfg)
 
+    @property
+    def client(self) -> Any:
+        """The configured boto3 S3 client (endpoint, SigV4, retries), e.g. for downloading model weights."""
+        return self._client
+
     def _make_client(self, total_max_attempts: int) -> Any:
         cfg = self.cfg
         if cfg.endpoint_url or "." in cfg.bucket:

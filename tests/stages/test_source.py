@@ -74,3 +74,26 @@ def test_s3_empty_prefix_is_an_error(tmp_path):
             resolve_model_source("s3://no-such-bucket-here/x", str(tmp_path), s3_client=s3)
     # Nothing half-written is left behind.
     assert not any(p.is_file() for p in (tmp_path / "s3").rglob("*"))
+
+
+def test_stage_loads_from_an_s3_prefix_through_the_configured_endpoint(tiny_models, s3_config, tmp_path):
+    """The replica path: `load_stage` resolves s3:// with the service's own S3 settings, then from_pretrained."""
+    from serve.config import AppConfig, ModelConfig
+    from serve.stages.runtime import load_stage
+    from serve.stages.text_encoding import TextEncodingStage
+    from serve.storage import Storage
+
+    storage = Storage.from_config(s3_config)
+    storage.ensure_bucket()
+    root = tiny_models["2b"]
+    for path in root.rglob("*"):
+        if path.is_file():
+            storage.put_bytes(f"weights/tiny-2b/{path.relative_to(root)}", path.read_bytes(),
+                              "application/octet-stream")
+    model = ModelConfig(source=f"s3://{s3_config.bucket}/weights/tiny-2b", family="cogvideox-2b", device="cpu",
+                        cache_dir=str(tmp_path / "cache"))
+    stage = load_stage(TextEncodingStage, AppConfig(model=model, s3=s3_config), text_encoder=True)
+    emb = stage.encode("a cat", None, do_cfg=True)
+    reference = TextEncodingStage.from_pretrained(str(root)).encode("a cat", None, do_cfg=True)
+    assert (emb.positive == reference.positive).all() and (emb.negative == reference.negative).all()
+    assert any((tmp_path / "cache").rglob(COMPLETE_MARKER))

@@ -13,7 +13,7 @@ from serve.storage import Storage
 @pytest.fixture(scope="session")
 def s3_client(s3_server: str) -> Any:
     """Building a boto3 client costs ~0.1 s of CPU; tests that only need a fresh bucket share this one."""
-    return Storage.from_config(S3Config(endpoint_url=s3_server))._client
+    return Storage.from_config(S3Config(endpoint_url=s3_server)).client
 
 
 @pytest.fixture

@@ -228,6 +228,17 @@ async def until_ended(store: JobStore, job_id: str, *runners: JobRunner) -> JobR
     return rec
 
 
+async def drive_to_end(store: JobStore, pipeline, cfg: JobsConfig) -> JobRecord:
+    """Submit a fresh job to one runner and return its record once it has ended."""
+    job = make_job(store)
+    runner = JobRunner(store, pipeline, cfg, owner="ingress-a")
+    try:
+        runner.submit(job.id)
+        return await until_ended(store, job.id, runner)
+    finally:
+        await runner.stop()
+
+
 def run(coro: Awaitable[None]) -> None:
     asyncio.run(coro)  # type: ignore[arg-type]
 
@@ -273,14 +284,8 @@ def test_queued_job_is_driven_to_completed(store: JobStore) -> None:
 
 def test_failing_chain_is_retried_as_a_whole_until_it_succeeds(store: JobStore) -> None:
     async def main() -> None:
-        job = make_job(store)
         pipeline = FailsThenSucceeds(failures=2)
-        runner = JobRunner(store, pipeline, jobs_config(max_attempts=3), owner="ingress-a")
-        try:
-            runner.submit(job.id)
-            rec = await until_ended(store, job.id, runner)
-        finally:
-            await runner.stop()
+        rec = await drive_to_end(store, pipeline, jobs_config(max_attempts=3))
         assert rec.status == "completed" and rec.error is None
         assert rec.attempts == 3 and pipeline.calls == 3
 
@@ -289,14 +294,8 @@ def test_failing_chain_is_retried_as_a_whole_until_it_succeeds(store: JobStore) 
 
 def test_always_failing_chain_fails_after_max_attempts(store: JobStore) -> None:
     async def main() -> None:
-        job = make_job(store)
         pipeline = AlwaysFails()
-        runner = JobRunner(store, pipeline, jobs_config(max_attempts=3), owner="ingress-a")
-        try:
-            runner.submit(job.id)
-            rec = await until_ended(store, job.id, runner)
-        finally:
-            await runner.stop()
+        rec = await drive_to_end(store, pipeline, jobs_config(max_attempts=3))
         assert rec.status == "failed" and rec.result is None
         assert rec.error is not None and rec.error.code == "replica_died"
         assert "Denoiser" in rec.error.message and "3 attempts" in rec.error.message
@@ -309,14 +308,8 @@ def test_always_failing_chain_fails_after_max_attempts(store: JobStore) -> None:
 
 def test_non_retryable_error_fails_after_one_attempt(store: JobStore) -> None:
     async def main() -> None:
-        job = make_job(store)
         pipeline = RejectsRequest()
-        runner = JobRunner(store, pipeline, jobs_config(max_attempts=3), owner="ingress-a")
-        try:
-            runner.submit(job.id)
-            rec = await until_ended(store, job.id, runner)
-        finally:
-            await runner.stop()
+        rec = await drive_to_end(store, pipeline, jobs_config(max_attempts=3))
         assert rec.status == "failed" and rec.attempts == 1 and pipeline.calls == 1
         assert rec.error is not None and rec.error.model_dump() == {
             "code": "prompt_too_long", "message": "the prompt encodes to more than 226 tokens"}
@@ -326,14 +319,8 @@ def test_non_retryable_error_fails_after_one_attempt(store: JobStore) -> None:
 
 def test_attempt_timeout_cancels_the_chain_and_counts_as_a_failed_attempt(store: JobStore) -> None:
     async def main() -> None:
-        job = make_job(store)
         pipeline = Hangs()
-        runner = JobRunner(store, pipeline, jobs_config(max_attempts=2, attempt_timeout_s=0.2), owner="ingress-a")
-        try:
-            runner.submit(job.id)
-            rec = await until_ended(store, job.id, runner)
-        finally:
-            await runner.stop()
+        rec = await drive_to_end(store, pipeline, jobs_config(max_attempts=2, attempt_timeout_s=0.2))
         assert rec.status == "failed" and rec.error is not None and rec.error.code == "stage_timeout"
         assert rec.attempts == 2 and pipeline.calls == 2 and pipeline.cancelled == 2
 
