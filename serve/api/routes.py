@@ -122,6 +122,10 @@ def create_app(service: VideoService, api: ApiConfig,
             response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
         return video
 
+    @app.post("/v1/videos/{video_id}/cancel", response_model=Video, responses=_ERRORS)
+    async def cancel_video(video_id: str, tenant: Tenant) -> Video:
+        return await service.cancel(video_id, tenant)
+
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses=_ERRORS)
     async def delete_video(video_id: str, tenant: Tenant) -> VideoDeleted:
         return await service.delete(video_id, tenant)

@@ -93,6 +93,9 @@ def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig)
     if not 0 <= seed <= MAX_SEED:
         raise _bad("seed", f"seed must be 0..{MAX_SEED}, got {seed}")
     dynamic = preset.use_dynamic_cfg if req.use_dynamic_cfg is None else req.use_dynamic_cfg
+    if req.deadline_seconds is not None and not (math.isfinite(req.deadline_seconds)
+                                                 and 1 <= req.deadline_seconds <= 7 * 24 * 3600):
+        raise _bad("deadline_seconds", f"deadline_seconds must be 1..604800, got {req.deadline_seconds}")
 
     return {
         "negative_prompt": req.negative_prompt,

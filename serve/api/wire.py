@@ -24,6 +24,9 @@ class CreateVideoRequest(BaseModel):
     use_dynamic_cfg: bool | None = Field(default=None, description="CogVideoX's cosine CFG schedule.")
     num_frames: int | None = Field(default=None, description="8N+1 (16N+1 for CogVideoX1.5).")
     fps: int | None = Field(default=None, description="Frames per second of the mp4.")
+    deadline_seconds: float | None = Field(
+        default=None, description="Give up (status failed, code deadline_exceeded) this long after submission.")
+    webhook_url: str | None = Field(default=None, description="POSTed signed video.* events for this job.")
 
 
 class VideoError(BaseModel):
@@ -59,6 +62,7 @@ class Video(BaseModel):
     use_dynamic_cfg: bool
     negative_prompt: str | None = None
     attempts: int = 0
+    deadline_at: int | None = Field(default=None, description="Unix seconds after which the job fails.")
     video_url: str | None = Field(default=None, description="Fresh presigned URL of the mp4 (completed only).")
     thumbnail_url: str | None = Field(default=None, description="Fresh presigned URL of the cover JPEG.")
     url_expires_at: int | None = None

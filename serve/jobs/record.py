@@ -113,6 +113,8 @@ class JobRecord(BaseModel):
     lease_expires_at: float | None = Field(default=None, description="Unix seconds; past it anyone may take over.")
     cancel_requested: bool = False
     deleted: bool = False
+    deadline_at: float | None = Field(default=None, description="Unix seconds; the job fails past it.")
+    webhook_url: str | None = Field(default=None, description="Where video.* events for this job are sent.")
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
     version: int = Field(default=0, ge=0, description="Bumped by the store on every write.")
     updated_at: float = Field(default=0.0, description="Unix seconds of the last write.")

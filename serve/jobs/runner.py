@@ -148,6 +148,10 @@ class JobRunner:
                 await self._finish(job_id, "cancelled", error={"code": "cancelled",
                                                                "message": "the job was cancelled"})
                 return
+            if job.deadline_at is not None and self._clock() >= job.deadline_at:
+                await self._finish(job_id, "failed", error={
+                    "code": "deadline_exceeded", "message": "the job did not finish before its deadline"})
+                return
             if job.attempts >= self._cfg.max_attempts:
                 code, message = error
                 await self._finish(job_id, "failed", error={
@@ -162,7 +166,10 @@ class JobRunner:
             attempt = asyncio.get_running_loop().create_task(self._pipeline.run(job))
             self._attempts[job_id] = attempt
             try:
-                out = await asyncio.wait_for(attempt, self._cfg.attempt_timeout_s)
+                timeout = self._cfg.attempt_timeout_s
+                if job.deadline_at is not None:
+                    timeout = max(0.0, min(timeout, job.deadline_at - self._clock()))
+                out = await asyncio.wait_for(attempt, timeout)
             except asyncio.CancelledError:
                 if asyncio.current_task().cancelling():  # type: ignore[union-attr]
                     raise  # the runner itself is being stopped

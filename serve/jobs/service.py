@@ -15,7 +15,7 @@ from serve.api.errors import ApiError
 from serve.api.validation import resolve_request
 from serve.api.wire import CreateVideoRequest, Video, VideoDeleted, VideoError, VideoList
 from serve.config import AppConfig
-from serve.jobs.record import JobRecord, is_job_id, new_job_id, stage_progress
+from serve.jobs.record import JobError, JobRecord, is_job_id, new_job_id, stage_progress
 from serve.jobs.runner import JobRunner
 from serve.jobs.store import JobStore
 from serve.storage import NotFound, Storage
@@ -57,6 +57,7 @@ class VideoService:
             id=new_job_id(int(now * 1000)), tenant=tenant, status="queued", progress=0, stage="queued",
             step=0, total_steps=params["num_inference_steps"], created_at=int(now), model=self._config.model.name,
             prompt=req.prompt, params=params, updated_at=now,
+            deadline_at=now + req.deadline_seconds if req.deadline_seconds else None,
         )
         job = await asyncio.to_thread(self._store.create, job)
         self._runner.submit(job.id)
@@ -108,6 +109,26 @@ class VideoService:
                            code="not_found") from None
         return data, "video/mp4" if variant == "video" else "image/jpeg"
 
+    # -- cancel ----------------------------------------------------------------------------------
+    async def cancel(self, job_id: str, tenant: str = "default") -> Video:
+        """Stop the job at the next stage boundary or denoising step; it ends `cancelled`."""
+        job = await self._load(job_id, tenant)
+        if job.is_terminal:
+            raise ApiError(409, f"video {job_id} already ended ({job.status}); nothing to cancel",
+                           param="video_id", code="invalid_state")
+
+        def request(rec: JobRecord) -> JobRecord | None:
+            if rec.is_terminal or rec.cancel_requested:
+                return None
+            return rec.model_copy(update={"cancel_requested": True, "updated_at": self._clock()})
+
+        await asyncio.to_thread(self._store.update, job_id, request)
+        if not self._runner.cancel_local(job_id):
+            # nobody here drives it: end it now if nobody holds it (queued), else its owner's heartbeat will
+            await asyncio.to_thread(self._store.finish, job_id, None, "cancelled",
+                                    error=JobError(code="cancelled", message="the job was cancelled"))
+        return await self.get(job_id, tenant)
+
     # -- delete ----------------------------------------------------------------------------------
     async def delete(self, job_id: str, tenant: str = "default") -> VideoDeleted:
         """Delete the job and its objects; a running chain is cancelled (its owner loses the lease)."""
@@ -139,5 +160,5 @@ class VideoService:
             total_steps=job.total_steps, num_frames=p["num_frames"], fps=p["fps"], seed=p["seed"],
             num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"],
             use_dynamic_cfg=p["use_dynamic_cfg"], negative_prompt=p.get("negative_prompt"),
-            attempts=job.attempts, **urls,
+            attempts=job.attempts, deadline_at=int(job.deadline_at) if job.deadline_at else None, **urls,
         )

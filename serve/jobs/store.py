@@ -243,6 +243,9 @@ class JobStore:
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"finish needs a terminal status {sorted(TERMINAL_STATUSES)}, got {status!r}")
 
+        # how far the chain got (the side channel is removed below): a cancelled or failed job shows its step
+        last = self.get_progress(job_id) if status != "completed" else None
+
         def end(rec: JobRecord) -> JobRecord:
             t = self._now()
             if rec.is_terminal or rec.deleted:
@@ -257,6 +260,9 @@ class JobStore:
                 rec.expires_at = int(t) + self.retention_s
             if status == "completed":
                 rec.progress = 100
+                rec.step = rec.total_steps
+            elif last is not None and (last.attempt is None or last.attempt == rec.attempts):
+                rec.stage, rec.step = last.stage, last.step
             rec.error = error
             rec.result = result
             if timings:

@@ -92,3 +92,32 @@ def test_delete_cancels_the_denoising_loop_and_frees_the_replica(cluster):
         short = http.post("/v1/videos", json={"prompt": "quick", "num_inference_steps": 2}).json()["id"]
         done = wait_for(http, short, lambda v: v["status"] in TERMINAL, timeout_s=120)
         assert done["status"] == "completed"
+
+
+def test_cancel_stops_the_denoiser_within_a_step_and_the_job_ends_cancelled(cluster):
+    storage = cluster.storage
+    with api(cluster) as http:
+        job_id = http.post("/v1/videos", json=LONG).json()["id"]
+        wait_for(http, job_id, in_denoising, timeout_s=240)
+        r = http.post(f"/v1/videos/{job_id}/cancel")
+        assert r.status_code == 200, r.text
+        at_cancel = r.json()["step"]
+        done = wait_for(http, job_id, lambda v: v["status"] in TERMINAL, timeout_s=60)
+        assert done["status"] == "cancelled" and done["error"]["code"] == "cancelled"
+        # stopped at the next step (+1 for the progress write that may trail the loop by a step)
+        assert done["step"] <= at_cancel + 2 < done["total_steps"]
+        assert not storage.exists(storage.key("videos", f"{job_id}.mp4"))
+        # cancelling again is a clear 409, and the Denoiser is free for the next job
+        again = http.post(f"/v1/videos/{job_id}/cancel")
+        assert again.status_code == 409 and again.json()["error"]["code"] == "invalid_state"
+        short = http.post("/v1/videos", json={"prompt": "next", "num_inference_steps": 2}).json()["id"]
+        assert wait_for(http, short, lambda v: v["status"] in TERMINAL)["status"] == "completed"
+
+
+def test_deadline_fails_the_job_and_frees_the_denoiser(cluster):
+    with api(cluster) as http:
+        job_id = http.post("/v1/videos", json={**LONG, "deadline_seconds": 2}).json()["id"]
+        done = wait_for(http, job_id, lambda v: v["status"] in TERMINAL, timeout_s=60)
+        assert done["status"] == "failed" and done["error"]["code"] == "deadline_exceeded", done
+        short = http.post("/v1/videos", json={"prompt": "after deadline", "num_inference_steps": 2}).json()["id"]
+        assert wait_for(http, short, lambda v: v["status"] in TERMINAL)["status"] == "completed"
