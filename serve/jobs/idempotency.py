@@ -6,7 +6,7 @@ claimers win; the others read the winner's claim and answer with its job ("repla
 winner is still between its claim and its record. Keys are scoped per tenant; the same key with another body is 422.
 
 S3 layout under the configured prefix:
-    idempotency/<tenant>/<sha256(key)>.json   {"version", "body_hash", "job_id", "created_at"}
+    idempotency/<tenant>/<sha256(key)>.json   {"version", "body_hash", "job_id", "created_at", "nonce"}
 
 A claim older than `ttl_s` is void: the key may then be reused (for any body). A claim older than `takeover_after_s`
 whose job record does not exist belongs to a winner that died between claim and record (or to a job since deleted):
@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import re
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -123,8 +124,10 @@ class IdempotencyStore:
         return self.storage.key("idempotency", tenant, f"{_key_digest(validate_key(key))}.json")
 
     def _record(self, body: str, job_id: str) -> bytes:
-        return json.dumps({"version": 1, "body_hash": body, "job_id": job_id, "created_at": self._now()},
-                          separators=(",", ":")).encode()
+        # The ETag is the content's MD5: a nonce makes every write a new ETag, so `put_if_match` never mistakes a
+        # rewrite with the same fields (same clock reading) for the version it read.
+        return json.dumps({"version": 1, "body_hash": body, "job_id": job_id, "created_at": self._now(),
+                           "nonce": secrets.token_hex(8)}, separators=(",", ":")).encode()
 
     # -- the primitive --------------------------------------------------------------------------
     def claim(self, tenant: str, key: str, body: str, new_job_id: str) -> Claim:
