@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 import uuid
 from typing import Any
 
@@ -52,31 +54,71 @@ class RayPipeline:
 class Ingress:
     async def __init__(self, config: AppConfig, text_encoder: DeploymentHandle, denoiser: DeploymentHandle,
                        vae_decoder: DeploymentHandle) -> None:
+        from deployments.limiter import RayLimiter
+        from serve.jobs.admission import Admission, JobEnd
+        from serve.jobs.idempotency import IdempotencyStore
         from serve.jobs.runner import JobRunner
         from serve.jobs.service import VideoService
         from serve.jobs.store import JobStore
+        from serve.limits import LocalLimiter
+        from serve.safety import PromptPolicy
         from serve.storage import Storage
+        from serve.tenancy.keys import keyring_from_config
+        from serve.usage import UsageLedger
+        from serve.webhooks import WebhookSecrets, WebhookSender
 
         self._config = config
         self._storage = Storage.from_config(config.s3)
         if config.s3.create_bucket:
             await asyncio.to_thread(self._storage.ensure_bucket)
-        store = JobStore.from_config(self._storage, config.jobs)
+        self._store = store = JobStore.from_config(self._storage, config.jobs)
+        # fail the deployment, not every request, on a keys file naming plans the config lacks
+        self._keyring = keyring_from_config(config.keys, [k.get_secret_value() for k in config.api.api_keys])
+        missing = self._keyring.plans_in_use() - set(config.plans.plans)
+        if missing:
+            raise ValueError(f"API keys use plans missing from `plans`: {sorted(missing)}")
+        # one limiter state for every ingress replica (a detached actor), rebuilt from S3 when it restarts
+        self._limiter = RayLimiter.connect(config.limits) if config.limits.enabled else LocalLimiter(config.limits)
+        self._ledger = UsageLedger(self._storage, config.usage.read_concurrency)
+        self._policy = PromptPolicy(config.safety)
+        self._webhooks = (WebhookSender(config.webhooks, WebhookSecrets.from_config(config.webhooks))
+                          if config.webhooks.enabled else None)
+        admission = Admission(config, store, self._limiter, self._policy,
+                              IdempotencyStore.from_config(self._storage, config.idempotency), self._webhooks)
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a replica (tests)
             replica = "local"
         owner = f"ingress-{replica}-{uuid.uuid4().hex[:8]}"
         self._runner = JobRunner(store, RayPipeline(text_encoder, denoiser, vae_decoder), config.jobs, owner)
-        self.service = VideoService(config, store, self._storage, self._runner)
+        self.service = VideoService(config, store, self._storage, self._runner, admission, self._ledger)
+        self._runner.on_finished = JobEnd(config, self._limiter, self._ledger, self._webhooks, self.service.to_wire)
         self._runner.start()
+        loop = asyncio.get_running_loop()
         # resume what a previous incarnation of the app left behind, without waiting for the first scan
-        asyncio.get_running_loop().create_task(self._runner.reclaim_once())
+        loop.create_task(self._runner.reclaim_once())
+        self._reconciler = loop.create_task(self._reconcile_loop())
+
+    async def _reconcile_loop(self) -> None:
+        """Rebuild the shared limiter from S3 when it is new (actor restart) and every reconcile_interval_s."""
+        from serve.jobs.admission import reconcile_limits
+
+        last = 0.0
+        while True:
+            try:
+                due = time.time() - last >= self._config.limits.reconcile_interval_s * (0.8 + 0.4 * random.random())
+                if due or await self._limiter.needs_reconcile():
+                    now = time.time()
+                    await reconcile_limits(self._store, self._ledger, self._limiter, now)
+                    last = now
+            except Exception:  # noqa: BLE001 - retried on the next tick
+                log.warning("limiter reconcile failed", exc_info=True)
+            await asyncio.sleep(5)
 
     def __serve_build_asgi_app__(self):
         from serve.api.routes import create_app
 
-        return create_app(self.service, self._config.api, self.readiness)
+        return create_app(self.service, self._config, self.readiness, self._keyring)
 
     async def readiness(self) -> dict[str, Any]:
         checks: dict[str, Any] = {}
@@ -99,4 +141,8 @@ class Ingress:
         return checks
 
     async def __del__(self) -> None:
+        self._reconciler.cancel()
         await self._runner.stop()
+        if self._webhooks is not None:
+            await self._webhooks.aclose()
+        self._policy.close()

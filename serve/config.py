@@ -14,7 +14,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from serve.limits import LimitsConfig
 from serve.presets import FAMILIES, Family, Preset, preset_for
+from serve.safety import SafetyConfig
+from serve.tenancy.keys import KeysConfig
+from serve.tenancy.plans import PlansConfig
+from serve.webhooks import WebhookConfig
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
@@ -121,6 +126,33 @@ class ApiConfig(_Strict):
     default_page_limit: int = Field(default=20, ge=1, le=100)
 
 
+class IdempotencyConfig(_Strict):
+    """`idempotency:` — how long an Idempotency-Key maps to its job (records in S3, per tenant)."""
+
+    ttl_s: int = Field(default=24 * 3600, gt=0, description="How long a key maps to its job; then it may be reused.")
+    replay_wait_s: float = Field(
+        default=2.0, ge=0,
+        description="How long a retry waits for the first request's job record before answering 409 "
+                    "`idempotency_key_in_use` (the first request is still being processed).")
+    takeover_after_s: float = Field(
+        default=30.0, gt=0,
+        description="A claim this old whose job record is missing (its request died before writing it) is taken "
+                    "over by the next retry. Keep it well above the time from claim to job record.")
+    poll_s: float = Field(default=0.1, gt=0, description="Poll interval while a retry waits for the job record.")
+
+
+class UsageConfig(_Strict):
+    """`usage:` — usage records for billing (GPU-seconds per stage of completed jobs)."""
+
+    enabled: bool = Field(default=True, description="Write usage records and serve GET /v1/usage.")
+    gpus_per_stage: dict[str, float] | None = Field(
+        default=None,
+        description="GPUs billed per stage replica (text_encoder/denoiser/vae_decoder); default: each stage "
+        "deployment's ray_actor_options.num_gpus.")
+    max_range_days: int = Field(default=92, ge=1, le=366, description="Longest period GET /v1/usage accepts.")
+    read_concurrency: int = Field(default=16, ge=1, le=128, description="Parallel S3 GETs while summarising.")
+
+
 class AutoscalingConfig(_Strict):
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
@@ -186,6 +218,13 @@ class AppConfig(_Strict):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
+    keys: KeysConfig = Field(default_factory=KeysConfig, description="Tenant API keys (hashed keys file).")
+    plans: PlansConfig = Field(default_factory=PlansConfig, description="Per-plan limits and cost ceilings.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Rate, concurrency, quota, overload.")
+    idempotency: IdempotencyConfig = Field(default_factory=IdempotencyConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig, description="Prompt policy before any GPU work.")
+    webhooks: WebhookConfig = Field(default_factory=WebhookConfig, description="Signed video.* events.")
+    usage: UsageConfig = Field(default_factory=UsageConfig)
 
     @field_validator("model")
     @classmethod

@@ -11,7 +11,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +76,8 @@ def _param_of(loc: tuple[Any, ...]) -> str | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    from serve.storage import StorageError  # here, not at import: storage -> config -> feature configs -> errors
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()

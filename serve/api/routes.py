@@ -1,6 +1,6 @@
 """HTTP routes (FastAPI): auth, body parsing (JSON or multipart) and mapping to `VideoService` calls.
 
-(No `from __future__ import annotations` here: FastAPI resolves the `Tenant` dependency alias, local to
+(No `from __future__ import annotations` here: FastAPI resolves the `Caller` dependency alias, local to
 `create_app`, from the evaluated annotations.)
 
 `create_app` is a factory so each ingress replica builds its own app around its own service (no
@@ -8,7 +8,6 @@ module-global app), and unit tests build one around a fake pipeline.
 """
 
 
-import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
@@ -19,32 +18,29 @@ from pydantic import ValidationError
 
 from serve.api.errors import ApiError, ErrorEnvelope, install_error_handlers
 from serve.api.wire import CreateVideoRequest, Video, VideoDeleted, VideoList
-from serve.config import ApiConfig
+from serve.config import AppConfig
 from serve.jobs.service import VideoService
+from serve.tenancy.keys import KeyRing, Principal, keyring_from_config
+from serve.usage import UsageResponse
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorEnvelope} for code in (400, 401, 404, 409, 422, 500, 503)
+    code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 409, 415, 422, 429, 500, 503)
 }
 POLL_AFTER_MS = "1000"
 
 
-def _auth_dependency(api: ApiConfig) -> Callable[[Request], str]:
-    keys = [k.get_secret_value().encode() for k in api.api_keys]
-
-    def authenticate(request: Request) -> str:
+def _auth_dependency(keyring: KeyRing) -> Callable[[Request], Principal]:
+    # a plain `def`: the key ring's once-a-second reload check stats a file, so FastAPI runs it in a thread
+    def authenticate(request: Request) -> Principal:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
-        supplied = token.strip().encode()
-        # compare against every key so the time taken does not reveal which prefix matched
-        ok = False
-        for key in keys:
-            ok |= hmac.compare_digest(supplied, key)
-        if not ok:
+        principal = keyring.authenticate(token.strip())
+        if principal is None:
             raise ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        return "default"
+        return principal
 
     return authenticate
 
@@ -85,12 +81,15 @@ async def _parse_create(request: Request) -> CreateVideoRequest:
         raise ApiError(400, msg, param=param, code="invalid_value") from None
 
 
-def create_app(service: VideoService, api: ApiConfig,
-               readiness: Callable[[], Awaitable[dict[str, Any]]]) -> FastAPI:
+def create_app(service: VideoService, config: AppConfig, readiness: Callable[[], Awaitable[dict[str, Any]]],
+               keyring: KeyRing | None = None) -> FastAPI:
+    """The HTTP app of one ingress replica. `keyring` defaults to the one `config.keys` describes."""
+    if keyring is None:
+        keyring = keyring_from_config(config.keys, [k.get_secret_value() for k in config.api.api_keys])
     app = FastAPI(title="videogen-serve", version="0.1.0",
                   description="Text to video with CogVideoX; OpenAI Videos API shape.")
     install_error_handlers(app)
-    Tenant = Annotated[str, Depends(_auth_dependency(api))]
+    Caller = Annotated[Principal, Depends(_auth_dependency(keyring))]
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -104,37 +103,46 @@ def create_app(service: VideoService, api: ApiConfig,
                             content={"status": "ready" if ready else "not_ready", "checks": checks})
 
     @app.post("/v1/videos", response_model=Video, responses=_ERRORS)
-    async def create_video(request: Request, tenant: Tenant, response: Response) -> Video:
+    async def create_video(request: Request, caller: Caller, response: Response) -> Video:
         req = await _parse_create(request)
+        headers: dict[str, str] = {}
+        video = await service.create(req, caller, request.headers.get("idempotency-key"), headers)
+        response.headers.update(headers)
         response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
-        return await service.create(req, tenant)
+        return video
 
     @app.get("/v1/videos", response_model=VideoList, responses=_ERRORS)
-    async def list_videos(tenant: Tenant, after: str | None = None,
+    async def list_videos(caller: Caller, after: str | None = None,
                           limit: Annotated[int | None, Query(description="1..100; default from config")] = None,
                           order: Literal["asc", "desc"] = "desc") -> VideoList:
-        return await service.list(after, api.default_page_limit if limit is None else limit, order, tenant)
+        return await service.list(after, config.api.default_page_limit if limit is None else limit, order,
+                                  caller.tenant)
 
     @app.get("/v1/videos/{video_id}", response_model=Video, responses=_ERRORS)
-    async def get_video(video_id: str, tenant: Tenant, response: Response) -> Video:
-        video = await service.get(video_id, tenant)
+    async def get_video(video_id: str, caller: Caller, response: Response) -> Video:
+        video = await service.get(video_id, caller.tenant)
         if video.status in ("queued", "in_progress"):
             response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
         return video
 
     @app.post("/v1/videos/{video_id}/cancel", response_model=Video, responses=_ERRORS)
-    async def cancel_video(video_id: str, tenant: Tenant) -> Video:
-        return await service.cancel(video_id, tenant)
+    async def cancel_video(video_id: str, caller: Caller) -> Video:
+        return await service.cancel(video_id, caller.tenant)
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses=_ERRORS)
-    async def delete_video(video_id: str, tenant: Tenant) -> VideoDeleted:
-        return await service.delete(video_id, tenant)
+    async def delete_video(video_id: str, caller: Caller) -> VideoDeleted:
+        return await service.delete(video_id, caller.tenant)
 
     @app.get("/v1/videos/{video_id}/content", responses=_ERRORS)
-    async def video_content(video_id: str, tenant: Tenant, variant: str = "video") -> Response:
-        data, media_type = await service.content(video_id, variant, tenant)
+    async def video_content(video_id: str, caller: Caller, variant: str = "video") -> Response:
+        data, media_type = await service.content(video_id, variant, caller.tenant)
         ext = "mp4" if media_type == "video/mp4" else "jpg"
         return Response(content=data, media_type=media_type,
                         headers={"Content-Disposition": f'attachment; filename="{video_id}.{ext}"'})
+
+    @app.get("/v1/usage", response_model=UsageResponse, responses=_ERRORS)
+    async def usage(caller: Caller, start: str | None = None, end: str | None = None) -> UsageResponse:
+        """The caller's own usage: GPU-seconds per stage and output seconds of completed jobs, per UTC day."""
+        return await service.usage(caller.tenant, start, end)
 
     return app

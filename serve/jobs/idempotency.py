@@ -30,6 +30,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.api.errors import ApiError
+from serve.config import IdempotencyConfig  # noqa: F401 - defined with the other config models (import order)
 from serve.jobs.record import TENANT_PATTERN
 from serve.storage import NotFound, PreconditionFailed, Storage
 
@@ -40,19 +41,6 @@ _CLAIM_ROUNDS = 5  # claim records vanishing under us this often in a row means 
 J = TypeVar("J")
 
 
-class IdempotencyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    ttl_s: int = Field(default=24 * 3600, gt=0, description="How long a key maps to its job; then it may be reused.")
-    replay_wait_s: float = Field(
-        default=2.0, ge=0,
-        description="How long a retry waits for the first request's job record before answering 409 "
-                    "`idempotency_key_in_use` (the first request is still being processed).")
-    takeover_after_s: float = Field(
-        default=30.0, gt=0,
-        description="A claim this old whose job record is missing (its request died before writing it) is taken "
-                    "over by the next retry. Keep it well above the time from claim to job record.")
-    poll_s: float = Field(default=0.1, gt=0, description="Poll interval while a retry waits for the job record.")
 
 
 @dataclass(frozen=True)

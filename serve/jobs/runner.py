@@ -17,12 +17,13 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from serve.config import JobsConfig
 from serve.jobs.record import JobError, JobRecord, JobResult, job_created_ms
 from serve.jobs.store import JobStore
+from serve.limits import FairQueue
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
 
 class JobRunner:
     def __init__(self, store: JobStore, pipeline: Pipeline, cfg: JobsConfig, owner: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_finished: Callable[[JobRecord], Awaitable[None]] | None = None) -> None:
         self._store = store
         self._pipeline = pipeline
         self._cfg = cfg
@@ -75,7 +77,11 @@ class JobRunner:
         self._attempts: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._reclaimer: asyncio.Task[None] | None = None
         self._finishing: set[str] = set()
-        self._slots = asyncio.Semaphore(cfg.max_concurrent_per_replica)
+        # accepted jobs wait here, per tenant, for one of `max_concurrent_per_replica` chain slots:
+        # round-robin across tenants, so one tenant's burst does not delay another's single job
+        self._queue = FairQueue()
+        self.on_finished = on_finished
+        self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -84,6 +90,7 @@ class JobRunner:
 
     async def stop(self) -> None:
         """Stop driving jobs and hand their leases back, so another replica takes them over at once."""
+        self._stopping = True
         held = list(self._tasks)
         tasks = [t for t in [self._reclaimer, *self._tasks.values()] if t is not None]
         for t in tasks:
@@ -103,16 +110,38 @@ class JobRunner:
     def running(self) -> set[str]:
         return set(self._tasks)
 
-    def submit(self, job_id: str) -> None:
-        """Start driving `job_id` here unless this replica already does."""
-        if job_id in self._tasks:
+    def submit(self, job_id: str, tenant: str = "default") -> None:
+        """Queue `job_id` to be driven here (fairly among tenants) unless this replica already has it."""
+        if job_id in self._tasks or job_id in self._queue:
             return
-        task = asyncio.get_running_loop().create_task(self._drive(job_id), name=f"job-{job_id}")
-        self._tasks[job_id] = task
-        task.add_done_callback(lambda _t, j=job_id: self._tasks.pop(j, None))
+        self._queue.push(tenant, job_id)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while not self._stopping and len(self._tasks) < self._cfg.max_concurrent_per_replica:
+            job_id = self._queue.pop()
+            if job_id is None:
+                return
+            task = asyncio.get_running_loop().create_task(self._drive(job_id), name=f"job-{job_id}")
+            self._tasks[job_id] = task
+            task.add_done_callback(lambda _t, j=job_id: self._done(j))
+
+    def _done(self, job_id: str) -> None:
+        self._tasks.pop(job_id, None)
+        self._dispatch()
+
+    async def finished(self, job: JobRecord) -> None:
+        """A terminal transition landed (here or by the service): release, bill, notify — never raises."""
+        if self.on_finished is None:
+            return
+        try:
+            await self.on_finished(job)
+        except Exception:  # noqa: BLE001
+            log.exception("job %s: end-of-job hook failed", job.id)
 
     def cancel_local(self, job_id: str) -> bool:
-        """Cancel the in-flight attempt of a job this replica drives; False if it is not here."""
+        """Cancel the in-flight attempt of a job this replica drives; False if it is not running here."""
+        self._queue.remove(job_id)
         attempt = self._attempts.get(job_id)
         if attempt is None:
             return False
@@ -121,23 +150,22 @@ class JobRunner:
 
     # -- one job ---------------------------------------------------------------------------------
     async def _drive(self, job_id: str) -> None:
-        async with self._slots:
-            job = await asyncio.to_thread(self._store.try_acquire_lease, job_id, self.owner,
-                                          self._cfg.lease_s, self._clock())
-            if job is None:
-                return  # another replica owns it, or it already ended
-            heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(job_id))
-            try:
-                await self._attempt_until_done(job)
-            except asyncio.CancelledError:
-                raise  # replica shutting down: `stop` hands the lease back so another replica resumes
-            except Exception:  # never leave an accepted job stuck on a bug in this loop
-                log.exception("job %s: runner error", job_id)
-                await self._finish(job_id, "failed", error={"code": "internal_error",
-                                                            "message": "the job runner failed"})
-            finally:
-                heartbeat.cancel()
-                await asyncio.gather(heartbeat, return_exceptions=True)
+        job = await asyncio.to_thread(self._store.try_acquire_lease, job_id, self.owner,
+                                      self._cfg.lease_s, self._clock())
+        if job is None:
+            return  # another replica owns it, or it already ended
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(job_id))
+        try:
+            await self._attempt_until_done(job)
+        except asyncio.CancelledError:
+            raise  # replica shutting down: `stop` hands the lease back so another replica resumes
+        except Exception:  # never leave an accepted job stuck on a bug in this loop
+            log.exception("job %s: runner error", job_id)
+            await self._finish(job_id, "failed", error={"code": "internal_error",
+                                                        "message": "the job runner failed"})
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
 
     async def _attempt_until_done(self, job: JobRecord) -> None:
         job_id = job.id
@@ -220,6 +248,8 @@ class JobRunner:
                 self._finishing.discard(job_id)
 
         job = await asyncio.to_thread(finish)
+        if job is not None:
+            await self.finished(job)
         log.info("job %s %s", job_id, status if job is not None else f"{status} (not recorded: lease lost or deleted)")
 
     async def _heartbeat(self, job_id: str) -> None:
@@ -263,6 +293,6 @@ class JobRunner:
                 await asyncio.to_thread(self._store.drop_active, job_id)
                 continue
             if job.lease_is_free(now):
-                self.submit(job_id)
+                self.submit(job_id, job.tenant)
                 taken.append(job_id)
         return taken

@@ -9,19 +9,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime, timezone
 from typing import Any
 
 from serve.api.errors import ApiError
 from serve.api.validation import resolve_request
 from serve.api.wire import CreateVideoRequest, Video, VideoDeleted, VideoError, VideoList
 from serve.config import AppConfig
+from serve.jobs.admission import Admission
+from serve.jobs.idempotency import IdempotencyStore
 from serve.jobs.record import JobError, JobRecord, is_job_id, new_job_id, stage_progress
 from serve.jobs.runner import JobRunner
 from serve.jobs.store import JobStore
+from serve.limits import LocalLimiter
+from serve.safety import PromptPolicy
 from serve.storage import NotFound, Storage
+from serve.tenancy.keys import Principal
+from serve.usage import UsageLedger, UsageResponse, parse_usage_period
 
 log = logging.getLogger(__name__)
-
 
 
 def video_keys(storage: Storage, job_id: str) -> dict[str, str]:
@@ -42,25 +48,51 @@ def progress_of(job: JobRecord) -> int:
 
 class VideoService:
     def __init__(self, config: AppConfig, store: JobStore, storage: Storage, runner: JobRunner,
-                 clock=time.time) -> None:
+                 admission: Admission | None = None, ledger: UsageLedger | None = None, clock=time.time) -> None:
         self._config = config
         self._store = store
         self._storage = storage
         self._runner = runner
         self._clock = clock
+        self.ledger = ledger or UsageLedger(storage, config.usage.read_concurrency)
+        # in-process defaults (unit tests, one replica); the ingress injects the cluster-wide limiter
+        self.admission = admission or Admission(
+            config, store, LocalLimiter(config.limits), PromptPolicy(config.safety),
+            IdempotencyStore.from_config(storage, config.idempotency), webhooks=None)
+
+    def principal(self, tenant: str) -> Principal:
+        """A caller known only by tenant (tests, tools): the legacy keys' plan."""
+        return Principal(tenant=tenant, plan=self._config.keys.legacy_plan, key_id="internal")
 
     # -- create ----------------------------------------------------------------------------------
-    async def create(self, req: CreateVideoRequest, tenant: str = "default") -> Video:
+    async def create(self, req: CreateVideoRequest, principal: Principal | str = "default",
+                     idempotency_key: str | None = None, headers: dict[str, str] | None = None) -> Video:
+        """Validate and admit, write the job record (queued), start driving it; returns at once.
+
+        `headers` receives the rate-limit headers (and `Idempotent-Replayed` for a replay)."""
+        if isinstance(principal, str):
+            principal = self.principal(principal)
         params = resolve_request(req, self._config.model, self._config.api)
         now = self._clock()
+        admitted = await self.admission.check(req, params, principal, new_job_id(int(now * 1000)), idempotency_key)
+        if headers is not None:
+            headers.update(admitted.headers)
+        if admitted.replay is not None:
+            if headers is not None:
+                headers["Idempotent-Replayed"] = "true"
+            return self.to_wire(admitted.replay)
         job = JobRecord(
-            id=new_job_id(int(now * 1000)), tenant=tenant, status="queued", progress=0, stage="queued",
+            id=admitted.job_id, tenant=principal.tenant, status="queued", progress=0, stage="queued",
             step=0, total_steps=params["num_inference_steps"], created_at=int(now), model=self._config.model.name,
             prompt=req.prompt, params=params, updated_at=now,
-            deadline_at=now + req.deadline_seconds if req.deadline_seconds else None,
+            deadline_at=now + req.deadline_seconds if req.deadline_seconds else None, webhook_url=req.webhook_url,
         )
-        job = await asyncio.to_thread(self._store.create, job)
-        self._runner.submit(job.id)
+        try:
+            job = await asyncio.to_thread(self._store.create, job)
+        except BaseException:
+            await self.admission.failed_to_create(principal.tenant, admitted)
+            raise
+        self._runner.submit(job.id, job.tenant)
         return self.to_wire(job)
 
     # -- read ------------------------------------------------------------------------------------
@@ -125,18 +157,29 @@ class VideoService:
         await asyncio.to_thread(self._store.update, job_id, request)
         if not self._runner.cancel_local(job_id):
             # nobody here drives it: end it now if nobody holds it (queued), else its owner's heartbeat will
-            await asyncio.to_thread(self._store.finish, job_id, None, "cancelled",
-                                    error=JobError(code="cancelled", message="the job was cancelled"))
+            ended = await asyncio.to_thread(self._store.finish, job_id, None, "cancelled",
+                                            error=JobError(code="cancelled", message="the job was cancelled"))
+            if ended is not None:
+                await self._runner.finished(ended)
         return await self.get(job_id, tenant)
 
     # -- delete ----------------------------------------------------------------------------------
     async def delete(self, job_id: str, tenant: str = "default") -> VideoDeleted:
         """Delete the job and its objects; a running chain is cancelled (its owner loses the lease)."""
         await self._load(job_id, tenant)
-        await asyncio.to_thread(self._store.delete, job_id)
+        job = await asyncio.to_thread(self._store.delete, job_id)
         self._runner.cancel_local(job_id)  # at once if this replica drives it; others see it at their heartbeat
+        if job is not None:
+            await self.admission.release(job.tenant, job_id)
         await asyncio.to_thread(self._storage.delete_many, list(video_keys(self._storage, job_id).values()))
         return VideoDeleted(id=job_id)
+
+    # -- usage -----------------------------------------------------------------------------------
+    async def usage(self, tenant: str, start: str | None, end: str | None) -> UsageResponse:
+        today = datetime.fromtimestamp(self._clock(), timezone.utc).date()
+        first, last = parse_usage_period(start, end, today, self._config.usage.max_range_days)
+        summary = await asyncio.to_thread(self.ledger.summarize, tenant, first, last)
+        return summary.to_wire()
 
     # -- wire ------------------------------------------------------------------------------------
     def to_wire(self, job: JobRecord) -> Video:

@@ -19,7 +19,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def app_config(model_dir: Path, endpoint: str, bucket: str):
+# plans of the test tenants: "it" is generous; the others exist to hit one limit each
+PLANS = {
+    "it": {"requests_per_minute": 6000, "burst": 100, "max_concurrent_jobs": 32, "daily_gpu_seconds": 1e9,
+           "max_cost": 10**12, "max_steps": 200},
+    "ratelimited": {"requests_per_minute": 2, "burst": 2, "max_concurrent_jobs": 8, "daily_gpu_seconds": 1e9,
+                    "max_cost": 10**12, "max_steps": 200},
+    "quota": {"requests_per_minute": 6000, "burst": 100, "max_concurrent_jobs": 8, "daily_gpu_seconds": 0.01,
+              "max_cost": 10**12, "max_steps": 200},
+    "small": {"requests_per_minute": 6000, "burst": 100, "max_concurrent_jobs": 8, "daily_gpu_seconds": 1e9,
+              "max_cost": 48 * 32 * 9 * 4, "max_steps": 200},
+}
+TENANTS = {"acme": "it", "globex": "it", "slowpoke": "ratelimited", "thrifty": "quota", "frugal": "small"}
+
+
+def write_keys(path: Path) -> dict[str, str]:
+    """A keys file (hashed) for the test tenants, written by the operator CLI; returns tenant -> key."""
+    import contextlib
+    import io
+
+    from serve.tenancy.admin import main as admin
+
+    keys = {}
+    for tenant, plan in TENANTS.items():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert admin(["keys", "create", "--file", str(path), "--tenant", tenant, "--plan", plan]) == 0
+        keys[tenant] = out.getvalue().strip()
+    return keys
+
+
+def app_config(model_dir: Path, endpoint: str, bucket: str, keys_file: Path | None = None,
+               webhook_hosts: list[str] = ()):
     from serve.config import AppConfig
 
     zero_cpu = {"ray_actor_options": {"num_cpus": 0}, "num_replicas": 1}
@@ -29,8 +60,15 @@ def app_config(model_dir: Path, endpoint: str, bucket: str):
                                                 "num_inference_steps": 4, "max_side": 128}},
         "s3": {"bucket": bucket, "endpoint_url": endpoint, "create_bucket": True},
         "api": {"api_keys": [API_KEY]},
+        "keys": {"keys_file": str(keys_file) if keys_file else None, "allow_legacy_keys": True,
+                 "legacy_plan": "it"},
+        "plans": {"plans": PLANS},
+        "webhooks": {"enabled": True, "allow_hosts": list(webhook_hosts), "require_https": False,
+                     "base_backoff_s": 0.2, "max_backoff_s": 1},
+        # CPU run: bill replica-seconds as if each stage held one device, so usage and quotas are non-zero
+        "usage": {"gpus_per_stage": {"text_encoder": 1, "denoiser": 1, "vae_decoder": 1}},
         "jobs": {"lease_s": 6, "heartbeat_s": 1, "reclaim_interval_s": 2, "retry_backoff_s": 0.5,
-                 "max_attempts": 3, "progress_interval_s": 0},
+                 "max_attempts": 3, "progress_interval_s": 0, "max_concurrent_per_replica": 4},
         "deployments": {
             "ingress": {**zero_cpu, "max_ongoing_requests": 64, "graceful_shutdown_timeout_s": 5},
             "text_encoder": {**zero_cpu, "graceful_shutdown_timeout_s": 5},
@@ -43,9 +81,11 @@ def app_config(model_dir: Path, endpoint: str, bucket: str):
 class Cluster:
     """The running app: deploy/redeploy it, and reach S3 and Ray for assertions."""
 
-    def __init__(self, config, port: int) -> None:
+    def __init__(self, config, port: int, keys: dict[str, str], webhooks: "WebhookReceiver") -> None:
         self.config = config
         self.base = f"http://127.0.0.1:{port}"
+        self.keys = keys
+        self.webhooks = webhooks
 
     def deploy(self) -> None:
         from ray import serve
@@ -67,25 +107,64 @@ class Cluster:
         return Storage.from_config(self.config.s3)
 
 
+class WebhookReceiver:
+    """A webhook endpoint on 127.0.0.1 that records what it is sent (allow-listed in the app config)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                received.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}{path}"
+
+    def for_path(self, path: str) -> list[dict]:
+        return [r for r in self.received if r["path"] == path]
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
 @pytest.fixture(scope="session")
 def cluster(s3_server, tmp_path_factory):
     import ray
     from ray import serve
 
     from serve.models.tiny import write_tiny_model
+    from serve.webhooks import generate_secret
 
-    model_dir = write_tiny_model("2b", tmp_path_factory.mktemp("models") / "tiny-2b")
-    config = app_config(model_dir, s3_server, "videogen-it")
+    root = tmp_path_factory.mktemp("it")
+    model_dir = write_tiny_model("2b", root / "tiny-2b")
+    keys = write_keys(root / "keys.json")
+    receiver = WebhookReceiver()
+    os.environ.setdefault("VIDEOGEN_WEBHOOK_SECRET", generate_secret())
+    config = app_config(model_dir, s3_server, "videogen-it", root / "keys.json", [receiver.host])
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "HF_"))}
+    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "HF_", "VIDEOGEN_"))}
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env},
              log_to_driver=bool(os.environ.get("VIDEOGEN_TEST_RAY_LOGS")))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    c = Cluster(config, port)
+    c = Cluster(config, port, keys, receiver)
     c.deploy()
     yield c
     serve.shutdown()
     ray.shutdown()
+    receiver.close()
 
 
 @pytest.fixture

@@ -464,10 +464,10 @@ def real_server(storage) -> Iterator[str]:
         return {"s3": True}
 
     jobs = JobsConfig(max_attempts=1, lease_s=5, heartbeat_s=0.5, reclaim_interval_s=1, retry_backoff_s=0)
-    config = AppConfig(s3=storage.cfg, jobs=jobs, api=ApiConfig(api_keys=[KEY]))
+    config = AppConfig(s3=storage.cfg, jobs=jobs, api=ApiConfig(api_keys=[KEY]), keys={"legacy_plan": "enterprise"})
     store = JobStore.from_config(storage, config.jobs)
     runner = JobRunner(store, Chain(), config.jobs, owner="ingress-cli-test")
-    app = create_app(VideoService(config, store, storage, runner), config.api, ready)
+    app = create_app(VideoService(config, store, storage, runner), config, ready)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))

@@ -90,11 +90,12 @@ async def serving(storage: Storage, *, fail: bool = False, max_concurrent: int =
                   raise_app_exceptions: bool = True, page_limit: int = 20) -> AsyncIterator[Env]:
     jobs = JobsConfig(max_attempts=2, lease_s=5, heartbeat_s=0.5, reclaim_interval_s=1, retry_backoff_s=0,
                       max_concurrent_per_replica=max_concurrent)
-    config = AppConfig(s3=storage.cfg, jobs=jobs, api=ApiConfig(api_keys=[API_KEY], default_page_limit=page_limit))
+    config = AppConfig(s3=storage.cfg, jobs=jobs, api=ApiConfig(api_keys=[API_KEY], default_page_limit=page_limit),
+                       keys={"legacy_plan": "enterprise"})
     store = JobStore.from_config(storage, config.jobs)
     pipeline = WritesVideo(storage, fail=fail)
     runner = JobRunner(store, pipeline, config.jobs, owner="ingress-unit")
-    app = create_app(VideoService(config, store, storage, runner), config.api, readiness)
+    app = create_app(VideoService(config, store, storage, runner), config, readiness)
     # raise_app_exceptions=False shows what a client gets from a 500 (Starlette re-raises it after answering)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
     try:
