@@ -167,6 +167,9 @@ class RayActorOptions(_Strict):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs (or a fraction) per replica.")
     memory: int | None = Field(default=None, ge=0, description="Bytes of RAM reserved per replica.")
     accelerator_type: str | None = Field(default=None, description="e.g. 'H100'.")
+    resources: dict[str, float] | None = Field(
+        default=None, description="Custom Ray resources, e.g. {'stage_denoiser': 1} to pin a stage to its worker "
+                                  "group (the group advertises the resource in rayStartParams).")
     runtime_env: dict[str, Any] | None = None
 
 
