@@ -55,6 +55,7 @@ class Ingress:
     async def __init__(self, config: AppConfig, text_encoder: DeploymentHandle, denoiser: DeploymentHandle,
                        vae_decoder: DeploymentHandle) -> None:
         from deployments.limiter import RayLimiter
+        from deployments.metrics import RayJobEvents, S3Metrics
         from serve.jobs.admission import Admission, JobEnd
         from serve.jobs.idempotency import IdempotencyStore
         from serve.jobs.runner import JobRunner
@@ -64,11 +65,11 @@ class Ingress:
         from serve.safety import PromptPolicy
         from serve.storage import Storage
         from serve.tenancy.keys import keyring_from_config
-        from serve.usage import UsageLedger
+        from serve.usage import UsageLedger, gpus_per_stage
         from serve.webhooks import WebhookSecrets, WebhookSender
 
         self._config = config
-        self._storage = Storage.from_config(config.s3)
+        self._storage = Storage.from_config(config.s3, observer=S3Metrics())
         if config.s3.create_bucket:
             await asyncio.to_thread(self._storage.ensure_bucket)
         self._store = store = JobStore.from_config(self._storage, config.jobs)
@@ -90,14 +91,13 @@ class Ingress:
         except Exception:  # noqa: BLE001 - outside a replica (tests)
             replica = "local"
         owner = f"ingress-{replica}-{uuid.uuid4().hex[:8]}"
-        self._runner = JobRunner(store, RayPipeline(text_encoder, denoiser, vae_decoder), config.jobs, owner)
+        self._runner = JobRunner(store, RayPipeline(text_encoder, denoiser, vae_decoder), config.jobs, owner,
+                                 events=RayJobEvents(gpus_per_stage(config.deployments, config.usage.gpus_per_stage)))
         self.service = VideoService(config, store, self._storage, self._runner, admission, self._ledger)
         self._runner.on_finished = JobEnd(config, self._limiter, self._ledger, self._webhooks, self.service.to_wire)
         self._runner.start()
-        loop = asyncio.get_running_loop()
-        # resume what a previous incarnation of the app left behind, without waiting for the first scan
-        loop.create_task(self._runner.reclaim_once())
-        self._reconciler = loop.create_task(self._reconcile_loop())
+        # the runner's first reclaim scan (at start) resumes what a previous incarnation left behind
+        self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
 
     async def _reconcile_loop(self) -> None:
         """Rebuild the shared limiter from S3 when it is new (actor restart) and every reconcile_interval_s."""

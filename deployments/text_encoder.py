@@ -12,20 +12,25 @@ from serve.stages.types import GenerationRequest, Handoff
 class TextEncoder:
     def __init__(self, config: AppConfig) -> None:
         # heavy imports here so the ingress never imports torch
+        from deployments.metrics import S3Metrics, StageMetrics
         from serve.jobs.store import JobStore
         from serve.stages.runtime import load_stage
         from serve.stages.text_encoding import TextEncodingStage
         from serve.storage import Storage
 
         self._stage = load_stage(TextEncodingStage, config, text_encoder=True)
-        self._store = JobStore(Storage.from_config(config.s3))
+        self._store = JobStore(Storage.from_config(config.s3, observer=S3Metrics()))
         self._lock = asyncio.Lock()
+        self._metrics = StageMetrics()
 
     async def encode(self, req: GenerationRequest) -> Handoff:
+        waiting = time.perf_counter()
         async with self._lock:  # one forward at a time; the next request's arguments arrive meanwhile
+            self._metrics.lock_acquired(waiting)
             await asyncio.to_thread(self._store.put_progress, req.job_id, "encoding", 0,
                                     req.params.num_inference_steps, attempt=req.attempt)
             t0 = time.perf_counter()
             emb = await asyncio.to_thread(self._stage.encode, req.prompt, req.negative_prompt,
                                           req.params.do_classifier_free_guidance)
+            self._metrics.processed(time.perf_counter() - t0)
         return Handoff(value=emb, timings={"text_encoder_s": time.perf_counter() - t0})

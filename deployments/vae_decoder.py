@@ -12,15 +12,17 @@ from serve.stages.types import GenerationRequest, Handoff
 
 class VaeDecoder:
     def __init__(self, config: AppConfig) -> None:
+        from deployments.metrics import S3Metrics, StageMetrics
         from serve.jobs.store import JobStore
         from serve.stages.decoding import DecodingStage
         from serve.stages.runtime import load_stage
         from serve.storage import Storage
 
         self._stage = load_stage(DecodingStage, config)
-        self._storage = Storage.from_config(config.s3)
+        self._storage = Storage.from_config(config.s3, observer=S3Metrics())
         self._store = JobStore(self._storage)
         self._lock = asyncio.Lock()
+        self._metrics = StageMetrics()
 
     async def decode(self, req: GenerationRequest, denoised: Handoff) -> dict[str, Any]:
         from serve.jobs.service import video_keys
@@ -28,16 +30,21 @@ class VaeDecoder:
         from serve.publish import publish_video
 
         total = req.params.num_inference_steps
+        waiting = time.perf_counter()
         async with self._lock:
+            self._metrics.lock_acquired(waiting)
             await asyncio.to_thread(self._store.put_progress, req.job_id, "decoding", 0, total,
                                     attempt=req.attempt)
             t0 = time.perf_counter()
             frames = await asyncio.to_thread(self._stage.decode, denoised.value)
             frames = to_uint8(frames)
             timings = {**denoised.timings, "vae_decoder_s": time.perf_counter() - t0}
+            self._metrics.processed(timings["vae_decoder_s"])
+            self._metrics.count_tiled_fallbacks(self._stage)
         # encoding and upload run outside the lock: they use the CPU, not the GPU
         await asyncio.to_thread(self._store.put_progress, req.job_id, "uploading", 0, total,
                                 attempt=req.attempt)
         keys = video_keys(self._storage, req.job_id)
         added = await asyncio.to_thread(publish_video, self._storage, keys, req, frames, timings)
+        self._metrics.encoded(added["encode_s"])
         return {"result": keys, "timings": {**timings, **added}}

@@ -26,6 +26,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from serve.config import S3Config
+from serve.metrics import ObservedS3Client, StorageObserver
 
 logger = logging.getLogger(__name__)
 
@@ -87,13 +88,16 @@ def _content_disposition(filename: str) -> str:
 class Storage:
     """One bucket + prefix. Thread-safe: boto3 clients may be shared between threads."""
 
-    def __init__(self, cfg: S3Config, client: Any | None = None, list_page_size: int = 1000) -> None:
+    def __init__(self, cfg: S3Config, client: Any | None = None, list_page_size: int = 1000,
+                 observer: StorageObserver | None = None) -> None:
         self.cfg = cfg
         self._page = max(1, min(list_page_size, 1000))  # ListObjectsV2 returns at most 1000 keys a page
         self.bucket = cfg.bucket
         prefix = cfg.prefix.strip("/")
         self.prefix = f"{prefix}/" if prefix else ""
         self._client = client if client is not None else self._make_client(cfg.max_attempts)
+        if observer is not None:  # per-call seconds, bytes and errors for metrics (deployments/metrics.py)
+            self._client = ObservedS3Client(self._client, observer)
         self._probe_client: Any | None = None
         self._transfer = TransferConfig(
             multipart_threshold=cfg.multipart_threshold_bytes,
@@ -102,8 +106,8 @@ class Storage:
         )
 
     @classmethod
-    def from_config(cls, cfg: S3Config) -> Storage:
-        return cls(cfg)
+    def from_config(cls, cfg: S3Config, observer: StorageObserver | None = None) -> Storage:
+        return cls(cfg, observer=observer)
 
     @property
     def client(self) -> Any:

@@ -62,6 +62,8 @@ async def _parse_create(request: Request) -> CreateVideoRequest:
         except json.JSONDecodeError as exc:
             raise ApiError(400, f"body is not valid JSON: {exc.msg} at position {exc.pos}",
                            code="invalid_json") from None
+        except ValueError:  # e.g. bytes that are not UTF-8
+            raise ApiError(400, "body is not valid JSON: send UTF-8 encoded JSON", code="invalid_json") from None
         if not isinstance(raw, dict):
             raise ApiError(400, "body must be a JSON object with at least a 'prompt'", code="invalid_json")
     else:

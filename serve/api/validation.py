@@ -35,8 +35,8 @@ def _parse_seconds(seconds: str) -> float:
         value = float(seconds)
     except ValueError:
         raise _bad("seconds", f"seconds must be a number of seconds (e.g. '6'), got {seconds!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise _bad("seconds", f"seconds must be positive, got {seconds!r}")
+    if not math.isfinite(value) or not 0 < value <= 3600:
+        raise _bad("seconds", f"seconds must be between 0 and 3600, got {seconds!r}")
     return value
 
 

@@ -23,7 +23,9 @@ from typing import Any, Protocol
 from serve.config import JobsConfig
 from serve.jobs.record import JobError, JobRecord, JobResult, job_created_ms
 from serve.jobs.store import JobStore
+from serve.storage import NotFound, PreconditionFailed, StorageError
 from serve.limits import FairQueue
+from serve.metrics import JobEvents
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,8 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
 class JobRunner:
     def __init__(self, store: JobStore, pipeline: Pipeline, cfg: JobsConfig, owner: str,
                  clock: Callable[[], float] = time.time,
-                 on_finished: Callable[[JobRecord], Awaitable[None]] | None = None) -> None:
+                 on_finished: Callable[[JobRecord], Awaitable[None]] | None = None,
+                 events: JobEvents | None = None) -> None:
         self._store = store
         self._pipeline = pipeline
         self._cfg = cfg
@@ -76,12 +79,14 @@ class JobRunner:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._attempts: dict[str, asyncio.Task[dict[str, Any]]] = {}
         self._reclaimer: asyncio.Task[None] | None = None
-        self._finishing: set[str] = set()
+        self._finishing: set[str] = set()  # terminal S3 writes in flight (threads)
+        self._ending: set[str] = set()  # terminal write + end-of-job hook in progress
         # accepted jobs wait here, per tenant, for one of `max_concurrent_per_replica` chain slots:
         # round-robin across tenants, so one tenant's burst does not delay another's single job
         self._queue = FairQueue()
         self.on_finished = on_finished
         self._stopping = False
+        self._events = events or JobEvents()  # metrics (deployments/metrics.py); the default records nothing
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -92,6 +97,7 @@ class JobRunner:
         """Stop driving jobs and hand their leases back, so another replica takes them over at once."""
         self._stopping = True
         held = list(self._tasks)
+        interrupted = set(self._attempts)  # chains cut short by the stop: not the job's fault
         tasks = [t for t in [self._reclaimer, *self._tasks.values()] if t is not None]
         for t in tasks:
             t.cancel()
@@ -101,8 +107,15 @@ class JobRunner:
         while self._finishing and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for job_id in held:
+            def hand_back(rec: JobRecord, refund: bool = job_id in interrupted) -> JobRecord | None:
+                if rec.lease_owner != self.owner or rec.is_terminal:
+                    return None
+                # a rolling upgrade must not use up a job's attempts: the interrupted one is given back
+                attempts = max(0, rec.attempts - 1) if refund else rec.attempts
+                return rec.model_copy(update={"lease_owner": None, "lease_expires_at": None, "attempts": attempts})
+
             try:
-                await asyncio.to_thread(self._store.release_lease, job_id, self.owner)
+                await asyncio.to_thread(self._store.update, job_id, hand_back)
             except Exception:  # noqa: BLE001 - the lease then simply expires
                 log.warning("job %s: could not release lease", job_id, exc_info=True)
 
@@ -116,6 +129,7 @@ class JobRunner:
             return
         self._queue.push(tenant, job_id)
         self._dispatch()
+        self._events.queue_changed(len(self._queue), len(self._tasks))
 
     def _dispatch(self) -> None:
         while not self._stopping and len(self._tasks) < self._cfg.max_concurrent_per_replica:
@@ -129,9 +143,11 @@ class JobRunner:
     def _done(self, job_id: str) -> None:
         self._tasks.pop(job_id, None)
         self._dispatch()
+        self._events.queue_changed(len(self._queue), len(self._tasks))
 
     async def finished(self, job: JobRecord) -> None:
         """A terminal transition landed (here or by the service): release, bill, notify — never raises."""
+        self._events.job_finished(job, self._clock())
         if self.on_finished is None:
             return
         try:
@@ -142,6 +158,7 @@ class JobRunner:
     def cancel_local(self, job_id: str) -> bool:
         """Cancel the in-flight attempt of a job this replica drives; False if it is not running here."""
         self._queue.remove(job_id)
+        self._events.queue_changed(len(self._queue), len(self._tasks))
         attempt = self._attempts.get(job_id)
         if attempt is None:
             return False
@@ -159,6 +176,10 @@ class JobRunner:
             await self._attempt_until_done(job)
         except asyncio.CancelledError:
             raise  # replica shutting down: `stop` hands the lease back so another replica resumes
+        except StorageError:
+            # S3 kept failing (after retries): the job cannot be moved now; its lease lapses and a
+            # replica resumes it when S3 answers again. Failing it would need S3 too, and lose the work.
+            log.warning("job %s: job store unavailable; leaving it to be reclaimed", job_id, exc_info=True)
         except Exception:  # never leave an accepted job stuck on a bug in this loop
             log.exception("job %s: runner error", job_id)
             await self._finish(job_id, "failed", error={"code": "internal_error",
@@ -186,11 +207,14 @@ class JobRunner:
                     "code": code, "message": f"{message} (after {job.attempts} attempts)"})
                 return
             try:
-                job = await asyncio.to_thread(self._store.update, job_id, self._mark_started)
+                job = await self._store_call(self._store.update, job_id, self._mark_started)
             except _LeaseLost:
                 log.warning("job %s: another replica took it over; not starting another attempt here", job_id)
                 return
-            await asyncio.to_thread(self._store.clear_progress, job_id)
+            if job.cancel_requested or job.deleted:
+                continue  # cancelled while we took the lease: end it at the top of the loop
+            self._events.attempt_started(job, self._clock())
+            await self._store_call(self._store.clear_progress, job_id)
             attempt = asyncio.get_running_loop().create_task(self._pipeline.run(job))
             self._attempts[job_id] = attempt
             try:
@@ -205,11 +229,14 @@ class JobRunner:
                 if job.cancel_requested or job.deleted:
                     continue  # finish as cancelled at the top of the loop
                 error = ("internal_error", "the attempt was interrupted")
+                self._events.attempt_failed(job, error[0])
             except NonRetryableError as exc:
+                self._events.attempt_failed(job, exc.code)
                 await self._finish(job_id, "failed", error={"code": exc.code, "message": exc.message})
                 return
             except Exception as exc:  # noqa: BLE001 - every stage failure is retried, bounded
                 error = describe_failure(exc)
+                self._events.attempt_failed(job, error[0])
                 log.warning("job %s attempt %d failed: %s: %s", job_id, job.attempts, type(exc).__name__, exc)
             else:
                 await self._finish(job_id, "completed", result=out.get("result"), timings=out.get("timings"))
@@ -219,15 +246,29 @@ class JobRunner:
             await asyncio.sleep(self._cfg.retry_backoff_s * (1 + random.random()) * job.attempts)
             job = await self._reread(job)
 
+    async def _store_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A job-store call retried over a short S3 outage (botocore already retries each request)."""
+        for delay in (0.5, 1.0, 2.0, 4.0):
+            try:
+                return await asyncio.to_thread(fn, *args, **kwargs)
+            except StorageError as exc:
+                if isinstance(exc, (PreconditionFailed, NotFound)):
+                    raise
+                log.warning("job store call %s failed (%s); retrying in %.1f s", fn.__name__, exc, delay)
+                await asyncio.sleep(delay)
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
     async def _reread(self, job: JobRecord) -> JobRecord:
         """The current record; a vanished one (DELETE removed it) reads as deleted."""
-        fresh = await asyncio.to_thread(self._store.get, job.id, include_deleted=True)
+        fresh = await self._store_call(self._store.get, job.id, include_deleted=True)
         return fresh if fresh is not None else job.model_copy(update={"deleted": True})
 
     def _mark_started(self, job: JobRecord) -> JobRecord:
         # checked inside the compare-and-swap: a replica that lost the lease must not run (or count) an attempt
         if job.lease_owner != self.owner:
             raise _LeaseLost
+        if job.cancel_requested or job.deleted or job.is_terminal:
+            return None  # nothing to start; the loop reads the record again and ends it
         now = self._clock()
         return job.model_copy(update={
             "status": "in_progress", "attempts": job.attempts + 1, "stage": "encoding", "step": 0,
@@ -237,9 +278,8 @@ class JobRunner:
     async def _finish(self, job_id: str, status: str, *, error: dict[str, str] | None = None,
                       result: dict[str, Any] | None = None, timings: dict[str, float] | None = None) -> None:
         # a finish already under way must land before `stop` may hand the lease back (else it is skipped)
-        self._finishing.add(job_id)
-
         def finish() -> JobRecord | None:
+            self._finishing.add(job_id)
             try:
                 return self._store.finish(
                     job_id, self.owner, status, error=JobError(**error) if error else None,
@@ -247,23 +287,40 @@ class JobRunner:
             finally:  # in the thread: also when the awaiting task was cancelled meanwhile
                 self._finishing.discard(job_id)
 
-        job = await asyncio.to_thread(finish)
-        if job is not None:
-            await self.finished(job)
+        self._ending.add(job_id)
+        self._finishing.add(job_id)
+        try:
+            job = await self._store_call(finish)
+            if job is not None:
+                # shielded: a cancel of this task (shutdown) must not cut the release/usage/webhook short
+                await asyncio.shield(self.finished(job))
+        finally:
+            self._ending.discard(job_id)
         log.info("job %s %s", job_id, status if job is not None else f"{status} (not recorded: lease lost or deleted)")
 
     async def _heartbeat(self, job_id: str) -> None:
+        renewed = self._clock()
         while True:
             await asyncio.sleep(self._cfg.heartbeat_s)
+            if job_id in self._ending:
+                return  # the terminal write is under way; a renewal now would read as "lease lost"
             try:
                 job = await asyncio.to_thread(self._store.renew_lease, job_id, self.owner, self._cfg.lease_s)
             except Exception:  # noqa: BLE001 - S3 hiccup: try again next beat, the lease has slack
                 log.warning("job %s: lease renewal failed", job_id, exc_info=True)
+                if self._clock() - renewed > self._cfg.lease_s:
+                    # our lease has lapsed unrenewed: another replica may run the job now; stop here
+                    log.warning("job %s: lease lapsed without renewal; stopping here", job_id)
+                    self._tasks.get(job_id) and self._tasks[job_id].cancel()
+                    return
                 continue
+            if job_id in self._ending:
+                return
             if job is None:
                 log.warning("job %s: lease lost; stopping here", job_id)
                 self._tasks.get(job_id) and self._tasks[job_id].cancel()
                 return
+            renewed = self._clock()
             if job.cancel_requested or job.deleted:
                 self.cancel_local(job_id)
 

@@ -16,7 +16,7 @@ from serve.api.errors import ApiError
 from serve.api.validation import resolve_request
 from serve.api.wire import CreateVideoRequest, Video, VideoDeleted, VideoError, VideoList
 from serve.config import AppConfig
-from serve.jobs.admission import Admission
+from serve.jobs.admission import Admission, Admitted, JobEnd
 from serve.jobs.idempotency import IdempotencyStore
 from serve.jobs.record import JobError, JobRecord, is_job_id, new_job_id, stage_progress
 from serve.jobs.runner import JobRunner
@@ -55,10 +55,14 @@ class VideoService:
         self._runner = runner
         self._clock = clock
         self.ledger = ledger or UsageLedger(storage, config.usage.read_concurrency)
-        # in-process defaults (unit tests, one replica); the ingress injects the cluster-wide limiter
-        self.admission = admission or Admission(
-            config, store, LocalLimiter(config.limits), PromptPolicy(config.safety),
-            IdempotencyStore.from_config(storage, config.idempotency), webhooks=None)
+        if admission is None:
+            # in-process defaults (unit tests, one process); the ingress injects the cluster-wide limiter
+            limiter = LocalLimiter(config.limits)
+            admission = Admission(config, store, limiter, PromptPolicy(config.safety),
+                                  IdempotencyStore.from_config(storage, config.idempotency), webhooks=None)
+            if runner.on_finished is None:
+                runner.on_finished = JobEnd(config, limiter, self.ledger, None, self.to_wire)
+        self.admission = admission
 
     def principal(self, tenant: str) -> Principal:
         """A caller known only by tenant (tests, tools): the legacy keys' plan."""
@@ -87,13 +91,19 @@ class VideoService:
             prompt=req.prompt, params=params, updated_at=now,
             deadline_at=now + req.deadline_seconds if req.deadline_seconds else None, webhook_url=req.webhook_url,
         )
+        # shielded: a client that disconnects mid-create must not leave a written record whose slot and
+        # idempotency claim were given back (a retry would then create a second job)
+        job = await asyncio.shield(asyncio.ensure_future(self._create_and_submit(job, admitted)))
+        return self.to_wire(job)
+
+    async def _create_and_submit(self, job: JobRecord, admitted: Admitted) -> JobRecord:
         try:
             job = await asyncio.to_thread(self._store.create, job)
-        except BaseException:
-            await self.admission.failed_to_create(principal.tenant, admitted)
+        except Exception:
+            await self.admission.failed_to_create(job.tenant, admitted)
             raise
         self._runner.submit(job.id, job.tenant)
-        return self.to_wire(job)
+        return job
 
     # -- read ------------------------------------------------------------------------------------
     async def _load(self, job_id: str, tenant: str) -> JobRecord:
@@ -118,7 +128,7 @@ class VideoService:
             raise ApiError(400, f"after must be a video id from a previous page, got {after!r}", param="after",
                            code="invalid_value")
         jobs, has_more = await asyncio.to_thread(self._store.list, limit, after, tenant)
-        data = [self.to_wire(j) for j in jobs]
+        data = await asyncio.to_thread(lambda: [self.to_wire(j) for j in jobs])  # presigning is CPU work
         return VideoList(data=data, has_more=has_more, first_id=data[0].id if data else None,
                          last_id=data[-1].id if data else None)
 
@@ -167,11 +177,12 @@ class VideoService:
     async def delete(self, job_id: str, tenant: str = "default") -> VideoDeleted:
         """Delete the job and its objects; a running chain is cancelled (its owner loses the lease)."""
         await self._load(job_id, tenant)
+        # objects first, record last: a DELETE that fails half-way can be retried (the record still answers)
+        await asyncio.to_thread(self._storage.delete_many, list(video_keys(self._storage, job_id).values()))
         job = await asyncio.to_thread(self._store.delete, job_id)
         self._runner.cancel_local(job_id)  # at once if this replica drives it; others see it at their heartbeat
         if job is not None:
             await self.admission.release(job.tenant, job_id)
-        await asyncio.to_thread(self._storage.delete_many, list(video_keys(self._storage, job_id).values()))
         return VideoDeleted(id=job_id)
 
     # -- usage -----------------------------------------------------------------------------------

@@ -3,17 +3,28 @@
 Our own copy of the `CogVideoXPipeline.__call__` denoising loop (diffusers 0.42), numerically identical
 to it for the same seed, with progress reporting and cancellation between steps. Only the transformer
 and the scheduler config are loaded; the scheduler itself is created per request because the DPM
-scheduler keeps per-request state and both draw noise from the request's generator.
+scheduler keeps per-request state and both draw noise from the request's generator. Speed options
+(serve/accel.py) are applied once at load; a step cache engages only for requests that ask for speed.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
+from serve.accel import (
+    AccelConfig,
+    AppliedAccel,
+    apply_accel,
+    cache_engages,
+    cache_for_request,
+    configure_cuda_backends,
+)
 from serve.stages.types import Latents, PromptEmbeddings, SamplingParams
 
 
@@ -73,6 +84,7 @@ class DenoisingStage:
         vae_scale_factor_spatial: int = 8,
         vae_scale_factor_temporal: int = 4,
         device: str = "cpu",
+        accel: AccelConfig | None = None,
     ) -> None:
         self.transformer = transformer
         self.scheduler_cls = scheduler_cls
@@ -81,6 +93,21 @@ class DenoisingStage:
         self.vae_scale_factor_temporal = vae_scale_factor_temporal
         self.device = torch.device(device)
         self.dtype = transformer.dtype
+        # The timestep value of the step in progress (None between requests); PAB and FasterCache
+        # read it through their `current_timestep_callback` to decide what to skip.
+        self.current_timestep: int | None = None
+        # Which cache served the last request ("none" when it ran the exact model).
+        self.last_cache_used: str = "none"
+        self.accel = AppliedAccel(device=str(self.device))
+        if self.device.type == "cuda":
+            configure_cuda_backends()
+        if accel is not None:
+            self.apply_accel(accel)
+
+    def apply_accel(self, accel: AccelConfig) -> AppliedAccel:
+        """Apply attention backend, fp8, compile and prepare the step cache (see serve/accel.py)."""
+        self.accel = apply_accel(self.transformer, accel, self.device, current_timestep=lambda: self.current_timestep)
+        return self.accel
 
     @classmethod
     def from_pretrained(
@@ -89,6 +116,7 @@ class DenoisingStage:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         revision: str | None = None,
+        accel: AccelConfig | None = None,
     ) -> DenoisingStage:
         import diffusers
         from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
@@ -116,6 +144,7 @@ class DenoisingStage:
             vae_scale_factor_spatial=2 ** (len(vae_config["block_out_channels"]) - 1),
             vae_scale_factor_temporal=vae_config["temporal_compression_ratio"],
             device=device,
+            accel=accel,
         )
 
     @torch.inference_mode()
@@ -125,7 +154,12 @@ class DenoisingStage:
         params: SamplingParams,
         on_step: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        use_cache: bool | None = None,
     ) -> Latents:
+        """Run the denoising loop for one request.
+
+        `use_cache` engages the configured step cache (lossy); None: when `params.quality` is "speed".
+        """
         from diffusers import CogVideoXDPMScheduler
         from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
         from diffusers.utils.torch_utils import randn_tensor
@@ -157,8 +191,10 @@ class DenoisingStage:
             negative = torch.tensor(emb.negative, device=device, dtype=dtype)
             prompt_embeds = torch.cat([negative, prompt_embeds], dim=0)
 
-        # 4. Prepare timesteps
+        # 4. Prepare timesteps (their values once on the host: reading `t.item()` per step would
+        # wait for the GPU every step)
         timesteps, num_inference_steps = retrieve_timesteps(scheduler, params.num_inference_steps, device)
+        timestep_values = [int(v) for v in timesteps.tolist()]
 
         # 5. Prepare latents. CogVideoX 1.5 patches 2 latent frames at a time: an odd latent count
         # is made even by sampling extra latent frames, which sit at the front and are dropped
@@ -193,62 +229,85 @@ class DenoisingStage:
                 config, self.vae_scale_factor_spatial, params.height, params.width, latents.size(1), device
             )
 
-        # 8. Denoising loop
+        # 8. Denoising loop, with the step cache engaged for this request only (if asked for)
+        if use_cache is None:
+            use_cache = params.quality == "speed"
+        use_cache = use_cache and cache_engages(self.accel.cache, do_cfg)
         total = len(timesteps)
         old_pred_original_sample = None  # for DPM-solver++
-        try:
-            for i, t in enumerate(timesteps):
-                if should_cancel is not None and should_cancel():
-                    raise DenoisingCancelled(f"cancelled before step {i + 1} of {total}")
+        with cache_for_request(self.transformer, self.accel.cache_config, use_cache) as engaged:
+            self.last_cache_used = self.accel.cache if engaged else "none"
+            try:
+                for i, t in enumerate(timesteps):
+                    if should_cancel is not None and should_cancel():
+                        raise DenoisingCancelled(f"cancelled before step {i + 1} of {total}")
+                    self.current_timestep = timestep_values[i]
 
-                latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
-                latent_model_input = scheduler.scale_model_input(latent_model_input, t)
-                timestep = t.expand(latent_model_input.shape[0])
+                    latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+                    latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+                    timestep = t.expand(latent_model_input.shape[0])
 
-                # 8a. Predict the noise (cache_context lets diffusers' cache hooks key their state)
-                with self.transformer.cache_context("cond_uncond"):
-                    noise_pred = self.transformer(
-                        hidden_states=latent_model_input,
-                        encoder_hidden_states=prompt_embeds,
-                        timestep=timestep,
-                        image_rotary_emb=image_rotary_emb,
-                        return_dict=False,
-                    )[0]
-                noise_pred = noise_pred.float()
+                    # 8a. Predict the noise (cache_context lets diffusers' cache hooks key their state)
+                    with self.transformer.cache_context("cond_uncond"):
+                        noise_pred = self.transformer(
+                            hidden_states=latent_model_input,
+                            encoder_hidden_states=prompt_embeds,
+                            timestep=timestep,
+                            image_rotary_emb=image_rotary_emb,
+                            return_dict=False,
+                        )[0]
+                    noise_pred = noise_pred.float()
 
-                # 8b. Guidance. Dynamic CFG is computed from the timestep *value* over the step
-                # count, verbatim from diffusers (it oscillates; matching upstream matters more).
-                guidance_scale = params.guidance_scale
-                if params.use_dynamic_cfg:
-                    guidance_scale = 1 + params.guidance_scale * (
-                        (1 - math.cos(math.pi * ((num_inference_steps - t.item()) / num_inference_steps) ** 5.0)) / 2
-                    )
-                if do_cfg:
-                    noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                    noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+                    # 8b. Guidance. Dynamic CFG is computed from the timestep *value* over the step
+                    # count, verbatim from diffusers (it oscillates; matching upstream matters more).
+                    guidance_scale = params.guidance_scale
+                    if params.use_dynamic_cfg:
+                        progress = (num_inference_steps - timestep_values[i]) / num_inference_steps
+                        guidance_scale = 1 + params.guidance_scale * ((1 - math.cos(math.pi * progress**5.0)) / 2)
+                    if do_cfg:
+                        noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                        noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
 
-                # 8c. x_t -> x_t-1
-                if not isinstance(scheduler, CogVideoXDPMScheduler):
-                    latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-                else:
-                    latents, old_pred_original_sample = scheduler.step(
-                        noise_pred,
-                        old_pred_original_sample,
-                        t,
-                        timesteps[i - 1] if i > 0 else None,
-                        latents,
-                        **extra_step_kwargs,
-                        return_dict=False,
-                    )
-                latents = latents.to(dtype)
+                    # 8c. x_t -> x_t-1
+                    if not isinstance(scheduler, CogVideoXDPMScheduler):
+                        latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                    else:
+                        latents, old_pred_original_sample = scheduler.step(
+                            noise_pred,
+                            old_pred_original_sample,
+                            t,
+                            timesteps[i - 1] if i > 0 else None,
+                            latents,
+                            **extra_step_kwargs,
+                            return_dict=False,
+                        )
+                    latents = latents.to(dtype)
 
-                if on_step is not None:
-                    on_step(i + 1, total)
-        finally:
-            # Cache hooks (if any) must not carry one request's activations into the next.
-            if hasattr(self.transformer, "_reset_stateful_cache"):
-                self.transformer._reset_stateful_cache()
+                    if on_step is not None:
+                        on_step(i + 1, total)
+            finally:
+                self.current_timestep = None
+                # Cache hooks (if any) must not carry one request's activations into the next.
+                if hasattr(self.transformer, "_reset_stateful_cache"):
+                    self.transformer._reset_stateful_cache()
 
         # 9. Drop 1.5's front padding, hand over as float32 CPU numpy
         latents = latents[:, additional_frames:]
         return Latents(latents=latents.float().cpu().numpy(), padding_frames=additional_frames)
+
+    def warmup(self, shapes: Sequence[tuple[int, int, int]], steps: int = 2, cfg: bool = True) -> dict[str, float]:
+        """One short request per `(num_frames, height, width)`, so that no real request pays for
+        compilation (one graph per shape) or first-call kernel selection. Returns seconds per shape."""
+        config = self.transformer.config
+        zeros = np.zeros((1, config.max_text_seq_length, config.text_embed_dim), dtype=np.float32)
+        emb = PromptEmbeddings(positive=zeros, negative=zeros if cfg else None)
+        seconds = {}
+        for num_frames, height, width in shapes:
+            params = SamplingParams(
+                num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
+                guidance_scale=6.0 if cfg else 1.0, use_dynamic_cfg=False, seed=0, fps=8,
+            )
+            t0 = time.perf_counter()
+            self.denoise(emb, params, use_cache=False)
+            seconds[f"{num_frames}x{height}x{width}"] = time.perf_counter() - t0
+        return seconds

@@ -8,6 +8,8 @@ the transformer was trained with), and `""` as the negative prompt when none is 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -60,6 +62,14 @@ class TextEncodingStage:
                     self._empty_negative[max_sequence_length] = cached
                 negative = self._empty_negative[max_sequence_length]
         return PromptEmbeddings(positive=positive, negative=negative)
+
+    def warmup(self, shapes: Sequence[tuple[int, int, int]] | None = None,
+               max_sequence_length: int = 226) -> dict[str, float]:
+        """Encode once (the prompt is always padded to `max_sequence_length` tokens, so the video
+        shapes do not matter); also computes the cached empty negative prompt."""
+        t0 = time.perf_counter()
+        self.encode("warm-up", None, do_cfg=True, max_sequence_length=max_sequence_length)
+        return {"text_encoder": time.perf_counter() - t0}
 
     @torch.inference_mode()
     def _embed(self, text: str, max_sequence_length: int) -> np.ndarray:

@@ -7,8 +7,12 @@ through the GPU (see FIELD-NOTES: CUDA tensors get copied to CPU and back anyway
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+
+# "quality": the exact model; "speed": the denoiser's configured step cache (lossy), if any.
+Quality = Literal["quality", "speed"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class SamplingParams:
     use_dynamic_cfg: bool
     seed: int
     fps: int
+    quality: Quality = "quality"
 
     @property
     def do_classifier_free_guidance(self) -> bool:

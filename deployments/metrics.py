@@ -1,0 +1,216 @@
+"""The catalog of `serve/metrics.py` as `ray.serve.metrics` objects, created inside a replica.
+
+Created in a deployment's `__init__`, so Ray adds the `deployment`, `replica` and `application` labels; Ray's
+metrics agent exports them on the node's metrics port (prefix `ray_`). No replica runs its own metrics server.
+Recording never raises into the service: a metrics bug costs a data point, not a job.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ray.serve import metrics as serve_metrics
+
+from serve.jobs.record import JobRecord
+from serve.metrics import (
+    ATTEMPT_KINDS, DENOISE_CANCELLED, DENOISE_STEP, GPU_MEMORY_ALLOCATED, GPU_MEMORY_PEAK, GPU_MEMORY_RESERVED,
+    GPU_SECONDS, GPU_STAGE_LABELS, INGRESS_QUEUED, INGRESS_RUNNING, JOB_ATTEMPT_FAILURES, JOB_ATTEMPTS, JOB_DURATION,
+    JOB_QUEUE_WAIT, JOB_REASONS, JOBS_FINISHED, PROCESS_RSS, S3_ERRORS, S3_REQUEST, S3_UPLOADED, STAGE_LOCK_WAIT,
+    STAGE_PROCESSING, TILED_DECODE_FALLBACKS, VIDEO_ENCODE, JobEvents, Metric, bounded, job_age_seconds, job_reason,
+)
+from serve.usage import gpu_seconds_from_timings
+
+log = logging.getLogger(__name__)
+
+
+def create(spec: Metric) -> Any:
+    """A Serve metric for `spec` (call inside a replica, so the Serve labels are added)."""
+    tag_keys = spec.tag_keys or None
+    if spec.kind == "counter":
+        return serve_metrics.Counter(spec.name, description=spec.description, tag_keys=tag_keys)
+    if spec.kind == "gauge":
+        return serve_metrics.Gauge(spec.name, description=spec.description, tag_keys=tag_keys)
+    return serve_metrics.Histogram(spec.name, description=spec.description, boundaries=list(spec.buckets),
+                                   tag_keys=tag_keys)
+
+
+def _never_raises(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001
+            log.debug("metric %s not recorded", fn.__name__, exc_info=True)
+            return None
+
+    return wrapper
+
+
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None  # not Linux
+
+
+class S3Metrics:
+    """A `StorageObserver`: `Storage.from_config(cfg, observer=S3Metrics())`."""
+
+    def __init__(self) -> None:
+        self._seconds = create(S3_REQUEST)
+        self._bytes = create(S3_UPLOADED)
+        self._errors = create(S3_ERRORS)
+
+    @_never_raises
+    def __call__(self, operation: str, seconds: float, sent: int, error: str | None) -> None:
+        tags = {"operation": operation}
+        self._seconds.observe(seconds, tags=tags)
+        if error is not None:
+            self._errors.inc(tags={"operation": operation, "code": error})
+        elif sent > 0:
+            self._bytes.inc(sent, tags=tags)
+
+
+class StageMetrics:
+    """Per stage replica: compute seconds, lock wait, denoising steps, memory."""
+
+    def __init__(self) -> None:
+        self._processing = create(STAGE_PROCESSING)
+        self._lock_wait = create(STAGE_LOCK_WAIT)
+        self._step = create(DENOISE_STEP)
+        self._cancelled = create(DENOISE_CANCELLED)
+        self._encode = create(VIDEO_ENCODE)
+        self._tiled = create(TILED_DECODE_FALLBACKS)
+        self._tiled_seen = 0
+        self._rss = create(PROCESS_RSS)
+        self._gpu = None
+        torch = sys.modules.get("torch")  # a stage replica has imported it; never import it for metrics
+        if torch is not None and torch.cuda.is_available():
+            self._gpu = (create(GPU_MEMORY_ALLOCATED), create(GPU_MEMORY_RESERVED), create(GPU_MEMORY_PEAK))
+        self.sample_memory()
+
+    @_never_raises
+    def lock_acquired(self, waiting_since: float) -> None:
+        """Call right after acquiring the compute lock with the `time.perf_counter()` taken before waiting."""
+        self._lock_wait.observe(time.perf_counter() - waiting_since)
+
+    @_never_raises
+    def processed(self, seconds: float) -> None:
+        self._processing.observe(seconds)
+        self.sample_memory()
+
+    def step_timer(self, on_step: Callable[[int, int], None]) -> Callable[[int, int], None]:
+        """Wrap the denoising loop's `on_step(step, total)`: observes the seconds since the previous step."""
+        last = [time.perf_counter()]
+
+        def timed(step: int, total: int) -> None:
+            now = time.perf_counter()
+            self._observe_step(now - last[0])
+            last[0] = now
+            on_step(step, total)
+
+        return timed
+
+    @_never_raises
+    def _observe_step(self, seconds: float) -> None:
+        self._step.observe(seconds)
+
+    @_never_raises
+    def cancelled(self) -> None:
+        self._cancelled.inc()
+
+    @_never_raises
+    def encoded(self, seconds: float) -> None:
+        self._encode.observe(seconds)
+
+    @_never_raises
+    def count_tiled_fallbacks(self, stage: Any) -> None:
+        """After a VAE decode: count the stage's out-of-memory -> tiled retries since the last call.
+
+        Reads `DecodingStage.fallbacks` (0 if the stage has no such counter), so warm-up fallbacks count too.
+        """
+        total = int(getattr(stage, "fallbacks", 0) or 0)
+        if total > self._tiled_seen:
+            self._tiled.inc(total - self._tiled_seen)
+        self._tiled_seen = max(total, self._tiled_seen)
+
+    @_never_raises
+    def sample_memory(self) -> None:
+        rss = _resident_bytes()
+        if rss is not None:
+            self._rss.set(rss)
+        if self._gpu is not None:
+            torch = sys.modules["torch"]
+            if torch.cuda.is_initialized():
+                allocated, reserved, peak = self._gpu
+                allocated.set(torch.cuda.memory_allocated())
+                reserved.set(torch.cuda.memory_reserved())
+                peak.set(torch.cuda.max_memory_allocated())
+                torch.cuda.reset_peak_memory_stats()
+
+
+class IngressMetrics:
+    """Per ingress replica: process memory (the job metrics are `RayJobEvents`)."""
+
+    def __init__(self) -> None:
+        self._rss = create(PROCESS_RSS)
+        self.sample_memory()
+
+    @_never_raises
+    def sample_memory(self) -> None:
+        rss = _resident_bytes()
+        if rss is not None:
+            self._rss.set(rss)
+
+
+class RayJobEvents(JobEvents):
+    """The job runner's events as Serve metrics (`JobRunner(events=RayJobEvents(gpus))`).
+
+    `gpus` is GPUs per replica of each stage (`serve.usage.gpus_per_stage`), as billing uses it.
+    """
+
+    def __init__(self, gpus: Mapping[str, float]) -> None:
+        self._gpus = dict(gpus)
+        self._queue_wait = create(JOB_QUEUE_WAIT)
+        self._duration = create(JOB_DURATION)
+        self._finished = create(JOBS_FINISHED)
+        self._attempts = create(JOB_ATTEMPTS)
+        self._attempt_failures = create(JOB_ATTEMPT_FAILURES)
+        self._queued = create(INGRESS_QUEUED)
+        self._running = create(INGRESS_RUNNING)
+        self._gpu_seconds = create(GPU_SECONDS)
+        self._memory = IngressMetrics()
+        self.queue_changed(0, 0)
+
+    @_never_raises
+    def queue_changed(self, queued: int, running: int) -> None:
+        self._queued.set(queued)
+        self._running.set(running)
+
+    @_never_raises
+    def attempt_started(self, job: JobRecord, now: float) -> None:
+        kind = ATTEMPT_KINDS[0] if job.attempts <= 1 else ATTEMPT_KINDS[1]
+        self._attempts.inc(tags={"kind": kind})
+        if kind == "first":
+            self._queue_wait.observe(job_age_seconds(job, now))
+
+    @_never_raises
+    def attempt_failed(self, job: JobRecord, code: str) -> None:
+        self._attempt_failures.inc(tags={"reason": bounded(code, JOB_REASONS)})
+
+    @_never_raises
+    def job_finished(self, job: JobRecord, now: float) -> None:
+        self._finished.inc(tags={"status": job.status, "reason": job_reason(job)})
+        self._duration.observe(job_age_seconds(job, now), tags={"status": job.status})
+        if job.status == "completed":
+            for stage, seconds in gpu_seconds_from_timings(job.timings, self._gpus).items():
+                if seconds > 0 and stage in GPU_STAGE_LABELS:
+                    self._gpu_seconds.inc(seconds, tags={"tenant": job.tenant, "stage": stage})
+        self._memory.sample_memory()

@@ -1,0 +1,481 @@
+"""The Kubernetes manifests: each overlay renders with kubectl, every object validates, and the cluster they describe
+can run the Serve application they carry (placement, GPUs, replicas, secrets, identity, monitoring)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from serve.config import AppConfig, DeploymentOptions
+from tests.k8s.kube import (CRD_FILES, K8S, MONITORING_SCHEMAS, OVERLAYS, ROOT, SCHEMAS, crd_errors, is_core, kubectl,
+                            monitoring_errors, render, rendered_text, validate_core, validate_metadata,
+                            validate_pod_template)
+
+IMPORT_PATH = "deployments.app:build_app"
+STAGES = ("ingress", "text_encoder", "denoiser", "vae_decoder")
+GPU = "nvidia.com/gpu"
+H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+DASHBOARDS = K8S / "monitoring" / "dashboards"
+RULES = K8S / "monitoring" / "alerts.rules.yaml"
+# what kubectl 1.20's kustomize (v2.0.3) understands; newer fields (components, patches, labels, replacements) break it
+KUSTOMIZE_V2_FIELDS = {"apiVersion", "kind", "resources", "bases", "namespace", "namePrefix", "nameSuffix",
+                       "commonLabels", "commonAnnotations", "configMapGenerator", "secretGenerator", "generatorOptions",
+                       "patchesStrategicMerge", "patchesJson6902", "images", "vars", "crds"}
+
+
+# ---- fixtures and helpers --------------------------------------------------------------------------------------------
+
+def _require_kubectl() -> None:
+    if kubectl() is None:
+        pytest.fail(f"kubectl not found ({os.environ.get('KUBECTL', 'kubectl')}): run scripts/setup.sh, which installs "
+                    "it (Debian: apt-get install kubernetes-client)", pytrace=False)
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def overlay(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def objects(overlay: str) -> tuple[dict[str, Any], ...]:
+    _require_kubectl()
+    return render(K8S / "overlays" / overlay)
+
+
+def _all(objects: tuple[dict[str, Any], ...], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def _one(objects: tuple[dict[str, Any], ...], kind: str) -> dict[str, Any]:
+    found = _all(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, got {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def rayservice(objects: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    return _one(objects, "RayService")
+
+
+@pytest.fixture(scope="module")
+def serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
+    raw = rayservice["spec"]["serveConfigV2"]
+    assert isinstance(raw, str), "serveConfigV2 is a string holding the Serve config YAML"
+    return yaml.safe_load(raw)
+
+
+@pytest.fixture(scope="module")
+def app_config(serve_config: dict[str, Any]) -> AppConfig:
+    return AppConfig.model_validate(serve_config["applications"][0]["args"])
+
+
+def _cluster(rs: dict[str, Any]) -> dict[str, Any]:
+    return rs["spec"]["rayClusterConfig"]
+
+
+def _groups(rs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {g["groupName"]: g for g in _cluster(rs)["workerGroupSpecs"]}
+
+
+def _templates(rs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {"head": _cluster(rs)["headGroupSpec"]["template"],
+            **{name: g["template"] for name, g in _groups(rs).items()}}
+
+
+def _ray_container(template: dict[str, Any]) -> dict[str, Any]:
+    return template["spec"]["containers"][0]  # KubeRay runs Ray in the first container
+
+
+def _ray_resources(group: dict[str, Any]) -> dict[str, float]:
+    """rayStartParams `resources: '"{\\"name\\": n}"'` (KubeRay passes it quoted to `ray start --resources`)."""
+    raw = group.get("rayStartParams", {}).get("resources")
+    if raw is None:
+        return {}
+    return json.loads(raw.strip().strip('"').replace('\\"', '"'))
+
+
+def _quantity(value: Any) -> float:
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _pod_gpus(group: dict[str, Any]) -> float:
+    limits = _ray_container(group["template"]).get("resources", {}).get("limits", {})
+    return _quantity(limits.get(GPU, 0))
+
+
+def _pod_cpus(group: dict[str, Any]) -> float:
+    """What Ray advertises: rayStartParams num-cpus, else the container's CPU limit (KubeRay's default)."""
+    params = group.get("rayStartParams", {})
+    if "num-cpus" in params:
+        return float(params["num-cpus"])
+    return _quantity(_ray_container(group["template"])["resources"]["limits"]["cpu"])
+
+
+def _replica_range(opts: DeploymentOptions) -> tuple[int, int]:
+    if opts.autoscaling_config is not None:
+        return opts.autoscaling_config.min_replicas, opts.autoscaling_config.max_replicas
+    assert opts.num_replicas is not None
+    return opts.num_replicas, opts.num_replicas
+
+
+def _placement(rs: dict[str, Any], app: AppConfig) -> dict[str, list[tuple[str, int, DeploymentOptions]]]:
+    """group -> [(stage, replicas one pod holds, options)]; asserts each stage lands on exactly one group."""
+    groups = _groups(rs)
+    hosted: dict[str, list[tuple[str, int, DeploymentOptions]]] = {name: [] for name in groups}
+    for stage in STAGES:
+        opts: DeploymentOptions = getattr(app.deployments, stage)
+        actor = opts.ray_actor_options
+        wanted = actor.resources or {}
+        assert wanted, f"{stage}: ray_actor_options.resources must name its worker group's custom resource"
+        hosts = [n for n, g in groups.items() if all(_ray_resources(g).get(k, 0) >= v for k, v in wanted.items())]
+        assert len(hosts) == 1, f"{stage} asks for {wanted}: exactly one worker group must advertise it, got {hosts}"
+        group = groups[hosts[0]]
+        slots = min(math.floor(_ray_resources(group)[k] / v) for k, v in wanted.items())
+        if actor.num_gpus:
+            slots = min(slots, math.floor(_pod_gpus(group) / actor.num_gpus + 1e-9))
+        if actor.num_cpus:
+            slots = min(slots, math.floor(_pod_cpus(group) / actor.num_cpus + 1e-9))
+        assert slots >= 1, f"{stage} ({actor}) does not fit one pod of group {hosts[0]}"
+        hosted[hosts[0]].append((stage, slots, opts))
+    return hosted
+
+
+# ---- rendering and schemas -------------------------------------------------------------------------------------------
+
+def test_kubectl_is_installed() -> None:
+    _require_kubectl()
+
+
+def test_overlay_renders_the_expected_objects(objects: tuple[dict[str, Any], ...], overlay: str) -> None:
+    kinds = {o["kind"] for o in objects}
+    assert {"Namespace", "ServiceAccount", "RayService", "PodMonitor", "PrometheusRule"} <= kinds
+    namespace = _one(objects, "Namespace")["metadata"]["name"]
+    for o in objects:
+        if o["kind"] != "Namespace":
+            assert o["metadata"].get("namespace") == namespace, f"{o['kind']}/{o['metadata']['name']}"
+
+
+def test_every_object_validates_against_its_schema(objects: tuple[dict[str, Any], ...]) -> None:
+    for obj in objects:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        if is_core(obj):
+            validate_core(obj)
+        elif obj["kind"] in CRD_FILES:
+            assert crd_errors(obj) == [], where
+            validate_metadata(obj)
+        elif obj["kind"] in MONITORING_SCHEMAS:
+            assert monitoring_errors(obj) == [], where
+            validate_metadata(obj)
+        else:
+            pytest.fail(f"{where} ({obj['apiVersion']}): no schema to validate it against")
+
+
+def test_rayservice_cluster_validates_as_a_raycluster(rayservice: dict[str, Any]) -> None:
+    cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "videogen"},
+               "spec": _cluster(rayservice)}
+    assert crd_errors(cluster) == []
+
+
+def test_pod_templates_validate_as_core_pod_templates(rayservice: dict[str, Any]) -> None:
+    assert rayservice["apiVersion"] == "ray.io/v1"
+    for template in _templates(rayservice).values():
+        validate_pod_template(template)
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda rs: rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].update(minReplica=1), "minReplica"),
+    (lambda rs: rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
+     "is not of type 'string'"),
+    (lambda rs: rs["spec"]["rayClusterConfig"].update(gcsFaultToleranceOptions={"redisAdress": "r:6379"}),
+     "redisAdress"),
+    (lambda rs: rs["spec"]["rayClusterConfig"]["autoscalerOptions"].update(version="v3"), "v3"),
+    (lambda rs: rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+     .append({"containerPort": 8080, "name": "again"}), "duplicate"),
+])
+def test_crd_validation_rejects_broken_rayservices(mutate: Any, expected: str) -> None:
+    _require_kubectl()
+    broken = copy.deepcopy(_one(render(K8S / "overlays" / "prod"), "RayService"))
+    mutate(broken)
+    errors = crd_errors(broken)
+    assert any(expected in e for e in errors), errors
+
+
+def test_kustomizations_use_only_what_kubectl_1_20_understands() -> None:
+    files = sorted(p for p in K8S.rglob("kustomization.yaml") if "monitoring" not in p.relative_to(K8S).parts)
+    assert {p.parent.relative_to(K8S).as_posix() for p in files} >= {"base", "overlays/dev", "overlays/prod"}
+    for path in files:
+        data = yaml.safe_load(path.read_text())
+        assert set(data) <= KUSTOMIZE_V2_FIELDS, f"{path}: {set(data) - KUSTOMIZE_V2_FIELDS}"
+        for entry in data.get("resources", []):
+            assert (path.parent / entry).is_file(), f"{path}: resources are files in kustomize v2 ({entry})"
+        for entry in data.get("bases", []):
+            assert (path.parent / entry / "kustomization.yaml").is_file(), f"{path}: base {entry}"
+
+
+def test_kuberay_crd_copies_are_verbatim() -> None:
+    source = (SCHEMAS / "SOURCE.txt").read_text()
+    for name in CRD_FILES.values():
+        digest = hashlib.sha256((SCHEMAS / name).read_bytes()).hexdigest()
+        assert f"{digest}  {name}" in source, f"{name} differs from the copy SOURCE.txt describes"
+
+
+# ---- the Serve application -------------------------------------------------------------------------------------------
+
+def test_serve_config_is_the_apps_config(serve_config: dict[str, Any], app_config: AppConfig) -> None:
+    apps = serve_config["applications"]
+    assert len(apps) == 1 and apps[0]["import_path"] == IMPORT_PATH
+    assert app_config.model.device == "cuda"
+    assert app_config.api.api_keys == [] and app_config.keys.keys_file, "production auth is the keys file only"
+
+
+def test_import_path_imports_without_a_gpu() -> None:
+    module, _, attr = IMPORT_PATH.partition(":")
+    code = f"import importlib; assert callable(getattr(importlib.import_module({module!r}), {attr!r}))"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _without_k8s_changes(config: dict[str, Any]) -> dict[str, Any]:
+    config = copy.deepcopy(config)
+    args = config["applications"][0]["args"]
+    args["model"].pop("source")
+    for opts in args["deployments"].values():
+        opts.get("ray_actor_options", {}).pop("resources", None)
+    return config
+
+
+def test_prod_serve_config_is_configs_gpu_5b(overlay: str, serve_config: dict[str, Any]) -> None:
+    if overlay != "prod":
+        return  # dev is CogVideoX-2b on fewer GPUs: its own config, checked by the structural tests
+    expected = yaml.safe_load((ROOT / "configs" / "gpu-5b.yaml").read_text())
+    assert _without_k8s_changes(serve_config) == _without_k8s_changes(expected), \
+        "the RayService's serveConfigV2 and configs/gpu-5b.yaml differ (beyond model.source and resources)"
+    assert serve_config["applications"][0]["args"]["model"]["source"].startswith("s3://")
+
+
+def test_ray_version_matches_the_project(rayservice: dict[str, Any]) -> None:
+    pin = re.search(r'"ray\[serve\]==([^"]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pin, "pyproject.toml pins ray[serve]"
+    assert _cluster(rayservice)["rayVersion"] == pin.group(1)
+
+
+def test_all_ray_pods_run_the_projects_image(rayservice: dict[str, Any]) -> None:
+    images = {_ray_container(t)["image"] for t in _templates(rayservice).values()}
+    assert len(images) == 1, images
+    assert images.pop().rpartition(":")[0].endswith("/videogen-serve"), "the overlay sets the registry and tag"
+
+
+# ---- cluster shape ---------------------------------------------------------------------------------------------------
+
+def test_head_runs_no_workloads(rayservice: dict[str, Any]) -> None:
+    head = _cluster(rayservice)["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert GPU not in _ray_container(head["template"])["resources"]["limits"]
+    assert rayservice["spec"].get("excludeHeadPodFromServeSvc") is True
+
+
+def test_in_tree_autoscaling(rayservice: dict[str, Any]) -> None:
+    cluster = _cluster(rayservice)
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["version"] == "v2"
+
+
+def test_worker_groups_never_restart_pods(rayservice: dict[str, Any]) -> None:
+    # autoscaler v2 replaces a failed worker pod itself; a kubelet restart would hide the failure from it
+    for name, group in _groups(rayservice).items():
+        assert group["template"]["spec"].get("restartPolicy") == "Never", name
+
+
+def test_each_stage_has_a_worker_group_sized_to_its_replicas(rayservice: dict[str, Any],
+                                                             app_config: AppConfig) -> None:
+    for name, stages in _placement(rayservice, app_config).items():
+        group = _groups(rayservice)[name]
+        assert stages, f"worker group {name} hosts no deployment"
+        # one pod holds one full set of its stages' slots: GPUs exactly used, CPUs enough
+        gpus = sum(slots * opts.ray_actor_options.num_gpus for _, slots, opts in stages)
+        cpus = sum(slots * opts.ray_actor_options.num_cpus for _, slots, opts in stages)
+        assert math.isclose(_pod_gpus(group), gpus), f"{name}: {GPU} {_pod_gpus(group)} != replicas' {gpus}"
+        assert cpus <= _pod_cpus(group), f"{name}: replicas need {cpus} CPUs, a pod advertises {_pod_cpus(group)}"
+        # Serve's replica range maps onto the group's pod range
+        need_min = max(math.ceil(_replica_range(opts)[0] / slots) for _, slots, opts in stages)
+        need_max = max(math.ceil(_replica_range(opts)[1] / slots) for _, slots, opts in stages)
+        assert (group["minReplicas"], group["maxReplicas"]) == (need_min, need_max), \
+            f"{name}: pods {group['minReplicas']}..{group['maxReplicas']}, Serve needs {need_min}..{need_max}"
+        assert group.get("replicas", 0) == group["minReplicas"], name
+
+
+def test_stage_groups_have_gpus_the_ingress_none(rayservice: dict[str, Any], app_config: AppConfig,
+                                                 overlay: str) -> None:
+    placement = _placement(rayservice, app_config)
+    for name, group in _groups(rayservice).items():
+        spec = group["template"]["spec"]
+        limits = _ray_container(group["template"])["resources"]["limits"]
+        gpu_tolerations = [t for t in spec.get("tolerations", []) if t.get("key") == GPU]
+        if any(opts.ray_actor_options.num_gpus for _, _, opts in placement[name]):
+            assert float(limits[GPU]).is_integer() and limits[GPU] >= 1, name
+            assert spec.get("nodeSelector"), f"{name}: GPU pods need a GPU node selector"
+            assert any(t.get("effect") == "NoSchedule" and t.get("operator") == "Exists" for t in gpu_tolerations), \
+                f"{name}: GPU pods tolerate the {GPU} taint"
+            if overlay == "prod":
+                assert spec["nodeSelector"] == H100, name
+        else:
+            assert GPU not in limits and not gpu_tolerations, f"{name}: a CPU group stays off GPU nodes"
+
+
+def test_gcs_fault_tolerance_in_prod_only(rayservice: dict[str, Any], overlay: str) -> None:
+    ft = _cluster(rayservice).get("gcsFaultToleranceOptions")
+    if overlay != "prod":
+        assert ft is None
+        return
+    assert ft["redisAddress"]
+    assert set(ft["redisPassword"]) == {"valueFrom"}, "the Redis password comes from a Secret"
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"]["name"]
+
+
+def test_every_ray_container_runs_offline_and_exports_metrics(rayservice: dict[str, Any]) -> None:
+    cluster = _cluster(rayservice)
+    for params in [cluster["headGroupSpec"]["rayStartParams"], *(g["rayStartParams"] for g in _groups(rayservice)
+                                                                 .values())]:
+        assert params.get("metrics-export-port") == "8080"
+    for name, template in _templates(rayservice).items():
+        container = _ray_container(template)
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env.get("HF_HUB_OFFLINE", {}).get("value") == "1", name
+        assert {"name": "metrics", "containerPort": 8080} in [
+            {k: p[k] for k in ("name", "containerPort")} for p in container["ports"]], name
+
+
+def test_gpu_groups_mount_the_model_cache(rayservice: dict[str, Any], app_config: AppConfig) -> None:
+    for name, stages in _placement(rayservice, app_config).items():
+        if not any(opts.ray_actor_options.num_gpus for _, _, opts in stages):
+            continue
+        spec = _groups(rayservice)[name]["template"]["spec"]
+        mounts = {m["mountPath"]: m["name"] for m in _ray_container(_groups(rayservice)[name]["template"])
+                  ["volumeMounts"]}
+        volume = mounts.get(app_config.model.cache_dir)
+        assert volume, f"{name}: nothing mounted at model.cache_dir {app_config.model.cache_dir}"
+        source = next(v for v in spec["volumes"] if v["name"] == volume)
+        assert "emptyDir" in source or "persistentVolumeClaim" in source, source
+
+
+def _secret_mount(template: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    directory = str(Path(path).parent)
+    for mount in _ray_container(template).get("volumeMounts", []):
+        if mount["mountPath"] == directory:
+            volume = next(v for v in template["spec"]["volumes"] if v["name"] == mount["name"])
+            return mount, volume
+    return None
+
+
+def test_tenant_keys_and_webhook_secrets_are_directory_mounts_on_the_ingress(rayservice: dict[str, Any],
+                                                                            app_config: AppConfig) -> None:
+    placement = _placement(rayservice, app_config)
+    ingress_group = next(name for name, stages in placement.items() if any(s == "ingress" for s, _, _ in stages))
+    files = {"keys": app_config.keys.keys_file, "webhooks": app_config.webhooks.secrets_file}
+    assert files["keys"] == "/etc/videogen/keys/keys.json"
+    assert files["webhooks"] == "/etc/videogen/webhooks/secrets.yaml"
+    for what, path in files.items():
+        for name, template in _templates(rayservice).items():
+            found = _secret_mount(template, path)
+            if name != ingress_group:
+                assert found is None, f"{what} secret mounted on {name}: only the ingress reads it"
+                continue
+            assert found, f"{what}: no mount at {Path(path).parent} on the ingress group"
+            mount, volume = found
+            assert "subPath" not in mount, f"{what}: a subPath mount never sees the Secret's updates"
+            assert mount.get("readOnly") is True
+            assert volume["secret"]["secretName"], what
+
+
+def test_s3_access_by_workload_identity(objects: tuple[dict[str, Any], ...], rayservice: dict[str, Any]) -> None:
+    accounts = {o["metadata"]["name"]: o for o in _all(objects, "ServiceAccount")}
+    for name, group in _groups(rayservice).items():
+        account = group["template"]["spec"].get("serviceAccountName")
+        assert account in accounts, f"{name} runs as {account!r}"
+        arn = accounts[account]["metadata"].get("annotations", {}).get("eks.amazonaws.com/role-arn", "")
+        assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@/-]+", arn), arn
+    assert not _all(objects, "Secret"), "no Secret objects in the manifests: they are created out of band"
+
+
+AWS_KEY_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
+    r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", r"aws_secret_access_key", r"aws_access_key_id", r"aws_session_token")]
+
+
+def test_no_aws_keys_in_any_manifest(overlay: str) -> None:
+    _require_kubectl()
+    texts = {f"rendered {overlay}": rendered_text(K8S / "overlays" / overlay)}
+    texts |= {str(p.relative_to(ROOT)): p.read_text(errors="replace") for p in K8S.rglob("*") if p.is_file()}
+    for extra in ("Dockerfile", ".dockerignore"):
+        if (ROOT / extra).is_file():
+            texts[extra] = (ROOT / extra).read_text()
+    for where, text in texts.items():
+        for pattern in AWS_KEY_PATTERNS:
+            assert not pattern.search(text), f"{where}: matches {pattern.pattern}"
+
+
+# ---- monitoring ------------------------------------------------------------------------------------------------------
+
+def test_podmonitors_split_metrics_by_worker_group(objects: tuple[dict[str, Any], ...],
+                                                   rayservice: dict[str, Any]) -> None:
+    monitors = _all(objects, "PodMonitor")
+    covered: set[str] = set()
+    for monitor in monitors:
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        for name, template in _templates(rayservice).items():
+            node_type = "head" if name == "head" else "worker"
+            labels = {**template["metadata"]["labels"], "ray.io/node-type": node_type}
+            if not all(labels.get(k) == v for k, v in selector.items()):
+                continue
+            covered.add(name)
+            ports = {p["name"] for p in _ray_container(template)["ports"]}
+            for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+                assert endpoint["port"] in ports, f"{monitor['metadata']['name']}: {name} has no port {endpoint}"
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert any(r.get("sourceLabels") == ["__meta_kubernetes_pod_label_ray_io_group"] and r.get("targetLabel")
+                       and r.get("action", "replace").lower() == "replace" for r in endpoint.get("relabelings", [])), \
+                f"{monitor['metadata']['name']}: ray.io/group is not relabelled onto the series"
+    assert covered == set(_templates(rayservice)), f"pods no PodMonitor scrapes: {set(_templates(rayservice)) - covered}"
+
+
+def test_dashboards_are_configmaps_for_the_grafana_sidecar(objects: tuple[dict[str, Any], ...]) -> None:
+    files = sorted(DASHBOARDS.glob("*.json")) if DASHBOARDS.is_dir() else []
+    assert files, f"no dashboards in {DASHBOARDS.relative_to(ROOT)} (the monitoring work writes them)"
+    shipped: dict[str, str] = {}
+    for cm in _all(objects, "ConfigMap"):
+        if cm["metadata"].get("labels", {}).get("grafana_dashboard") == "1":
+            shipped |= cm["data"]
+            assert sum(len(v.encode()) for v in cm["data"].values()) < 1024 * 1024, cm["metadata"]["name"]
+    assert sorted(shipped) == [p.name for p in files]
+    for path in files:
+        assert shipped[path.name] == path.read_text(encoding="utf-8"), f"{path.name} differs: run k8s/sync_monitoring.py"
+
+
+def test_prometheus_rule_is_the_alert_rules_file(objects: tuple[dict[str, Any], ...]) -> None:
+    assert RULES.is_file(), f"{RULES.relative_to(ROOT)} is missing (the monitoring work writes it)"
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    assert groups, "the rules file has no groups"
+    assert _one(objects, "PrometheusRule")["spec"]["groups"] == groups
+
+
+def test_generated_monitoring_bundle_is_up_to_date() -> None:
+    spec = importlib.util.spec_from_file_location("sync_monitoring", K8S / "sync_monitoring.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.OUTPUT.read_text(encoding="utf-8") == module.render(), \
+        "k8s/base/monitoring.generated.yaml is stale: run python k8s/sync_monitoring.py"
