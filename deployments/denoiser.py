@@ -10,6 +10,7 @@ import asyncio
 import threading
 import time
 
+from deployments.compute import run_to_end
 from serve.config import AppConfig
 from serve.stages.types import GenerationRequest, Handoff
 
@@ -19,11 +20,15 @@ class Denoiser:
         from deployments.metrics import S3Metrics, StageMetrics
         from serve.jobs.store import JobStore
         from serve.stages.denoising import DenoisingStage
-        from serve.stages.runtime import load_stage
+        from serve.stages.runtime import load_stage, warmup_shapes
         from serve.storage import Storage
 
         self._config = config
-        self._stage = load_stage(DenoisingStage, config)
+        accel = config.model.accel
+        self._stage = load_stage(DenoisingStage, config, accel=accel)
+        if accel.warmup_on_start:
+            # compile and first-call costs for the configured shapes are paid here, not by a request
+            self._stage.warmup(warmup_shapes(config.model, accel), steps=accel.warmup_steps)
         self._store = JobStore(Storage.from_config(config.s3, observer=S3Metrics()))
         self._lock = asyncio.Lock()
         self._metrics = StageMetrics()
@@ -39,17 +44,14 @@ class Denoiser:
             self._metrics.lock_acquired(waiting)
             t0 = time.perf_counter()
             progress(0, req.params.num_inference_steps)
-            work = asyncio.ensure_future(asyncio.to_thread(
-                self._stage.denoise, encoded.value, req.params, on_step=self._metrics.step_timer(progress),
-                should_cancel=cancel.is_set))
-            try:
-                latents = await asyncio.shield(work)
-            except asyncio.CancelledError:
-                # stop the loop at its next step and keep the lock until it has stopped
+            def stop_at_next_step() -> None:
                 cancel.set()
                 self._metrics.cancelled()
-                await asyncio.gather(work, return_exceptions=True)
-                raise
+
+            # the lock is kept until the loop has stopped (at its next step) when the request is cancelled
+            latents = await run_to_end(self._stage.denoise, encoded.value, req.params,
+                                       on_step=self._metrics.step_timer(progress), should_cancel=cancel.is_set,
+                                       on_cancel=stop_at_next_step)
             await asyncio.to_thread(progress.flush)
             self._metrics.processed(time.perf_counter() - t0)
         return Handoff(value=latents, timings={**encoded.timings, "denoiser_s": time.perf_counter() - t0})

@@ -48,6 +48,12 @@ class RayPipeline:
             for response in (encoded, denoised, result):
                 response.cancel()
             raise
+        except ValueError as exc:
+            # a stage refused the request itself (Ray's task error subclasses the cause): retrying cannot help
+            from serve.jobs.runner import NonRetryableError
+
+            cause = getattr(exc, "cause", exc)
+            raise NonRetryableError("invalid_request", str(cause).splitlines()[0][:300]) from None
 
 
 @serve.ingress()

@@ -3,6 +3,10 @@
 Created in a deployment's `__init__`, so Ray adds the `deployment`, `replica` and `application` labels; Ray's
 metrics agent exports them on the node's metrics port (prefix `ray_`). No replica runs its own metrics server.
 Recording never raises into the service: a metrics bug costs a data point, not a job.
+
+Ray 2.60's metrics agent drops a gauge value that was not set again within two report intervals
+(2 x metrics_report_interval_ms, 20 s by default) -- Serve re-sets its own gauges for the same reason -- so every
+gauge here is re-set by one daemon thread per replica process every `REFRESH_S` seconds.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import functools
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,6 +32,38 @@ from serve.metrics import (
 from serve.usage import gpu_seconds_from_timings
 
 log = logging.getLogger(__name__)
+
+REFRESH_S = 5.0
+
+
+class _Refresher:
+    """Calls the registered gauge refreshers every `REFRESH_S` seconds on one daemon thread."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._callbacks.append(callback)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="videogen-metrics-refresh", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(REFRESH_S)
+            with self._lock:
+                callbacks = list(self._callbacks)
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:  # noqa: BLE001 - a metrics bug must not kill the thread
+                    log.debug("gauge refresh failed", exc_info=True)
+
+
+_refresher = _Refresher()
 
 
 def create(spec: Metric) -> Any:
@@ -91,10 +128,12 @@ class StageMetrics:
         self._tiled_seen = 0
         self._rss = create(PROCESS_RSS)
         self._gpu = None
+        self._last_peak: int | None = None
         torch = sys.modules.get("torch")  # a stage replica has imported it; never import it for metrics
         if torch is not None and torch.cuda.is_available():
             self._gpu = (create(GPU_MEMORY_ALLOCATED), create(GPU_MEMORY_RESERVED), create(GPU_MEMORY_PEAK))
         self.sample_memory()
+        _refresher.add(lambda: self.sample_memory(peak=False))
 
     @_never_raises
     def lock_acquired(self, waiting_since: float) -> None:
@@ -104,7 +143,7 @@ class StageMetrics:
     @_never_raises
     def processed(self, seconds: float) -> None:
         self._processing.observe(seconds)
-        self.sample_memory()
+        self.sample_memory(peak=True)
 
     def step_timer(self, on_step: Callable[[int, int], None]) -> Callable[[int, int], None]:
         """Wrap the denoising loop's `on_step(step, total)`: observes the seconds since the previous step."""
@@ -142,32 +181,22 @@ class StageMetrics:
         self._tiled_seen = max(total, self._tiled_seen)
 
     @_never_raises
-    def sample_memory(self) -> None:
+    def sample_memory(self, peak: bool = False) -> None:
+        """RSS and, on a GPU, torch's allocator: `peak=True` after a call reads and resets the peak of that call;
+        the periodic refresh re-sets the last call's peak."""
         rss = _resident_bytes()
         if rss is not None:
             self._rss.set(rss)
         if self._gpu is not None:
             torch = sys.modules["torch"]
             if torch.cuda.is_initialized():
-                allocated, reserved, peak = self._gpu
+                allocated, reserved, peak_gauge = self._gpu
                 allocated.set(torch.cuda.memory_allocated())
                 reserved.set(torch.cuda.memory_reserved())
-                peak.set(torch.cuda.max_memory_allocated())
-                torch.cuda.reset_peak_memory_stats()
-
-
-class IngressMetrics:
-    """Per ingress replica: process memory (the job metrics are `RayJobEvents`)."""
-
-    def __init__(self) -> None:
-        self._rss = create(PROCESS_RSS)
-        self.sample_memory()
-
-    @_never_raises
-    def sample_memory(self) -> None:
-        rss = _resident_bytes()
-        if rss is not None:
-            self._rss.set(rss)
+                if peak or self._last_peak is None:
+                    self._last_peak = torch.cuda.max_memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                peak_gauge.set(self._last_peak)
 
 
 class RayJobEvents(JobEvents):
@@ -186,13 +215,25 @@ class RayJobEvents(JobEvents):
         self._queued = create(INGRESS_QUEUED)
         self._running = create(INGRESS_RUNNING)
         self._gpu_seconds = create(GPU_SECONDS)
-        self._memory = IngressMetrics()
+        self._rss = create(PROCESS_RSS)
+        self._depth = (0, 0)
         self.queue_changed(0, 0)
+        _refresher.add(self._refresh)
 
     @_never_raises
     def queue_changed(self, queued: int, running: int) -> None:
+        self._depth = (queued, running)
         self._queued.set(queued)
         self._running.set(running)
+
+    @_never_raises
+    def _refresh(self) -> None:
+        queued, running = self._depth
+        self._queued.set(queued)
+        self._running.set(running)
+        rss = _resident_bytes()
+        if rss is not None:
+            self._rss.set(rss)
 
     @_never_raises
     def attempt_started(self, job: JobRecord, now: float) -> None:
@@ -213,4 +254,3 @@ class RayJobEvents(JobEvents):
             for stage, seconds in gpu_seconds_from_timings(job.timings, self._gpus).items():
                 if seconds > 0 and stage in GPU_STAGE_LABELS:
                     self._gpu_seconds.inc(seconds, tags={"tenant": job.tenant, "stage": stage})
-        self._memory.sample_memory()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from deployments.compute import run_to_end
 from serve.config import AppConfig
 from serve.stages.types import GenerationRequest, Handoff
 
@@ -19,6 +20,8 @@ class TextEncoder:
         from serve.storage import Storage
 
         self._stage = load_stage(TextEncodingStage, config, text_encoder=True)
+        if config.model.accel.warmup_on_start:
+            self._stage.warmup()  # first-call costs (kernels, allocator) paid here, not by a request
         self._store = JobStore(Storage.from_config(config.s3, observer=S3Metrics()))
         self._lock = asyncio.Lock()
         self._metrics = StageMetrics()
@@ -30,7 +33,7 @@ class TextEncoder:
             await asyncio.to_thread(self._store.put_progress, req.job_id, "encoding", 0,
                                     req.params.num_inference_steps, attempt=req.attempt)
             t0 = time.perf_counter()
-            emb = await asyncio.to_thread(self._stage.encode, req.prompt, req.negative_prompt,
-                                          req.params.do_classifier_free_guidance)
+            emb = await run_to_end(self._stage.encode, req.prompt, req.negative_prompt,
+                                   req.params.do_classifier_free_guidance)
             self._metrics.processed(time.perf_counter() - t0)
         return Handoff(value=emb, timings={"text_encoder_s": time.perf_counter() - t0})

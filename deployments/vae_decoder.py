@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+from deployments.compute import run_to_end
 from serve.config import AppConfig
 from serve.stages.types import GenerationRequest, Handoff
 
@@ -15,10 +16,12 @@ class VaeDecoder:
         from deployments.metrics import S3Metrics, StageMetrics
         from serve.jobs.store import JobStore
         from serve.stages.decoding import DecodingStage
-        from serve.stages.runtime import load_stage
+        from serve.stages.runtime import load_stage, warmup_shapes
         from serve.storage import Storage
 
         self._stage = load_stage(DecodingStage, config)
+        if config.model.accel.warmup_on_start:
+            self._stage.warmup(warmup_shapes(config.model, config.model.accel))
         self._storage = Storage.from_config(config.s3, observer=S3Metrics())
         self._store = JobStore(self._storage)
         self._lock = asyncio.Lock()
@@ -36,7 +39,7 @@ class VaeDecoder:
             await asyncio.to_thread(self._store.put_progress, req.job_id, "decoding", 0, total,
                                     attempt=req.attempt)
             t0 = time.perf_counter()
-            frames = await asyncio.to_thread(self._stage.decode, denoised.value)
+            frames = await run_to_end(self._stage.decode, denoised.value)
             frames = to_uint8(frames)
             timings = {**denoised.timings, "vae_decoder_s": time.perf_counter() - t0}
             self._metrics.processed(timings["vae_decoder_s"])
@@ -45,6 +48,16 @@ class VaeDecoder:
         await asyncio.to_thread(self._store.put_progress, req.job_id, "uploading", 0, total,
                                 attempt=req.attempt)
         keys = video_keys(self._storage, req.job_id)
+        if not await asyncio.to_thread(self._still_wanted, req.job_id):
+            raise RuntimeError(f"job {req.job_id} was cancelled or deleted before its video was uploaded")
         added = await asyncio.to_thread(publish_video, self._storage, keys, req, frames, timings)
+        if not await asyncio.to_thread(self._still_wanted, req.job_id):
+            # deleted while uploading: nothing may outlive the job's record
+            await asyncio.to_thread(self._storage.delete_many, list(keys.values()))
+            raise RuntimeError(f"job {req.job_id} was deleted while its video was uploaded")
         self._metrics.encoded(added["encode_s"])
         return {"result": keys, "timings": {**timings, **added}}
+
+    def _still_wanted(self, job_id: str) -> bool:
+        job = self._store.get(job_id)
+        return job is not None and not job.cancel_requested and not job.is_terminal

@@ -1,8 +1,24 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs the project with its test extras. Idempotent.
+# --test-tools also installs the system tools the tests need (kubectl, Prometheus).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# system tools the tests use: kubectl (renders the kustomize overlays) and Prometheus/promtool (the
+# observability test). Debian's kubernetes-client conflicts with an already installed kubectl, so only
+# install what is missing.
+missing=()
+[ "${1:-}" = "--test-tools" ] && {
+command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+}
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "setup: please install ${missing[*]} (Debian packages) for the k8s and observability tests" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -3,7 +3,7 @@
 # GPU tests skip without CUDA). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --test-tools
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 exec python -m pytest -q -p no:cacheprovider "$@"

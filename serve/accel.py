@@ -11,6 +11,7 @@ for `quality="speed"`.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ CacheKind = Literal["none", "first_block", "pab", "faster"]
 
 # fp8 matmuls (torch._scaled_mm) exist from Ada/Hopper on.
 FP8_MIN_CAPABILITY = (8, 9)
+_FP8_LINEARS = re.compile(r"transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))")
 
 
 class AccelUnavailable(RuntimeError):
@@ -103,9 +105,11 @@ class AccelConfig(_Strict):
         default="none",
         description="Step cache used for requests with quality='speed' (lossy): 'first_block' (adaptive), "
                     "'pab' (pyramid attention broadcast), 'faster' (FasterCache; needs CFG).")
-    first_block: FirstBlockCacheParams = Field(default_factory=FirstBlockCacheParams)
-    pab: PyramidAttentionBroadcastParams = Field(default_factory=PyramidAttentionBroadcastParams)
-    faster: FasterCacheParams = Field(default_factory=FasterCacheParams)
+    first_block: FirstBlockCacheParams = Field(
+        default_factory=FirstBlockCacheParams, description="Parameters of cache='first_block'.")
+    pab: PyramidAttentionBroadcastParams = Field(
+        default_factory=PyramidAttentionBroadcastParams, description="Parameters of cache='pab'.")
+    faster: FasterCacheParams = Field(default_factory=FasterCacheParams, description="Parameters of cache='faster'.")
     warmup_on_start: bool = Field(
         default=True, description="Run each stage once per warm-up shape when the replica starts.")
     warmup_shapes: list[tuple[int, int, int]] = Field(
@@ -202,10 +206,15 @@ def apply_accel(transformer, cfg: AccelConfig, device, *,
     from serve.stages.attention import install_attention_backend
 
     device = torch.device(device)
+    if getattr(transformer, "_videogen_accel", None) is not None:
+        raise RuntimeError("acceleration was already applied to this transformer; call reset_accel first")
     if device.type == "cuda":
         configure_cuda_backends()
     if cfg.fp8:
         check_fp8_supported(device)
+        if cfg.fp8_granularity == "row" and transformer.dtype != torch.bfloat16:
+            raise ValueError(f"accel.fp8_granularity='row' needs bfloat16 weights but the transformer is "
+                             f"{transformer.dtype}; set model.dtype: bfloat16 or accel.fp8_granularity: tensor")
     if cfg.cache in ("pab", "faster") and current_timestep is None:
         raise ValueError(f"cache={cfg.cache!r} skips by timestep and needs a `current_timestep` callback")
 
@@ -309,14 +318,15 @@ def _quantize_fp8(transformer, granularity: str) -> None:
     import torch
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
-    def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
-        # Only the blocks' linears (>99% of the FLOPs); patch/time embeddings and the output
-        # projection stay in the preset dtype. _scaled_mm wants both dimensions divisible by 16.
-        return (isinstance(module, torch.nn.Linear) and fqn.startswith("transformer_blocks.")
+    def attention_and_mlp(module: torch.nn.Module, fqn: str) -> bool:
+        # The blocks' attention and feed-forward linears: nearly all of the FLOPs. Embeddings, the
+        # timestep modulations (2 rows each) and the output projection stay in the preset dtype.
+        # _scaled_mm wants both dimensions divisible by 16.
+        return (isinstance(module, torch.nn.Linear) and _FP8_LINEARS.fullmatch(fqn) is not None
                 and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(
-        granularity=PerRow() if granularity == "row" else PerTensor()), filter_fn=in_blocks)
+        granularity=PerRow() if granularity == "row" else PerTensor()), filter_fn=attention_and_mlp)
 
 
 def _compile(transformer, cfg: AccelConfig) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from serve.accel import AccelConfig
 from serve.limits import LimitsConfig
 from serve.presets import FAMILIES, Family, Preset, preset_for
 from serve.safety import SafetyConfig
@@ -62,6 +63,20 @@ class ModelConfig(_Strict):
     revision: str | None = Field(default=None, description="Hub revision for a Hugging Face id.")
     aliases: list[str] = Field(default_factory=list, description="Other names accepted for this model.")
     defaults: PresetOverrides = Field(default_factory=PresetOverrides, description="Overrides of the preset.")
+    accel: AccelConfig = Field(
+        default_factory=AccelConfig,
+        description="Denoiser speed options (serve/accel.py): attention backend, torch.compile, fp8, the step "
+                    "cache used for quality='speed' requests, warm-up shapes.")
+
+    @model_validator(mode="after")
+    def _accel_fits_model(self) -> ModelConfig:
+        if self.accel.fp8 and self.device == "cpu":
+            raise ValueError("model.accel.fp8 needs a CUDA GPU of compute capability >= 8.9 but model.device is 'cpu'")
+        if self.accel.fp8 and self.accel.fp8_granularity == "row" and self.resolved_dtype() != "bfloat16":
+            raise ValueError(f"model.accel.fp8_granularity 'row' needs bfloat16 weights but the model's dtype is "
+                             f"{self.resolved_dtype()}; set model.dtype: bfloat16 or model.accel.fp8_granularity: "
+                             "tensor")
+        return self
 
     @field_validator("source", "cache_dir")
     @classmethod

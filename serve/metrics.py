@@ -216,39 +216,32 @@ def job_age_seconds(job: JobRecord, now: float) -> float:
 
 
 # ---- Ray's own metrics that the dashboards and alerts use ---------------------------------------------------------
-# Exported by Ray 2.60 as scraped (checked against a running cluster). "gpu": only on a node with a GPU (Ray's
-# reporter agent emits no GPU series at all, not zeros, on a CPU node).
+# As Ray 2.60 exports them (checked by scraping a running cluster; tests/integration/test_observability.py checks
+# that each "node"/"serve" one exists there). "gpu": only on a node with a GPU -- Ray's reporter agent exports no GPU
+# series at all on a CPU node, not zeros.
 RAY_BUILTIN_METRICS: dict[str, str] = {
-    # node (reporter agent; labels ip, IsHeadNode, RayNodeType; GPU ones also GpuIndex, GpuDeviceName)
-    "ray_node_cpu_utilization": "node",
-    "ray_node_cpu_count": "node",
-    "ray_node_mem_used": "node",
+    # node, from the reporter agent (labels ip, IsHeadNode, RayNodeType; GPU ones also GpuIndex, GpuDeviceName)
+    "ray_node_cpu_utilization": "node",  # percent
+    "ray_node_mem_used": "node",  # bytes
     "ray_node_mem_total": "node",
-    "ray_node_gpus_available": "gpu",
-    "ray_node_gpus_utilization": "gpu",
-    "ray_node_gram_used": "gpu",  # MiB, despite the "bytes" in Ray's description
+    "ray_node_gpus_utilization": "gpu",  # percent, per GPU
+    "ray_node_gram_used": "gpu",  # MiB (Ray's description says bytes; pynvml's value is divided by 1 MiB)
     "ray_node_gram_available": "gpu",  # MiB
-    # per process group (label Component, e.g. "ray::ServeReplica:videogen:Denoiser")
-    "ray_component_rss_bytes": "node",
-    "ray_component_cpu_percentage": "node",
+    # per process group (label Component, e.g. "ray::ServeReplica:videogen:Denoiser"), GPU ones only once > 0
     "ray_component_gpu_percentage": "gpu",
     "ray_component_gpu_memory_mb": "gpu",
-    # Ray Serve (labels deployment, application, replica where per replica)
-    "ray_serve_deployment_request_counter_total": "serve",
-    "ray_serve_deployment_processing_latency_ms_bucket": "serve",
-    "ray_serve_deployment_processing_latency_ms_count": "serve",
-    "ray_serve_deployment_processing_latency_ms_sum": "serve",
-    "ray_serve_deployment_error_counter_total": "serve-on-error",
-    "ray_serve_replica_processing_queries": "serve",
-    "ray_serve_deployment_queued_queries": "serve",
-    "ray_serve_num_ongoing_requests_at_replicas": "serve",
-    "ray_serve_autoscaling_target_replicas": "serve",
-    "ray_serve_deployment_replica_healthy": "serve",
-    "ray_serve_deployment_replica_starts_total": "serve",
-    "ray_serve_deployment_status": "serve",
+    # Ray Serve (labels application, deployment; replica where per replica; route, method, status_code for HTTP)
     "ray_serve_num_http_requests_total": "serve",
     "ray_serve_http_request_latency_ms_bucket": "serve",
-    "ray_serve_health_check_failures_total": "serve-on-error",
+    "ray_serve_deployment_request_counter_total": "serve",
+    "ray_serve_deployment_processing_latency_ms_bucket": "serve",
+    "ray_serve_deployment_error_counter_total": "serve",  # from a replica's first failed call (exception_type)
+    "ray_serve_deployment_queued_queries": "serve",
+    "ray_serve_replica_processing_queries": "serve",
+    "ray_serve_autoscaling_target_replicas": "serve",  # also without autoscaling (= num_replicas)
+    "ray_serve_deployment_replica_healthy": "serve",  # per replica: 1 healthy / 0
+    "ray_serve_deployment_replica_starts_total": "serve",  # one series per replica, value 1
+    "ray_serve_deployment_status": "serve",  # 1 DEPLOY_FAILED, 2 UNHEALTHY, 3 UPDATING, ..., 6 HEALTHY
 }
 GPU_ONLY_SERIES: frozenset[str] = frozenset(
     {n for n, k in RAY_BUILTIN_METRICS.items() if k == "gpu"}
@@ -321,14 +314,14 @@ class ObservedS3Client:
             op = "conditional_put" if name == "put_object" and ("IfMatch" in kwargs or "IfNoneMatch" in kwargs) \
                 else operation
             t0 = time.perf_counter()
-            error = None
+            error, raised = None, False
             try:
                 return target(*args, **kwargs)
             except Exception as exc:
-                error = s3_error_code(exc)
+                error, raised = s3_error_code(exc), True
                 raise
             finally:
-                sent = _body_size(name, args, kwargs) if error is None else 0
+                sent = 0 if raised else _body_size(name, args, kwargs)
                 try:
                     self._observer(op, time.perf_counter() - t0, sent, error)
                 except Exception:  # noqa: BLE001 - metrics never fail an S3 call

@@ -109,6 +109,7 @@ def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig)
         "guidance_scale": float(guidance),
         "use_dynamic_cfg": bool(dynamic),
         "seed": seed,
+        "quality": req.quality or "quality",
     }
 
 
@@ -121,4 +122,5 @@ def sampling_params(params: dict[str, Any]) -> SamplingParams:
         num_frames=params["num_frames"], height=params["height"], width=params["width"],
         num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
         use_dynamic_cfg=params["use_dynamic_cfg"], seed=params["seed"], fps=params["fps"],
+        quality=params.get("quality", "quality"),
     )

@@ -24,6 +24,8 @@ class CreateVideoRequest(BaseModel):
     use_dynamic_cfg: bool | None = Field(default=None, description="CogVideoX's cosine CFG schedule.")
     num_frames: int | None = Field(default=None, description="8N+1 (16N+1 for CogVideoX1.5).")
     fps: int | None = Field(default=None, description="Frames per second of the mp4.")
+    quality: Literal["quality", "speed"] | None = Field(
+        default=None, description="'speed' uses the deployment's step cache (faster, lossy); default 'quality'.")
     deadline_seconds: float | None = Field(
         default=None, description="Give up (status failed, code deadline_exceeded) this long after submission.")
     webhook_url: str | None = Field(default=None, description="POSTed signed video.* events for this job.")
@@ -60,6 +62,7 @@ class Video(BaseModel):
     num_inference_steps: int
     guidance_scale: float
     use_dynamic_cfg: bool
+    quality: str = "quality"
     negative_prompt: str | None = None
     attempts: int = 0
     deadline_at: int | None = Field(default=None, description="Unix seconds after which the job fails.")

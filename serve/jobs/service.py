@@ -213,6 +213,7 @@ class VideoService:
             stage=job.stage if job.status == "in_progress" else None, step=job.step,
             total_steps=job.total_steps, num_frames=p["num_frames"], fps=p["fps"], seed=p["seed"],
             num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"],
-            use_dynamic_cfg=p["use_dynamic_cfg"], negative_prompt=p.get("negative_prompt"),
+            use_dynamic_cfg=p["use_dynamic_cfg"], quality=p.get("quality", "quality"),
+            negative_prompt=p.get("negative_prompt"),
             attempts=job.attempts, deadline_at=int(job.deadline_at) if job.deadline_at else None, **urls,
         )

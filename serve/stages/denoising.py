@@ -24,6 +24,7 @@ from serve.accel import (
     cache_engages,
     cache_for_request,
     configure_cuda_backends,
+    reset_accel,
 )
 from serve.stages.types import Latents, PromptEmbeddings, SamplingParams
 
@@ -106,8 +107,14 @@ class DenoisingStage:
 
     def apply_accel(self, accel: AccelConfig) -> AppliedAccel:
         """Apply attention backend, fp8, compile and prepare the step cache (see serve/accel.py)."""
-        self.accel = apply_accel(self.transformer, accel, self.device, current_timestep=lambda: self.current_timestep)
+        self.accel = apply_accel(self.transformer, accel, self.device,
+                                 current_timestep=lambda: self.current_timestep)
         return self.accel
+
+    def reset_accel(self) -> None:
+        """Back to the stock model (all but fp8, which replaced the weights); for benchmarks."""
+        reset_accel(self.transformer)
+        self.accel = AppliedAccel(device=str(self.device))
 
     @classmethod
     def from_pretrained(

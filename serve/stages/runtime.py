@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from serve.accel import AccelConfig
 from serve.config import AppConfig, ModelConfig, S3Config
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,22 @@ def local_model_path(model: ModelConfig, s3: S3Config) -> str:
     return resolve_model_source(model.source, model.cache_dir, s3_client=client, revision=model.revision)
 
 
-def load_stage(stage_cls, config: AppConfig, *, text_encoder: bool = False):
-    """`stage_cls.from_pretrained` on this replica's device, in the stage's dtype, from the configured source."""
+def load_stage(stage_cls, config: AppConfig, *, text_encoder: bool = False, **stage_kwargs):
+    """`stage_cls.from_pretrained` on this replica's device, in the stage's dtype, from the configured source.
+
+    `stage_kwargs` go to `from_pretrained` as they are (e.g. `accel=` for the denoiser).
+    """
     device = resolve_device(config.model)
     dtype = text_encoder_dtype(config.model, device) if text_encoder else weights_dtype(config.model, device)
     path = local_model_path(config.model, config.s3)
     log.info("loading %s from %s on %s (%s)", stage_cls.__name__, path, device, dtype)
-    return stage_cls.from_pretrained(path, device=device, dtype=dtype, revision=config.model.revision)
+    return stage_cls.from_pretrained(path, device=device, dtype=dtype, revision=config.model.revision,
+                                     **stage_kwargs)
+
+
+def warmup_shapes(model: ModelConfig, accel: AccelConfig) -> list[tuple[int, int, int]]:
+    """`(num_frames, height, width)` to warm up: the configured ones, else the preset's default video."""
+    if accel.warmup_shapes:
+        return [tuple(shape) for shape in accel.warmup_shapes]
+    preset = model.preset()
+    return [(preset.num_frames, preset.height, preset.width)]

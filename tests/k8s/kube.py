@@ -165,7 +165,7 @@ def crd_errors(obj: dict[str, Any]) -> list[str]:
             for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
 
 
-# ---- Prometheus Operator objects --------------------------------------------------------------------------------------
+# ---- Prometheus Operator objects -------------------------------------------------------------------------------------
 
 _LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
 _METADATA = {"type": "object", "required": ["name"]}

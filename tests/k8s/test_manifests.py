@@ -259,9 +259,10 @@ def _without_k8s_changes(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def test_prod_serve_config_is_configs_gpu_5b(overlay: str, serve_config: dict[str, Any]) -> None:
-    if overlay != "prod":
-        return  # dev is CogVideoX-2b on fewer GPUs: its own config, checked by the structural tests
+def test_prod_serve_config_is_configs_gpu_5b() -> None:
+    # dev is CogVideoX-2b on fewer GPUs: its own config, held to the same structural tests
+    _require_kubectl()
+    serve_config = yaml.safe_load(_one(render(K8S / "overlays" / "prod"), "RayService")["spec"]["serveConfigV2"])
     expected = yaml.safe_load((ROOT / "configs" / "gpu-5b.yaml").read_text())
     assert _without_k8s_changes(serve_config) == _without_k8s_changes(expected), \
         "the RayService's serveConfigV2 and configs/gpu-5b.yaml differ (beyond model.source and resources)"
@@ -327,7 +328,7 @@ def test_stage_groups_have_gpus_the_ingress_none(rayservice: dict[str, Any], app
         limits = _ray_container(group["template"])["resources"]["limits"]
         gpu_tolerations = [t for t in spec.get("tolerations", []) if t.get("key") == GPU]
         if any(opts.ray_actor_options.num_gpus for _, _, opts in placement[name]):
-            assert float(limits[GPU]).is_integer() and limits[GPU] >= 1, name
+            assert _quantity(limits[GPU]).is_integer() and _quantity(limits[GPU]) >= 1, name
             assert spec.get("nodeSelector"), f"{name}: GPU pods need a GPU node selector"
             assert any(t.get("effect") == "NoSchedule" and t.get("operator") == "Exists" for t in gpu_tolerations), \
                 f"{name}: GPU pods tolerate the {GPU} taint"
@@ -449,7 +450,8 @@ def test_podmonitors_split_metrics_by_worker_group(objects: tuple[dict[str, Any]
             assert any(r.get("sourceLabels") == ["__meta_kubernetes_pod_label_ray_io_group"] and r.get("targetLabel")
                        and r.get("action", "replace").lower() == "replace" for r in endpoint.get("relabelings", [])), \
                 f"{monitor['metadata']['name']}: ray.io/group is not relabelled onto the series"
-    assert covered == set(_templates(rayservice)), f"pods no PodMonitor scrapes: {set(_templates(rayservice)) - covered}"
+    missing = set(_templates(rayservice)) - covered
+    assert not missing, f"pods no PodMonitor scrapes: {missing}"
 
 
 def test_dashboards_are_configmaps_for_the_grafana_sidecar(objects: tuple[dict[str, Any], ...]) -> None:
@@ -462,7 +464,8 @@ def test_dashboards_are_configmaps_for_the_grafana_sidecar(objects: tuple[dict[s
             assert sum(len(v.encode()) for v in cm["data"].values()) < 1024 * 1024, cm["metadata"]["name"]
     assert sorted(shipped) == [p.name for p in files]
     for path in files:
-        assert shipped[path.name] == path.read_text(encoding="utf-8"), f"{path.name} differs: run k8s/sync_monitoring.py"
+        assert shipped[path.name] == path.read_text(encoding="utf-8"), \
+            f"{path.name} differs: run python k8s/sync_monitoring.py"
 
 
 def test_prometheus_rule_is_the_alert_rules_file(objects: tuple[dict[str, Any], ...]) -> None:

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The one command for the GPU machine (device tool `run`, repo root, carry [".whl"] from
+# benchmarks/fetch_wheels.sh):
+#   bash benchmarks/run_on_gpu.sh [extra gpu_benchmark.py flags, e.g. --models 5b]
+#   SKIP_TESTS=1 TOTAL_S=240 bash benchmarks/run_on_gpu.sh --models 5b --settings compile,fp8   # a follow-up
+# Installs the carried wheels, runs tests/gpu, then the benchmark within what is left of TOTAL_S
+# (default 480 s: the device allows 600 s a command), and copies BENCHMARKS.md and the logs to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-out/gpu-run}"
+mkdir -p "$OUT"
+TOTAL_S="${TOTAL_S:-480}"
+WHEELS="${WHEELS:-.whl}"
+REPORT="${REPORT:-BENCHMARKS.md}"
+T0=$SECONDS
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+# 1. Packages the image lacks, from the carried wheels
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$WHEELS"/*.whl || { echo "installing $WHEELS/*.whl failed"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 - <<'PY'
+import importlib
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0),
+      "capability", torch.cuda.get_device_capability(0))
+for name in ("diffusers", "transformers", "torchao", "pydantic", "accelerate"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as exc:  # report, do not stop: the tests say what is missing
+        print(name, "MISSING", exc)
+PY
+} 2>&1 | tee "$OUT/env.log"
+
+# 2. GPU tests (SKIP_TESTS=1: a follow-up call that only benchmarks); --confcutdir keeps
+# tests/conftest.py (local S3, moto) out of this run
+TEST_RC=0
+if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
+  timeout 180 python3 -m pytest tests/gpu -q -rs --confcutdir=tests/gpu -p no:cacheprovider --durations=10 2>&1 \
+    | tee "$OUT/pytest-gpu.log"
+  TEST_RC=${PIPESTATUS[0]}
+fi
+
+# 3. Benchmark within the remaining time; it rewrites BENCHMARKS.md after every setting
+BUDGET=$(( TOTAL_S - (SECONDS - T0) - 30 ))
+if (( BUDGET < 60 )); then BUDGET=60; fi
+timeout $(( BUDGET + 60 )) python3 benchmarks/gpu_benchmark.py --out "$REPORT" --budget-s "$BUDGET" "$@" 2>&1 \
+  | tee "$OUT/benchmark.log"
+BENCH_RC=${PIPESTATUS[0]}
+
+cp "$REPORT" "$OUT/BENCHMARKS.md" 2>/dev/null
+echo "pytest rc=$TEST_RC benchmark rc=$BENCH_RC total $(( SECONDS - T0 )) s" | tee -a "$OUT/benchmark.log"
+exit $(( TEST_RC != 0 || BENCH_RC != 0 ))

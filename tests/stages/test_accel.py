@@ -1,0 +1,208 @@
+"""Speed options on the tiny models (CPU): caches engage per request only, the attention backend
+processor is exact, compile keeps results and compiles only at warm-up, and bad configs say why."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from serve.accel import AccelConfig, AccelUnavailable, apply_accel, cache_for_request, reset_accel
+from serve.stages.types import SamplingParams
+
+# Caches need >= 2 blocks (the tiny models have 2). The first-block cache's default threshold never
+# skips on tiny random weights; 0.5 does (rel. L2 deviation ~1%).
+CACHES = {
+    "first_block": {"cache": "first_block", "first_block": {"threshold": 0.5}},
+    "pab": {"cache": "pab"},
+    "faster": {"cache": "faster"},
+}
+
+
+def _params(**overrides) -> SamplingParams:
+    values = dict(num_frames=9, height=32, width=48, num_inference_steps=8, guidance_scale=6.0,
+                  use_dynamic_cfg=True, seed=11, fps=8)
+    values.update(overrides)
+    return SamplingParams(**values)
+
+
+@pytest.fixture(scope="module")
+def emb(stages):
+    text, _, _ = stages("5b")
+    return text.encode("a panda walking in the forest", None, do_cfg=True)
+
+
+@pytest.fixture(scope="module")
+def baseline(stages, emb) -> np.ndarray:
+    _, denoiser, _ = stages("5b")
+    return denoiser.denoise(emb, _params()).latents
+
+
+def _denoiser(tiny_models, variant: str = "5b", **accel):
+    """A denoiser of its own: accel options change the transformer in place."""
+    from serve.stages.denoising import DenoisingStage
+
+    return DenoisingStage.from_pretrained(str(tiny_models[variant]), accel=AccelConfig(**accel) if accel else None)
+
+
+def test_accel_config_imports_without_torch():
+    code = "import sys, serve.accel; serve.accel.AccelConfig(); assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.mark.parametrize("name", list(CACHES))
+def test_cache_engages_per_request_and_stays_close(name, tiny_models, emb, baseline):
+    denoiser = _denoiser(tiny_models, **CACHES[name])
+    speed = denoiser.denoise(emb, _params(quality="speed")).latents
+    assert denoiser.last_cache_used == name
+    assert not denoiser.transformer.is_cache_enabled  # hooks only live during the request
+
+    # engaged: different from the exact model, but close to it
+    assert np.isfinite(speed).all()
+    diff = np.abs(speed - baseline)
+    assert diff.max() > 1e-4
+    assert np.linalg.norm(speed - baseline) / np.linalg.norm(baseline) < 0.05
+    assert diff.max() < 0.5
+
+    # a fresh cache per request: the same request again gives the same result
+    again = denoiser.denoise(emb, _params(), use_cache=True).latents
+    np.testing.assert_array_equal(speed, again)
+
+    # quality after speed is the exact model, bit for bit
+    quality = denoiser.denoise(emb, _params(quality="quality")).latents
+    assert denoiser.last_cache_used == "none"
+    np.testing.assert_array_equal(quality, baseline)
+
+
+def test_faster_cache_needs_cfg_and_stays_off_without_it(tiny_models, stages):
+    text, exact, _ = stages("5b")
+    emb = text.encode("a cat", None, do_cfg=False)
+    p = _params(guidance_scale=1.0, quality="speed")
+    denoiser = _denoiser(tiny_models, **CACHES["faster"])
+    out = denoiser.denoise(emb, p).latents
+    assert denoiser.last_cache_used == "none"
+    np.testing.assert_array_equal(out, exact.denoise(emb, p).latents)
+
+
+def test_cache_for_request_removes_hooks_after_an_error(tiny_models):
+    denoiser = _denoiser(tiny_models, **CACHES["first_block"])
+    transformer = denoiser.transformer
+    with pytest.raises(RuntimeError, match="boom"):
+        with cache_for_request(transformer, denoiser.accel.cache_config, True) as engaged:
+            assert engaged and transformer.is_cache_enabled
+            raise RuntimeError("boom")
+    assert not transformer.is_cache_enabled
+    with cache_for_request(transformer, None, True) as engaged:  # no cache configured
+        assert not engaged
+
+
+@pytest.mark.parametrize("variant", ["2b", "5b"])
+def test_math_backend_processor_matches_stock(variant, tiny_models, stages):
+    from serve.stages.attention import SdpaBackendCogVideoXAttnProcessor
+
+    text, exact, _ = stages(variant)
+    emb = text.encode("a cat", "rain", do_cfg=True)
+    p = _params(num_inference_steps=4, use_dynamic_cfg=variant != "2b")
+    denoiser = _denoiser(tiny_models, variant, attention_backend="math")
+    processors = set(map(type, denoiser.transformer.attn_processors.values()))
+    assert processors == {SdpaBackendCogVideoXAttnProcessor}
+    np.testing.assert_allclose(denoiser.denoise(emb, p).latents, exact.denoise(emb, p).latents, atol=1e-5)
+
+
+def test_backend_without_a_kernel_fails_at_start(tiny_models):
+    # no cuDNN attention on a CPU: the replica must fail when it starts, not on the first request
+    with pytest.raises(AccelUnavailable, match="attention_backend='cudnn' has no kernel for cpu"):
+        _denoiser(tiny_models, attention_backend="cudnn")
+
+
+def test_fp8_on_cpu_says_why(tiny_models):
+    denoiser = _denoiser(tiny_models)
+    with pytest.raises(AccelUnavailable, match=r"accel.fp8 needs a CUDA GPU of compute capability >= 8.9.*cpu"):
+        apply_accel(denoiser.transformer, AccelConfig(fp8=True), "cpu")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"compile": "full", "cache": "first_block"}, "compile='full' cannot be combined with cache='first_block'"),
+        ({"compile": "regional", "cache": "pab"}, "compile='regional' cannot be combined with cache='pab'"),
+        ({"pab": {"spatial_attention_timestep_skip_range": (800, 100)}}, "low < high"),
+        ({"first_block": {"threshold": 0}}, "greater than 0"),
+        ({"warmup_shapes": [(49, 480, 721)]}, "multiples of 8"),
+        ({"attention_backend": "xformers"}, "attention_backend"),
+        ({"cahce": "pab"}, "Extra inputs are not permitted"),
+    ],
+)
+def test_accel_config_rejects(options, message):
+    with pytest.raises(ValidationError, match=message):
+        AccelConfig(**options)
+
+
+def test_pab_needs_the_current_timestep(tiny_models):
+    denoiser = _denoiser(tiny_models)
+    with pytest.raises(ValueError, match="needs a `current_timestep` callback"):
+        apply_accel(denoiser.transformer, AccelConfig(cache="pab"), "cpu")
+
+
+def test_regional_compile_matches_eager_and_compiles_only_at_warmup(tiny_models, emb, baseline):
+    from torch._dynamo.utils import counters
+
+    # "eager" traces with dynamo (fullgraph: any graph break fails) without inductor's CPU codegen
+    denoiser = _denoiser(tiny_models, compile="regional", compile_backend="eager", **CACHES["first_block"])
+    denoiser.warmup([(9, 32, 48)], steps=2)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    out = denoiser.denoise(emb, _params()).latents
+    speed = denoiser.denoise(emb, _params(quality="speed")).latents
+    assert counters["stats"]["unique_graphs"] == graphs  # no request compiled anything
+    np.testing.assert_allclose(out, baseline, atol=1e-5)
+
+    eager_cached = _denoiser(tiny_models, **CACHES["first_block"]).denoise(emb, _params(quality="speed")).latents
+    np.testing.assert_allclose(speed, eager_cached, atol=1e-5)
+
+
+def test_reset_accel_restores_the_stock_model(tiny_models, emb, baseline):
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+    denoiser = _denoiser(tiny_models, attention_backend="math", compile="regional", compile_backend="eager")
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_accel(denoiser.transformer, AccelConfig(), "cpu")
+    reset_accel(denoiser.transformer)
+    assert set(map(type, denoiser.transformer.attn_processors.values())) == {CogVideoXAttnProcessor2_0}
+    assert not any("forward" in vars(block) for block in denoiser.transformer.transformer_blocks)
+    np.testing.assert_array_equal(denoiser.denoise(emb, _params()).latents, baseline)
+
+
+def test_warmup_runs_each_stage_once_per_shape(stages):
+    text, denoiser, decoder = stages("2b")
+    assert set(denoiser.warmup([(9, 32, 48), (17, 32, 32)], steps=1)) == {"9x32x48", "17x32x32"}
+    assert set(decoder.warmup([(9, 32, 48)])) == {"9x32x48"}
+    assert not decoder.last_decode_tiled
+    assert text.warmup() and 226 in text._empty_negative
+    assert denoiser.current_timestep is None  # only set while a step runs
+
+
+def test_warmup_shapes_default_to_the_preset_video():
+    from serve.config import ModelConfig
+    from serve.stages.runtime import warmup_shapes
+
+    model = ModelConfig(family="cogvideox-5b", defaults={"num_frames": 25})
+    assert warmup_shapes(model, AccelConfig()) == [(25, 480, 720)]
+    assert warmup_shapes(model, AccelConfig(warmup_shapes=[(49, 480, 720), (9, 32, 48)])) == [(49, 480, 720),
+                                                                                             (9, 32, 48)]
+
+
+def test_load_stage_passes_accel_to_the_denoiser(tiny_models):
+    from serve.config import AppConfig
+    from serve.stages.denoising import DenoisingStage
+    from serve.stages.runtime import load_stage
+
+    config = AppConfig(model={"source": str(tiny_models["5b"]), "family": "cogvideox-5b", "device": "cpu"})
+    stage = load_stage(DenoisingStage, config, accel=AccelConfig(cache="pab", attention_backend="math"))
+    assert stage.accel.as_dict() == {"attention_backend": "math", "compile": "off", "fp8": False, "cache": "pab",
+                                     "device": "cpu"}

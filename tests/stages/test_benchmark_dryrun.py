@@ -1,0 +1,60 @@
+"""The GPU benchmark's code path, run on the CPU with tiny models (`--dry-run`), writes its table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_dry_run_writes_the_table(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\nearlier runs stay.\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_benchmark.py"), "--dry-run", "--out", str(out),
+         "--steps-warm", "1", "--steps-measured", "2"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nearlier runs stay.")  # a section is appended, nothing replaced
+    assert "(dry run)" in text and "--dry-run" in text
+    assert "incomplete" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| 2b |") or line.startswith("| 5b |")]
+    settings = {line.split("|")[2].strip() for line in rows}
+    assert {"pipeline", "sdpa", "flash", "compile", "first_block", "pab", "faster", "fp8", "cudnn"} <= settings
+    by_setting = {(line.split("|")[1].strip(), line.split("|")[2].strip()): line for line in rows}
+    # the stages reproduce diffusers' pipeline (deviation vs sdpa exactly 0 on the CPU)
+    assert "| 0 | 0 |" in by_setting[("5b", "pipeline")]
+    # lossy caches moved the latents; fp8 is unavailable on a CPU and says so
+    assert "| ok |" in by_setting[("5b", "pab")] and "| 0 | 0 |" not in by_setting[("5b", "pab")]
+    assert "unavailable: accel.fp8 needs a CUDA GPU" in by_setting[("2b", "fp8")]
+    assert proc.stdout.count("| 2b | sdpa |") == 1  # the table is printed too
+
+
+def test_full_size_configs_have_the_published_sizes():
+    """The hard-coded configs build the real architectures (on the meta device: no memory, no time)."""
+    import importlib.util
+
+    import torch
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu_benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        del sys.modules[spec.name]
+
+    def billions(module) -> float:
+        return round(sum(p.numel() for p in module.parameters()) / 1e9, 2)
+
+    with torch.device("meta"):
+        assert billions(CogVideoXTransformer3DModel(**bench.TRANSFORMER_CONFIGS["2b"])) == 1.69
+        assert billions(CogVideoXTransformer3DModel(**bench.TRANSFORMER_CONFIGS["5b"])) == 5.57
+        assert billions(AutoencoderKLCogVideoX(**bench.VAE_CONFIGS["5b"])) == 0.22
+        assert billions(T5EncoderModel(T5Config(**bench.T5_XXL_CONFIG))) == 4.76
