@@ -27,7 +27,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
 
 from serve.api.errors import ApiError
 from serve.config import IdempotencyConfig  # noqa: F401 - defined with the other config models (import order)

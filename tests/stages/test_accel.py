@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from pydantic import ValidationError
 
 from serve.accel import AccelConfig, AccelUnavailable, apply_accel, cache_for_request, reset_accel

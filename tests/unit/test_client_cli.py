@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import date
 from io import StringIO
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 

@@ -10,26 +10,15 @@ from typing import Any
 
 import pytest
 
+from tests.clock import Clock
 from serve.api.errors import ApiError
 from serve.api.wire import CreateVideoRequest
 from serve.jobs.idempotency import IdempotencyConfig, IdempotencyStore, body_hash, canonical_body, validate_key
 from serve.jobs.record import new_job_id
 from serve.storage import Storage
 
-T0 = 1_750_000_000.0
 BODY = body_hash(canonical_body({"prompt": "a cat on a skateboard", "seed": 7}))
 OTHER = body_hash(canonical_body({"prompt": "a dog on a skateboard", "seed": 7}))
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += s
 
 
 @pytest.fixture

@@ -7,23 +7,12 @@ import threading
 import pytest
 from pydantic import ValidationError
 
+from tests.clock import T0, Clock
 from serve.config import S3Config
 from serve.jobs.record import JobError, JobRecord, JobResult, job_created_ms, new_job_id
 from serve.jobs.store import JobExists, JobNotFound, JobStore
 from serve.storage import PreconditionFailed, Storage
 
-T0 = 1_750_000_000.0
-
-
-class Clock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += s
 
 
 @pytest.fixture

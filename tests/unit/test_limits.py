@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.clock import Clock
 from serve.api.errors import ApiError
 from serve.limits import (
     Decision,
@@ -26,17 +27,6 @@ NOON = datetime(2025, 6, 15, 12, 0, 0, tzinfo=timezone.utc).timestamp()
 UNLIMITED = TenantLimits(requests_per_minute=None, max_concurrent_jobs=None, daily_gpu_seconds=None)
 
 
-class Clock:
-    def __init__(self, t: float = NOON) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += s
-
-
 def state(clock: Clock, **cfg: object) -> LimiterState:
     return LimiterState(LimitsConfig(**{"max_outstanding_jobs": None, **cfg}), clock)
 
@@ -51,7 +41,7 @@ def refused(d: Decision, status: int, code: str) -> None:
 
 
 def test_bucket_allows_a_burst_then_refuses_until_it_refills() -> None:
-    clock = Clock()
+    clock = Clock(NOON)
     s = state(clock)
     limits = TenantLimits(requests_per_minute=6, burst=2)  # one token every 10 s
     assert s.admit("acme", limits).allowed and s.admit("acme", limits).allowed
@@ -70,7 +60,7 @@ def test_bucket_allows_a_burst_then_refuses_until_it_refills() -> None:
 
 
 def test_refused_requests_cost_no_token() -> None:
-    clock = Clock()
+    clock = Clock(NOON)
     s = state(clock)
     limits = TenantLimits(requests_per_minute=60, burst=1)
     assert s.admit("acme", limits).allowed
@@ -81,7 +71,7 @@ def test_refused_requests_cost_no_token() -> None:
 
 
 def test_rate_limit_headers_track_the_bucket() -> None:
-    clock = Clock()
+    clock = Clock(NOON)
     s = state(clock)
     limits = TenantLimits(requests_per_minute=6, burst=2)
     first = s.admit("acme", limits)
@@ -105,7 +95,7 @@ def test_retry_after_is_whole_seconds_and_at_least_one(wait: float) -> None:
 
 
 def test_a_fast_bucket_still_says_retry_after_one_second() -> None:
-    s = state(Clock())
+    s = state(Clock(NOON))
     limits = TenantLimits(requests_per_minute=600, burst=1)  # a token every 0.1 s
     assert s.admit("acme", limits).allowed
     d = s.admit("acme", limits)
@@ -117,7 +107,7 @@ def test_a_fast_bucket_still_says_retry_after_one_second() -> None:
 
 
 def test_concurrent_jobs_are_limited_until_one_is_released() -> None:
-    s = state(Clock(), concurrency_retry_after_s=7)
+    s = state(Clock(NOON), concurrency_retry_after_s=7)
     limits = TenantLimits(requests_per_minute=None, max_concurrent_jobs=2)
     assert s.admit("acme", limits, "j1").allowed and s.admit("acme", limits, "j2").allowed
     d = s.admit("acme", limits, "j3")
@@ -133,7 +123,7 @@ def test_concurrent_jobs_are_limited_until_one_is_released() -> None:
 
 
 def test_rate_only_admission_reserves_no_job() -> None:
-    s = state(Clock())
+    s = state(Clock(NOON))
     limits = TenantLimits(requests_per_minute=60, max_concurrent_jobs=1)
     for _ in range(3):
         assert s.admit("acme", limits).allowed  # e.g. GET polling
@@ -144,7 +134,7 @@ def test_rate_only_admission_reserves_no_job() -> None:
 
 
 def test_daily_quota_refuses_until_the_next_utc_day() -> None:
-    clock = Clock()
+    clock = Clock(NOON)
     s = state(clock)
     limits = TenantLimits(requests_per_minute=None, max_concurrent_jobs=None, daily_gpu_seconds=100)
     s.charge_gpu_seconds("acme", 60)
@@ -166,7 +156,7 @@ def test_daily_quota_refuses_until_the_next_utc_day() -> None:
 
 
 def test_estimates_of_running_jobs_count_against_the_quota() -> None:
-    clock = Clock()
+    clock = Clock(NOON)
     s = state(clock, concurrency_retry_after_s=5)
     limits = TenantLimits(requests_per_minute=None, max_concurrent_jobs=None, daily_gpu_seconds=100)
     assert s.admit("acme", limits, "a", estimated_gpu_s=70).allowed
@@ -185,7 +175,7 @@ def test_estimates_of_running_jobs_count_against_the_quota() -> None:
 
 
 def test_overload_is_503_not_a_tenant_limit_and_costs_no_rate_token() -> None:
-    s = state(Clock(), max_outstanding_jobs=3, fair_share_above=1.0, overload_retry_after_s=9)
+    s = state(Clock(NOON), max_outstanding_jobs=3, fair_share_above=1.0, overload_retry_after_s=9)
     for i, tenant in enumerate(["a", "b", "c"]):
         assert s.admit(tenant, UNLIMITED, f"j{i}").allowed
     limits = TenantLimits(requests_per_minute=60, burst=1, max_concurrent_jobs=10)
@@ -198,7 +188,7 @@ def test_overload_is_503_not_a_tenant_limit_and_costs_no_rate_token() -> None:
 
 
 def test_a_tenant_at_its_own_limit_hears_429_even_when_the_service_is_full() -> None:
-    s = state(Clock(), max_outstanding_jobs=1, fair_share_above=1.0)
+    s = state(Clock(NOON), max_outstanding_jobs=1, fair_share_above=1.0)
     limits = TenantLimits(requests_per_minute=None, max_concurrent_jobs=1)
     assert s.admit("a", limits, "j1").allowed
     refused(s.admit("a", limits, "j2"), 429, "concurrency_limited")
@@ -206,7 +196,7 @@ def test_a_tenant_at_its_own_limit_hears_429_even_when_the_service_is_full() -> 
 
 
 def test_one_tenants_burst_leaves_room_for_others() -> None:
-    s = state(Clock(), max_outstanding_jobs=10, fair_share_above=0.5)
+    s = state(Clock(NOON), max_outstanding_jobs=10, fair_share_above=0.5)
     admitted = [s.admit("heavy", UNLIMITED, f"h{i}").allowed for i in range(10)]
     assert admitted == [True] * 5 + [False] * 5  # a tenant alone stops at the watermark
     refused(s.admit("heavy", UNLIMITED, "h99"), 503, "overloaded")
@@ -219,7 +209,7 @@ def test_one_tenants_burst_leaves_room_for_others() -> None:
 
 def test_one_tenant_at_its_limits_does_not_change_anothers_decisions() -> None:
     limits = TenantLimits(requests_per_minute=60, burst=2, max_concurrent_jobs=1, daily_gpu_seconds=10)
-    busy, fresh = state(Clock()), state(Clock())
+    busy, fresh = state(Clock(NOON)), state(Clock(NOON))
     # tenant "a" exhausts every limit it has
     assert busy.admit("a", limits, "a1").allowed and busy.admit("a", limits).allowed
     refused(busy.admit("a", limits, "a2"), 429, "rate_limited")
@@ -238,7 +228,7 @@ def test_one_tenant_at_its_limits_does_not_change_anothers_decisions() -> None:
 
 
 def test_snapshot_restores_the_same_decisions() -> None:
-    clock = Clock()
+    clock = Clock(NOON)
     s = state(clock)
     limits = TenantLimits(requests_per_minute=6, burst=2, max_concurrent_jobs=2, daily_gpu_seconds=100)
     s.admit("acme", limits, "j1", estimated_gpu_s=30)
@@ -255,7 +245,7 @@ def test_snapshot_restores_the_same_decisions() -> None:
 
 
 def test_reconcile_rebuilds_from_s3_but_keeps_just_admitted_jobs() -> None:
-    clock = Clock()
+    clock = Clock(NOON)
     s = state(clock, reconcile_grace_s=60)
     limits = TenantLimits(requests_per_minute=None, max_concurrent_jobs=3, daily_gpu_seconds=100)
     assert not s.reconciled
@@ -272,7 +262,7 @@ def test_reconcile_rebuilds_from_s3_but_keeps_just_admitted_jobs() -> None:
 
 
 def test_reconcile_does_not_bring_back_a_job_released_while_s3_was_read() -> None:
-    clock = Clock()
+    clock = Clock(NOON)
     s = state(clock, reconcile_grace_s=0)
     limits = TenantLimits(requests_per_minute=None, max_concurrent_jobs=1)
     s.admit("a", limits, "j1")
@@ -296,7 +286,7 @@ def test_limits_come_from_a_plan() -> None:
 
 
 def test_a_restarted_limiter_enforces_limits_after_reconcile() -> None:
-    clock = Clock()
+    clock = Clock(NOON)
     limits = TenantLimits(requests_per_minute=None, max_concurrent_jobs=1, daily_gpu_seconds=100)
     restarted = state(clock)
     restarted.reconcile({"a": ["j1"]}, {("b", utc_day(clock())): 100.0})
@@ -306,13 +296,13 @@ def test_a_restarted_limiter_enforces_limits_after_reconcile() -> None:
 
 
 def test_disabled_limits_admit_everything() -> None:
-    s = LimiterState(LimitsConfig(enabled=False, max_outstanding_jobs=1), Clock())
+    s = LimiterState(LimitsConfig(enabled=False, max_outstanding_jobs=1), Clock(NOON))
     limits = TenantLimits(requests_per_minute=1, burst=1, max_concurrent_jobs=1)
     assert all(s.admit("a", limits, f"j{i}").allowed for i in range(5))
 
 
 def test_a_refusal_becomes_the_api_error_with_its_headers() -> None:
-    s = state(Clock())
+    s = state(Clock(NOON))
     limits = TenantLimits(requests_per_minute=60, burst=1)
     s.admit("a", limits)
     err = s.admit("a", limits).as_api_error()
@@ -356,7 +346,7 @@ def test_fair_queue_round_robin_weights_and_removal() -> None:
 
 def test_local_limiter_offers_the_async_interface() -> None:
     async def main() -> None:
-        clock = Clock()
+        clock = Clock(NOON)
         lim = LocalLimiter(LimitsConfig(max_outstanding_jobs=None), clock)
         limits = TenantLimits(requests_per_minute=None, max_concurrent_jobs=1, daily_gpu_seconds=10)
         assert await lim.needs_reconcile()
