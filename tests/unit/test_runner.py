@@ -549,3 +549,41 @@ def test_two_runners_racing_for_a_job_run_it_once(store: JobStore) -> None:
 
     run(main())
 
+
+
+# ---- fairness ---------------------------------------------------------------------------------------------------
+
+
+class RecordsOrder(SlowSucceeds):
+    """Succeeds after a short while and remembers the order in which jobs started."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(delay_s)
+        self.started: list[str] = []
+
+    async def run(self, job: JobRecord) -> dict[str, Any]:
+        self.started.append(job.tenant)
+        return await super().run(job)
+
+
+def test_one_tenants_burst_does_not_delay_another_tenants_job(store: JobStore) -> None:
+    async def main() -> None:
+        pipeline = RecordsOrder(delay_s=0.05)
+        runner = JobRunner(store, pipeline, jobs_config(max_concurrent_per_replica=1), owner="ingress-a")
+        try:
+            burst = [make_job(store, tenant="bursty") for _ in range(5)]
+            single = make_job(store, tenant="quiet")
+            for job in burst:
+                runner.submit(job.id, job.tenant)
+            runner.submit(single.id, single.tenant)
+            rec = await until_ended(store, single.id, runner)
+            for job in burst:
+                await until_ended(store, job.id, runner)
+        finally:
+            await runner.stop()
+        assert rec.status == "completed"
+        # one slot, FIFO would start the quiet tenant's job sixth; round-robin starts it within the first
+        # three (the burst's first job took the free slot, its second was queued before the quiet one)
+        assert pipeline.started.index("quiet") <= 2 and pipeline.started.count("bursty") == 5
+
+    run(main())
