@@ -60,6 +60,8 @@ def get_or_create_limiter(name: str, namespace: str, config: LimitsConfig | None
     return cls.options(
         name=name, namespace=namespace, get_if_exists=True, lifetime="detached",
         num_cpus=0, max_restarts=-1, max_task_retries=2,
+        # on the head: it outlives worker pods that the autoscaler removes (the head runs no replicas)
+        resources={"node:__internal_head__": 0.001},
     ).remote(config or LimitsConfig())
 
 
