@@ -1,7 +1,8 @@
 """`build_app(config)`: the import path for `serve run`, `serve deploy` and the KubeRay RayService.
 
 Deployment classes stay undecorated; every option (replicas, autoscaling, GPUs, queue limits,
-graceful shutdown) comes from the typed `AppConfig`.
+graceful shutdown) comes from the typed `AppConfig`. Each served model gets its own three stage
+deployments (`TextEncoder`, `Denoiser`, `VaeDecoder` for the default model, `<Stage>-<name>` for others).
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from serve.config import AppConfig
 def build_app(args: AppConfig) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     d = config.deployments
-    text_encoder = serve.deployment(TextEncoder, name="TextEncoder", **d.text_encoder.to_serve_options())
-    denoiser = serve.deployment(Denoiser, name="Denoiser", **d.denoiser.to_serve_options())
-    vae_decoder = serve.deployment(VaeDecoder, name="VaeDecoder", **d.vae_decoder.to_serve_options())
+    stages = {}
+    for model in config.all_models():
+        suffix = config.stage_suffix(model)
+        stages[model.name] = [
+            serve.deployment(cls, name=f"{cls.__name__}{suffix}", **opts.to_serve_options()).bind(config, model.name)
+            for cls, opts in ((TextEncoder, d.text_encoder), (Denoiser, d.denoiser), (VaeDecoder, d.vae_decoder))
+        ]
     ingress = serve.deployment(Ingress, name="Ingress", **d.ingress.to_serve_options())
-    return ingress.bind(config, text_encoder.bind(config), denoiser.bind(config), vae_decoder.bind(config))
+    return ingress.bind(config, stages)

@@ -16,19 +16,20 @@ from serve.stages.types import GenerationRequest, Handoff
 
 
 class Denoiser:
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, model_name: str | None = None) -> None:
         from deployments.metrics import S3Metrics, StageMetrics
         from serve.jobs.store import JobStore
         from serve.stages.denoising import DenoisingStage
         from serve.stages.runtime import load_stage, warmup_shapes
         from serve.storage import Storage
 
+        model = config.model_named(model_name) if model_name else config.model
         self._config = config
-        accel = config.model.accel
-        self._stage = load_stage(DenoisingStage, config, accel=accel)
+        accel = model.accel
+        self._stage = load_stage(DenoisingStage, config, model=model, accel=accel)
         if accel.warmup_on_start:
             # compile and first-call costs for the configured shapes are paid here, not by a request
-            self._stage.warmup(warmup_shapes(config.model, accel), steps=accel.warmup_steps)
+            self._stage.warmup(warmup_shapes(model, accel), steps=accel.warmup_steps)
         self._store = JobStore(Storage.from_config(config.s3, observer=S3Metrics()))
         self._lock = asyncio.Lock()
         self._metrics = StageMetrics()

@@ -56,10 +56,25 @@ class RayPipeline:
             raise NonRetryableError("invalid_request", str(cause).splitlines()[0][:300]) from None
 
 
+class ModelRouter:
+    """`Pipeline` that runs a job on the stage chain of the model it names."""
+
+    def __init__(self, pipelines: dict[str, RayPipeline]) -> None:
+        self._pipelines = pipelines
+
+    async def run(self, job: JobRecord) -> dict[str, Any]:
+        from serve.jobs.runner import NonRetryableError
+
+        pipeline = self._pipelines.get(job.model)
+        if pipeline is None:  # e.g. a job accepted before the model was removed from the config
+            raise NonRetryableError("model_not_found", f"model {job.model!r} is no longer served")
+        return await pipeline.run(job)
+
+
 @serve.ingress()
 class Ingress:
-    async def __init__(self, config: AppConfig, text_encoder: DeploymentHandle, denoiser: DeploymentHandle,
-                       vae_decoder: DeploymentHandle) -> None:
+    async def __init__(self, config: AppConfig, stages: dict[str, list[DeploymentHandle]]) -> None:
+        """`stages`: model name -> [TextEncoder, Denoiser, VaeDecoder] handles of that model."""
         from deployments.limiter import RayLimiter
         from deployments.metrics import RayJobEvents, S3Metrics
         from serve.jobs.admission import Admission, JobEnd
@@ -97,7 +112,8 @@ class Ingress:
         except Exception:  # noqa: BLE001 - outside a replica (tests)
             replica = "local"
         owner = f"ingress-{replica}-{uuid.uuid4().hex[:8]}"
-        self._runner = JobRunner(store, RayPipeline(text_encoder, denoiser, vae_decoder), config.jobs, owner,
+        pipelines = {name: RayPipeline(*handles) for name, handles in stages.items()}
+        self._runner = JobRunner(store, ModelRouter(pipelines), config.jobs, owner,
                                  events=RayJobEvents(gpus_per_stage(config.deployments, config.usage.gpus_per_stage)))
         self.service = VideoService(config, store, self._storage, self._runner, admission, self._ledger)
         self._runner.on_finished = JobEnd(config, self._limiter, self._ledger, self._webhooks, self.service.to_wire)
@@ -126,6 +142,9 @@ class Ingress:
 
         return create_app(self.service, self._config, self.readiness, self._keyring)
 
+    def _stage_names(self) -> list[str]:
+        return [f"{stage}{self._config.stage_suffix(m)}" for m in self._config.all_models() for stage in STAGES]
+
     async def readiness(self) -> dict[str, Any]:
         checks: dict[str, Any] = {}
         try:
@@ -137,12 +156,12 @@ class Ingress:
             status = await asyncio.wait_for(asyncio.to_thread(serve.status), 5)
             app = serve.get_replica_context().app_name
             deployments = status.applications[app].deployments
-            for name in STAGES:
+            for name in self._stage_names():
                 d = deployments.get(name)
                 checks[name] = True if d is not None and d.status == "HEALTHY" else (
                     f"not ready ({d.status if d else 'missing'})")
         except Exception as exc:  # noqa: BLE001
-            for name in STAGES:
+            for name in self._stage_names():
                 checks.setdefault(name, f"unknown ({type(exc).__name__})")
         return checks
 

@@ -11,7 +11,7 @@ from serve.stages.types import GenerationRequest, Handoff
 
 
 class TextEncoder:
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, model_name: str | None = None) -> None:
         # heavy imports here so the ingress never imports torch
         from deployments.metrics import S3Metrics, StageMetrics
         from serve.jobs.store import JobStore
@@ -19,8 +19,9 @@ class TextEncoder:
         from serve.stages.text_encoding import TextEncodingStage
         from serve.storage import Storage
 
-        self._stage = load_stage(TextEncodingStage, config, text_encoder=True)
-        if config.model.accel.warmup_on_start:
+        model = config.model_named(model_name) if model_name else config.model
+        self._stage = load_stage(TextEncodingStage, config, model=model, text_encoder=True)
+        if model.accel.warmup_on_start:
             self._stage.warmup()  # first-call costs (kernels, allocator) paid here, not by a request
         self._store = JobStore(Storage.from_config(config.s3, observer=S3Metrics()))
         self._lock = asyncio.Lock()

@@ -12,16 +12,17 @@ from serve.stages.types import GenerationRequest, Handoff
 
 
 class VaeDecoder:
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, model_name: str | None = None) -> None:
         from deployments.metrics import S3Metrics, StageMetrics
         from serve.jobs.store import JobStore
         from serve.stages.decoding import DecodingStage
         from serve.stages.runtime import load_stage, warmup_shapes
         from serve.storage import Storage
 
-        self._stage = load_stage(DecodingStage, config)
-        if config.model.accel.warmup_on_start:
-            self._stage.warmup(warmup_shapes(config.model, config.model.accel))
+        model = config.model_named(model_name) if model_name else config.model
+        self._stage = load_stage(DecodingStage, config, model=model)
+        if model.accel.warmup_on_start:
+            self._stage.warmup(warmup_shapes(model, model.accel))
         self._storage = Storage.from_config(config.s3, observer=S3Metrics())
         self._store = JobStore(self._storage)
         self._lock = asyncio.Lock()

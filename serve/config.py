@@ -231,7 +231,11 @@ class DeploymentsConfig(_Strict):
 class AppConfig(_Strict):
     """`args` of the Serve application (see configs/*.yaml)."""
 
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The default model (requests without `model`).")
+    models: list[ModelConfig] = Field(
+        default_factory=list,
+        description="Further models this app serves, each with its own stage deployments (`<Stage>-<name>`); "
+                    "a request picks one by name or alias.")
     s3: S3Config = Field(default_factory=S3Config)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
@@ -250,6 +254,27 @@ class AppConfig(_Strict):
         if model.family not in FAMILIES:
             raise ValueError(f"model.family must be one of {sorted(FAMILIES)}, got {model.family!r}")
         return model
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> AppConfig:
+        seen: set[str] = set()
+        for m in self.all_models():
+            clash = seen & set(m.names)
+            if clash:
+                raise ValueError(f"model name or alias {sorted(clash)} is used by two models; names must be unique")
+            seen |= set(m.names)
+        return self
+
+    def all_models(self) -> list[ModelConfig]:
+        return [self.model, *self.models]
+
+    def model_named(self, name: str) -> ModelConfig | None:
+        """The model a request's `model` (a name or alias) picks."""
+        return next((m for m in self.all_models() if name in m.names), None)
+
+    def stage_suffix(self, model: ModelConfig) -> str:
+        """Deployment-name suffix of a model's stages: none for the default model."""
+        return "" if model.name == self.model.name else f"-{model.name}"
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> AppConfig:

@@ -76,7 +76,12 @@ class VideoService:
         `headers` receives the rate-limit headers (and `Idempotent-Replayed` for a replay)."""
         if isinstance(principal, str):
             principal = self.principal(principal)
-        params = resolve_request(req, self._config.model, self._config.api)
+        model = self._config.model if req.model is None else self._config.model_named(req.model)
+        if model is None:
+            names = [n for m in self._config.all_models() for n in m.names]
+            raise ApiError(400, f"unknown model {req.model!r}; this deployment serves {names}", param="model",
+                           code="model_not_found")
+        params = resolve_request(req, model, self._config.api)
         now = self._clock()
         admitted = await self.admission.check(req, params, principal, new_job_id(int(now * 1000)), idempotency_key)
         if headers is not None:
@@ -87,7 +92,7 @@ class VideoService:
             return self.to_wire(admitted.replay)
         job = JobRecord(
             id=admitted.job_id, tenant=principal.tenant, status="queued", progress=0, stage="queued",
-            step=0, total_steps=params["num_inference_steps"], created_at=int(now), model=self._config.model.name,
+            step=0, total_steps=params["num_inference_steps"], created_at=int(now), model=model.name,
             prompt=req.prompt, params=params, updated_at=now,
             deadline_at=now + req.deadline_seconds if req.deadline_seconds else None, webhook_url=req.webhook_url,
         )

@@ -49,16 +49,18 @@ def local_model_path(model: ModelConfig, s3: S3Config) -> str:
     return resolve_model_source(model.source, model.cache_dir, s3_client=client, revision=model.revision)
 
 
-def load_stage(stage_cls, config: AppConfig, *, text_encoder: bool = False, **stage_kwargs):
+def load_stage(stage_cls, config: AppConfig, *, model: ModelConfig | None = None, text_encoder: bool = False,
+               **stage_kwargs):
     """`stage_cls.from_pretrained` on this replica's device, in the stage's dtype, from the configured source.
 
     `stage_kwargs` go to `from_pretrained` as they are (e.g. `accel=` for the denoiser).
     """
-    device = resolve_device(config.model)
-    dtype = text_encoder_dtype(config.model, device) if text_encoder else weights_dtype(config.model, device)
-    path = local_model_path(config.model, config.s3)
+    model = model or config.model
+    device = resolve_device(model)
+    dtype = text_encoder_dtype(model, device) if text_encoder else weights_dtype(model, device)
+    path = local_model_path(model, config.s3)
     log.info("loading %s from %s on %s (%s)", stage_cls.__name__, path, device, dtype)
-    return stage_cls.from_pretrained(path, device=device, dtype=dtype, revision=config.model.revision,
+    return stage_cls.from_pretrained(path, device=device, dtype=dtype, revision=model.revision,
                                      **stage_kwargs)
 
 

@@ -138,4 +138,24 @@ def test_health_and_readiness(cluster):
     assert httpx.get(f"{cluster.base}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{cluster.base}/readyz").json()
     assert ready["status"] == "ready"
-    assert ready["checks"] == {"s3": True, "TextEncoder": True, "Denoiser": True, "VaeDecoder": True}
+    assert ready["checks"] == {"s3": True, "TextEncoder": True, "Denoiser": True, "VaeDecoder": True,
+                               "TextEncoder-cogvideox-tiny-5b": True, "Denoiser-cogvideox-tiny-5b": True,
+                               "VaeDecoder-cogvideox-tiny-5b": True}
+
+
+def test_a_request_names_its_model_and_runs_on_that_models_stages(cluster):
+    with api(cluster) as http:
+        r = http.post("/v1/videos", json={"prompt": "a lighthouse at dusk", "model": "cogvideox-tiny-5b",
+                                          "seed": 3})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "cogvideox-tiny-5b" and body["use_dynamic_cfg"] is True  # the 5b preset
+        done = wait_for(http, body["id"], lambda v: v["status"] in TERMINAL)
+        assert done["status"] == "completed", done
+    storage = cluster.storage
+    meta = json.loads(storage.get_bytes(storage.key("videos", f"{body['id']}.json")))
+    assert meta["model"] == "cogvideox-tiny-5b"
+    with api(cluster) as http:
+        bad = http.post("/v1/videos", json={"prompt": "x", "model": "cogvideox-tiny-9b"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "model_not_found"
+    assert "cogvideox-tiny-5b" in bad.json()["error"]["message"]
