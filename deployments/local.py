@@ -10,7 +10,6 @@ prints the S3 URI and a downloaded mp4 path, and keeps serving until Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -31,14 +30,6 @@ def _port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
-
-
-def _http(method: str, url: str, key: str, body: dict | None = None) -> dict:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={
-        "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())
 
 
 def wait_ready(base: str, timeout_s: float) -> None:
@@ -106,25 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     wait_ready(base, 300)
     log.info("API at %s/v1 (key %s)", base, key)
 
-    # 4. One sample video through the public HTTP API
-    video = _http("POST", f"{base}/v1/videos", key, {"prompt": args.prompt})
-    log.info("submitted %s", video["id"])
-    while video["status"] in ("queued", "in_progress"):
-        time.sleep(1)
-        video = _http("GET", f"{base}/v1/videos/{video['id']}", key)
-        log.info("%s: %s %s%%", video["id"], video["status"], video["progress"])
-    if video["status"] != "completed":
-        print(f"job {video['id']} ended {video['status']}: {video.get('error')}", file=sys.stderr)
-        return 1
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    mp4 = out / f"{video['id']}.mp4"
-    req = urllib.request.Request(f"{base}/v1/videos/{video['id']}/content",
-                                 headers={"Authorization": f"Bearer {key}"})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        mp4.write_bytes(resp.read())
+    # 4. One sample video through the public HTTP API, with the project's own client
+    from serve.client.api import VideogenClient
+
+    with VideogenClient(f"{base}/v1", key, timeout=60) as client:
+        video = client.create(args.prompt)
+        log.info("submitted %s", video.id)
+        for video in client.poll(video.id):
+            log.info("%s: %s %s%%", video.id, video.status, video.progress)
+        if video.status != "completed":
+            print(f"job {video.id} ended {video.status}: {video.error}", file=sys.stderr)
+            return 1
+        mp4 = client.download(video.id, Path(args.out) / f"{video.id}.mp4")
     prefix = app_cfg.s3.prefix
-    print(f"\nvideo:     s3://{app_cfg.s3.bucket}/{prefix}videos/{video['id']}.mp4")
+    print(f"\nvideo:     s3://{app_cfg.s3.bucket}/{prefix}videos/{video.id}.mp4")
     print(f"local mp4: {mp4.resolve()}")
     print("(a tiny random model draws noise; see README for real CogVideoX weights)")
     if args.no_wait:

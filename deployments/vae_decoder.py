@@ -29,9 +29,8 @@ class VaeDecoder:
         self._metrics = StageMetrics()
 
     async def decode(self, req: GenerationRequest, denoised: Handoff) -> dict[str, Any]:
-        from serve.jobs.service import video_keys
+        from serve.publish import publish_video, video_keys
         from serve.stages.decoding import to_uint8
-        from serve.publish import publish_video
 
         total = req.params.num_inference_steps
         waiting = time.perf_counter()

@@ -17,6 +17,14 @@ from serve.stages.types import GenerationRequest
 from serve.storage import Storage
 
 
+def video_keys(storage: Storage, job_id: str) -> dict[str, str]:
+    return {
+        "video_key": storage.key("videos", f"{job_id}.mp4"),
+        "cover_key": storage.key("videos", f"{job_id}.jpg"),
+        "metadata_key": storage.key("videos", f"{job_id}.json"),
+    }
+
+
 def publish_video(storage: Storage, keys: dict[str, str], req: GenerationRequest, frames: np.ndarray,
                   timings: dict[str, float]) -> dict[str, float]:
     """Encode and upload; returns the added timings (encode and upload seconds)."""

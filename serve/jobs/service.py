@@ -23,19 +23,12 @@ from serve.jobs.runner import JobRunner
 from serve.jobs.store import JobStore
 from serve.limits import LocalLimiter
 from serve.safety import PromptPolicy
+from serve.publish import video_keys
 from serve.storage import NotFound, Storage
 from serve.tenancy.keys import Principal
 from serve.usage import UsageLedger, UsageResponse, parse_usage_period
 
 log = logging.getLogger(__name__)
-
-
-def video_keys(storage: Storage, job_id: str) -> dict[str, str]:
-    return {
-        "video_key": storage.key("videos", f"{job_id}.mp4"),
-        "cover_key": storage.key("videos", f"{job_id}.jpg"),
-        "metadata_key": storage.key("videos", f"{job_id}.json"),
-    }
 
 
 def progress_of(job: JobRecord) -> int:
