@@ -413,6 +413,8 @@ def measure_setting(setting: str, c: dict, st: dict, args, geometry, clock: Cloc
         steps, latents, row.peak_gib = run_stage(st, c, geometry, n_steps, args.seed, cfg.cache != "none", clock)
         if cfg.cache != "none" and den.last_cache_used == "none":
             row.status = "ok (cache did not engage)"
+        if cfg.compile != "off" and not den.last_run_compiled:
+            row.status = "ok (ran eagerly: the warm-up compiled no bucket for this shape)"
     row.steps = steps[-args.steps_measured:]
     return latents
 

@@ -29,7 +29,8 @@ class Denoiser:
         self._stage = load_stage(DenoisingStage, config, model=model, accel=accel)
         if accel.warmup_on_start:
             # compile and first-call costs for the configured shapes are paid here, not by a request
-            self._stage.warmup(warmup_shapes(model, accel), steps=accel.warmup_steps)
+            self._stage.warmup(warmup_shapes(model, accel), steps=accel.warmup_steps,
+                               without_cfg=accel.warmup_without_cfg)
         self._store = JobStore(Storage.from_config(config.s3, observer=S3Metrics()))
         self._lock = asyncio.Lock()
         self._metrics = StageMetrics()
@@ -55,4 +56,7 @@ class Denoiser:
                                        on_cancel=stop_at_next_step)
             await asyncio.to_thread(progress.flush)
             self._metrics.processed(time.perf_counter() - t0)
-        return Handoff(value=latents, timings={**encoded.timings, "denoiser_s": time.perf_counter() - t0})
+            self._metrics.count_uncompiled_runs(self._stage)
+            info = {**encoded.info, "denoiser": self._stage.last_run_info()}
+        return Handoff(value=latents, timings={**encoded.timings, "denoiser_s": time.perf_counter() - t0},
+                       info=info)

@@ -24,7 +24,8 @@ from ray.serve import metrics as serve_metrics
 
 from serve.jobs.record import JobRecord
 from serve.metrics import (
-    ATTEMPT_KINDS, DENOISE_CANCELLED, DENOISE_STEP, GPU_MEMORY_ALLOCATED, GPU_MEMORY_PEAK, GPU_MEMORY_RESERVED,
+    ATTEMPT_KINDS, DENOISE_CANCELLED, DENOISE_STEP, DENOISE_UNCOMPILED, GPU_MEMORY_ALLOCATED, GPU_MEMORY_PEAK,
+    GPU_MEMORY_RESERVED,
     GPU_SECONDS, GPU_STAGE_LABELS, INGRESS_QUEUED, INGRESS_RUNNING, JOB_ATTEMPT_FAILURES, JOB_ATTEMPTS, JOB_DURATION,
     JOB_QUEUE_WAIT, JOB_REASONS, JOBS_FINISHED, PROCESS_RSS, S3_ERRORS, S3_REQUEST, S3_UPLOADED, STAGE_LOCK_WAIT,
     STAGE_PROCESSING, TILED_DECODE_FALLBACKS, VIDEO_ENCODE, JobEvents, Metric, bounded, job_age_seconds, job_reason,
@@ -125,7 +126,8 @@ class StageMetrics:
         self._cancelled = create(DENOISE_CANCELLED)
         self._encode = create(VIDEO_ENCODE)
         self._tiled = create(TILED_DECODE_FALLBACKS)
-        self._tiled_seen = 0
+        self._uncompiled = create(DENOISE_UNCOMPILED)
+        self._seen: dict[str, int] = {}  # stage counters already exported, by attribute
         self._rss = create(PROCESS_RSS)
         self._gpu = None
         self._last_peak: int | None = None
@@ -169,16 +171,23 @@ class StageMetrics:
     def encoded(self, seconds: float) -> None:
         self._encode.observe(seconds)
 
-    @_never_raises
     def count_tiled_fallbacks(self, stage: Any) -> None:
-        """After a VAE decode: count the stage's out-of-memory -> tiled retries since the last call.
+        """After a VAE decode: count the stage's out-of-memory -> tiled retries (`DecodingStage.fallbacks`)
+        since the last call, so warm-up fallbacks count too."""
+        self._count_stage_counter(stage, "fallbacks", self._tiled)
 
-        Reads `DecodingStage.fallbacks` (0 if the stage has no such counter), so warm-up fallbacks count too.
-        """
-        total = int(getattr(stage, "fallbacks", 0) or 0)
-        if total > self._tiled_seen:
-            self._tiled.inc(total - self._tiled_seen)
-        self._tiled_seen = max(total, self._tiled_seen)
+    def count_uncompiled_runs(self, stage: Any) -> None:
+        """After a denoise: count the requests that ran eagerly under compile (`DenoisingStage.uncompiled_runs`)."""
+        self._count_stage_counter(stage, "uncompiled_runs", self._uncompiled)
+
+    @_never_raises
+    def _count_stage_counter(self, stage: Any, attribute: str, counter: Any) -> None:
+        """Add what the stage's monotonic `attribute` (0 if absent) grew by since the last call to `counter`."""
+        total = int(getattr(stage, attribute, 0) or 0)
+        seen = self._seen.get(attribute, 0)
+        if total > seen:
+            counter.inc(total - seen)
+        self._seen[attribute] = max(total, seen)
 
     @_never_raises
     def sample_memory(self, peak: bool = False) -> None:

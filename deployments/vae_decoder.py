@@ -44,13 +44,14 @@ class VaeDecoder:
             timings = {**denoised.timings, "vae_decoder_s": time.perf_counter() - t0}
             self._metrics.processed(timings["vae_decoder_s"])
             self._metrics.count_tiled_fallbacks(self._stage)
+            info = {**denoised.info, "vae_decoder": {"tiled": bool(self._stage.last_decode_tiled)}}
         # encoding and upload run outside the lock: they use the CPU, not the GPU
         await asyncio.to_thread(self._store.put_progress, req.job_id, "uploading", 0, total,
                                 attempt=req.attempt)
         keys = video_keys(self._storage, req.job_id)
         if not await asyncio.to_thread(self._still_wanted, req.job_id):
             raise RuntimeError(f"job {req.job_id} was cancelled or deleted before its video was uploaded")
-        added = await asyncio.to_thread(publish_video, self._storage, keys, req, frames, timings)
+        added = await asyncio.to_thread(publish_video, self._storage, keys, req, frames, timings, info)
         if not await asyncio.to_thread(self._still_wanted, req.job_id):
             # deleted while uploading: nothing may outlive the job's record
             await asyncio.to_thread(self._storage.delete_many, list(keys.values()))

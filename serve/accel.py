@@ -114,7 +114,13 @@ class AccelConfig(_Strict):
         default=True, description="Run each stage once per warm-up shape when the replica starts.")
     warmup_shapes: list[tuple[int, int, int]] = Field(
         default_factory=list,
-        description="(num_frames, height, width) to warm up (and compile for); empty: the preset's default.")
+        description="(num_frames, height, width) to warm up; empty: the preset's default. With compile on these "
+                    "are the shape buckets: each is compiled at replica start, and a request of any other shape "
+                    "runs eagerly (slower, counted in videogen_denoise_uncompiled_runs_total) instead of compiling.")
+    warmup_without_cfg: bool = Field(
+        default=False,
+        description="Also warm up (and, with compile on, compile) each shape without CFG (batch 1), for requests "
+                    "with guidance_scale <= 1; otherwise those run eagerly under compile.")
     warmup_steps: int = Field(default=2, ge=1, description="Denoising steps per warm-up run.")
 
     @field_validator("warmup_shapes")
@@ -135,6 +141,10 @@ class AccelConfig(_Strict):
         if self.compile == "full" and self.cache != "none":
             raise ValueError(f"compile='full' cannot be combined with cache={self.cache!r}; use compile='regional' "
                              "with cache='first_block', or cache='none'")
+        if self.compile != "off" and not self.warmup_on_start:
+            raise ValueError("compile needs warmup_on_start: true: requests never compile, so shapes are compiled "
+                             "by the warm-up at replica start (accel.warmup_shapes), and without it every request "
+                             "would run eagerly")
         if self.compile == "regional" and self.cache in ("pab", "faster"):
             raise ValueError(f"compile='regional' cannot be combined with cache={self.cache!r} (its hooks sit inside "
                              "the compiled blocks); use cache='first_block' or compile='off'")

@@ -87,6 +87,13 @@ DENOISE_CANCELLED = Metric(
     "videogen_denoise_cancelled_total", "counter",
     "Denoising loops stopped between two steps because their job was cancelled, deleted or timed out.",
     recorded_by=("Denoiser",))
+DENOISE_UNCOMPILED = Metric(
+    "videogen_denoise_uncompiled_runs_total", "counter",
+    "Denoising loops that ran eagerly under accel.compile because their shape is no compiled bucket "
+    "(accel.warmup_shapes, warmup_without_cfg); DenoisingStage.uncompiled_runs.",
+    recorded_by=("Denoiser",),
+    no_panel="no series unless accel.compile is on (never in the CPU test cluster, which runs eagerly), so no "
+             "dashboard panel can be checked against it: it is used in an alert only.")
 VIDEO_ENCODE = Metric(
     "videogen_video_encode_seconds", "histogram",
     "Seconds the VAE replica spent encoding frames to mp4 + cover JPEG (CPU, outside the compute lock).",
@@ -166,7 +173,8 @@ S3_ERRORS = Metric(
     tag_keys=("operation", "code"), recorded_by=ALL)
 
 CATALOG: tuple[Metric, ...] = (
-    STAGE_PROCESSING, STAGE_LOCK_WAIT, DENOISE_STEP, DENOISE_CANCELLED, VIDEO_ENCODE, TILED_DECODE_FALLBACKS,
+    STAGE_PROCESSING, STAGE_LOCK_WAIT, DENOISE_STEP, DENOISE_CANCELLED, DENOISE_UNCOMPILED, VIDEO_ENCODE,
+    TILED_DECODE_FALLBACKS,
     GPU_MEMORY_ALLOCATED, GPU_MEMORY_RESERVED, GPU_MEMORY_PEAK, PROCESS_RSS,
     JOB_QUEUE_WAIT, JOB_DURATION, JOBS_FINISHED, JOB_ATTEMPTS, JOB_ATTEMPT_FAILURES, INGRESS_QUEUED, INGRESS_RUNNING,
     GPU_SECONDS, S3_REQUEST, S3_UPLOADED, S3_ERRORS,

@@ -9,10 +9,13 @@ scheduler keeps per-request state and both draw noise from the request's generat
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +30,8 @@ from serve.accel import (
     reset_accel,
 )
 from serve.stages.types import Latents, PromptEmbeddings, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class DenoisingCancelled(Exception):
@@ -99,6 +104,15 @@ class DenoisingStage:
         self.current_timestep: int | None = None
         # Which cache served the last request ("none" when it ran the exact model).
         self.last_cache_used: str = "none"
+        # Compiled shape buckets: (latent shape, model batch) that a warm-up compiled. Under compile, a
+        # request runs with torch.compiler's "eager_on_recompile" stance: a bucket runs its compiled
+        # graphs, any other shape runs eagerly instead of paying a compile (minutes at full size) that
+        # would also hold up every request queued behind it.
+        self.compiled_buckets: set[tuple[tuple[int, ...], int]] = set()
+        # Requests that ran eagerly under compile because their shape is no warmed-up bucket.
+        self.uncompiled_runs = 0
+        # Whether the last request ran compiled graphs (None: compile is off).
+        self.last_run_compiled: bool | None = None
         self.accel = AppliedAccel(device=str(self.device))
         if self.device.type == "cuda":
             configure_cuda_backends()
@@ -109,12 +123,14 @@ class DenoisingStage:
         """Apply attention backend, fp8, compile and prepare the step cache (see serve/accel.py)."""
         self.accel = apply_accel(self.transformer, accel, self.device,
                                  current_timestep=lambda: self.current_timestep)
+        self.compiled_buckets.clear()
         return self.accel
 
     def reset_accel(self) -> None:
         """Back to the stock model (all but fp8, which replaced the weights); for benchmarks."""
         reset_accel(self.transformer)
         self.accel = AppliedAccel(device=str(self.device))
+        self.compiled_buckets.clear()
 
     @classmethod
     def from_pretrained(
@@ -162,10 +178,13 @@ class DenoisingStage:
         on_step: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         use_cache: bool | None = None,
+        compile_new_shape: bool = False,
     ) -> Latents:
         """Run the denoising loop for one request.
 
         `use_cache` engages the configured step cache (lossy); None: when `params.quality` is "speed".
+        `compile_new_shape` (warm-up only) lets torch.compile compile graphs for a shape that has none
+        yet; otherwise such a shape runs eagerly (see `compiled_buckets`).
         """
         from diffusers import CogVideoXDPMScheduler
         from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
@@ -236,13 +255,16 @@ class DenoisingStage:
                 config, self.vae_scale_factor_spatial, params.height, params.width, latents.size(1), device
             )
 
-        # 8. Denoising loop, with the step cache engaged for this request only (if asked for)
+        # 8. Denoising loop, with the step cache engaged for this request only (if asked for), and
+        # under compile with the compiled graphs of this shape bucket or eagerly (never compiling)
+        bucket = (tuple(latents.shape), 2 if do_cfg else 1)
+        stance = self._compile_stance(bucket, compile_new_shape)
         if use_cache is None:
             use_cache = params.quality == "speed"
         use_cache = use_cache and cache_engages(self.accel.cache, do_cfg)
         total = len(timesteps)
         old_pred_original_sample = None  # for DPM-solver++
-        with cache_for_request(self.transformer, self.accel.cache_config, use_cache) as engaged:
+        with stance, cache_for_request(self.transformer, self.accel.cache_config, use_cache) as engaged:
             self.last_cache_used = self.accel.cache if engaged else "none"
             try:
                 for i, t in enumerate(timesteps):
@@ -298,23 +320,58 @@ class DenoisingStage:
                 if hasattr(self.transformer, "_reset_stateful_cache"):
                     self.transformer._reset_stateful_cache()
 
+        if compile_new_shape and self.accel.compile != "off":
+            self.compiled_buckets.add(bucket)
+
         # 9. Drop 1.5's front padding, hand over as float32 CPU numpy
         latents = latents[:, additional_frames:]
         return Latents(latents=latents.float().cpu().numpy(), padding_frames=additional_frames)
 
-    def warmup(self, shapes: Sequence[tuple[int, int, int]], steps: int = 2, cfg: bool = True) -> dict[str, float]:
+    def last_run_info(self) -> dict[str, Any]:
+        """How the last request was computed (for its metadata record): the speed options that served it."""
+        return {"attention_backend": self.accel.attention_backend, "compile": self.accel.compile,
+                "compiled": self.last_run_compiled, "fp8": self.accel.fp8, "cache": self.last_cache_used,
+                "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device)}
+
+    def _compile_stance(self, bucket: tuple[tuple[int, ...], int], compile_new_shape: bool):
+        """The torch.compile stance for one request; counts and logs a request outside the buckets."""
+        if self.accel.compile == "off":
+            self.last_run_compiled = None
+            return contextlib.nullcontext()
+        if compile_new_shape:
+            self.last_run_compiled = True
+            return torch.compiler.set_stance("default")
+        self.last_run_compiled = bucket in self.compiled_buckets
+        if not self.last_run_compiled:
+            self.uncompiled_runs += 1
+            log.warning(
+                "denoiser: latent shape %s with batch %d is no compiled bucket %s; running it eagerly (slower). "
+                "Add its (num_frames, height, width) to accel.warmup_shapes%s to compile it at replica start.",
+                bucket[0], bucket[1], sorted(self.compiled_buckets),
+                "" if bucket[1] == 2 else " and set accel.warmup_without_cfg")
+        # a bucket's guards may still fail (an input no warm-up had): run that eagerly too, never compile
+        return torch.compiler.set_stance("eager_on_recompile")
+
+    def warmup(self, shapes: Sequence[tuple[int, int, int]], steps: int = 2, cfg: bool = True,
+               without_cfg: bool = False) -> dict[str, float]:
         """One short request per `(num_frames, height, width)`, so that no real request pays for
-        compilation (one graph per shape) or first-call kernel selection. Returns seconds per shape."""
+        compilation (one graph per shape: a compiled bucket) or first-call kernel selection.
+
+        `cfg` warms the CFG batch of 2 (guidance_scale > 1, the usual request), `without_cfg` the batch
+        of 1 (guidance_scale <= 1); each is its own bucket under compile. Returns seconds per run, keyed
+        `FxHxW` (`FxHxW/nocfg` for batch 1).
+        """
         config = self.transformer.config
         zeros = np.zeros((1, config.max_text_seq_length, config.text_embed_dim), dtype=np.float32)
-        emb = PromptEmbeddings(positive=zeros, negative=zeros if cfg else None)
         seconds = {}
         for num_frames, height, width in shapes:
-            params = SamplingParams(
-                num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
-                guidance_scale=6.0 if cfg else 1.0, use_dynamic_cfg=False, seed=0, fps=8,
-            )
-            t0 = time.perf_counter()
-            self.denoise(emb, params, use_cache=False)
-            seconds[f"{num_frames}x{height}x{width}"] = time.perf_counter() - t0
+            for guided in [g for g, on in ((True, cfg), (False, without_cfg)) if on]:
+                params = SamplingParams(
+                    num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
+                    guidance_scale=6.0 if guided else 1.0, use_dynamic_cfg=False, seed=0, fps=8,
+                )
+                emb = PromptEmbeddings(positive=zeros, negative=zeros if guided else None)
+                t0 = time.perf_counter()
+                self.denoise(emb, params, use_cache=False, compile_new_shape=True)
+                seconds[f"{num_frames}x{height}x{width}{'' if guided else '/nocfg'}"] = time.perf_counter() - t0
         return seconds

@@ -6,8 +6,8 @@ through the GPU (see FIELD-NOTES: CUDA tensors get copied to CPU and back anyway
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 
@@ -77,7 +77,9 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Handoff:
-    """A stage's output plus the seconds each stage so far spent on it (for the metadata record)."""
+    """A stage's output plus what the stages so far did with it, for the metadata record: seconds per
+    stage, and how each computed it (`info`, e.g. the denoiser's speed options that served it)."""
 
     value: object
     timings: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)

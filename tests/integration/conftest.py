@@ -60,9 +60,11 @@ def app_config(model_dir: Path, endpoint: str, bucket: str, keys_file: Path | No
     return AppConfig.model_validate({
         "model": {"name": "cogvideox-tiny-2b", "source": str(model_dir), "family": "cogvideox-2b",
                   "device": "cpu", "defaults": SMALL},
-        # a second model, with its own three stage deployments: requests pick it by name
+        # a second model, with its own three stage deployments: requests pick it by name; its denoiser
+        # has a step cache that requests with quality="speed" use (the tiny weights need a high threshold)
         "models": [{"name": "cogvideox-tiny-5b", "source": str(second_model_dir), "family": "cogvideox-5b",
-                    "device": "cpu", "defaults": SMALL}] if second_model_dir else [],
+                    "device": "cpu", "defaults": SMALL,
+                    "accel": {"cache": "first_block", "first_block": {"threshold": 0.5}}}] if second_model_dir else [],
         "s3": {"bucket": bucket, "endpoint_url": endpoint, "create_bucket": True},
         "api": {"api_keys": [API_KEY]},
         "keys": {"keys_file": str(keys_file) if keys_file else None, "allow_legacy_keys": True,

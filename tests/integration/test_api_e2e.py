@@ -67,6 +67,10 @@ def test_sdk_create_and_poll_then_download(cluster, client):
     assert meta["prompt"] == "a red fox jumping over a snowy log" and meta["seed"] == 1234
     assert meta["model"] == "cogvideox-tiny-2b" and meta["parameters"]["num_frames"] == 9
     assert {"text_encoder_s", "denoiser_s", "vae_decoder_s", "upload_s"} <= set(meta["timings_s"])
+    assert meta["computed_with"] == {
+        "denoiser": {"attention_backend": "sdpa", "compile": "off", "compiled": None, "fp8": False, "cache": "none",
+                     "dtype": "float32", "device": "cpu"},
+        "vae_decoder": {"tiled": False}}
 
 
 def test_json_body_and_list_newest_first(cluster):
@@ -159,3 +163,26 @@ def test_a_request_names_its_model_and_runs_on_that_models_stages(cluster):
         bad = http.post("/v1/videos", json={"prompt": "x", "model": "cogvideox-tiny-9b"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "model_not_found"
     assert "cogvideox-tiny-5b" in bad.json()["error"]["message"]
+
+
+def test_quality_speed_uses_the_models_step_cache_and_the_record_says_so(cluster):
+    """`quality: speed` engages the model's configured cache for that request only; each video's metadata
+    says what computed it. A model without a cache serves a speed request exactly (nothing to trade)."""
+    runs = {}
+    with api(cluster) as http:
+        for model, quality in (("cogvideox-tiny-5b", "speed"), ("cogvideox-tiny-5b", "quality"),
+                               ("cogvideox-tiny-2b", "speed")):
+            r = http.post("/v1/videos", json={"prompt": "a lighthouse at dusk", "model": model, "quality": quality,
+                                              "seed": 5})
+            assert r.status_code == 200, r.text
+            runs[(model, quality)] = r.json()["id"]
+        for job_id in runs.values():
+            assert wait_for(http, job_id, lambda v: v["status"] in TERMINAL)["status"] == "completed"
+        bad = http.post("/v1/videos", json={"prompt": "x", "quality": "fastest"})
+    assert bad.status_code == 400 and "quality" in bad.json()["error"]["message"]
+    storage = cluster.storage
+    used = {run: json.loads(storage.get_bytes(storage.key("videos", f"{job_id}.json")))["computed_with"]["denoiser"]
+            for run, job_id in runs.items()}
+    assert used[("cogvideox-tiny-5b", "speed")]["cache"] == "first_block"
+    assert used[("cogvideox-tiny-5b", "quality")]["cache"] == "none"
+    assert used[("cogvideox-tiny-2b", "speed")]["cache"] == "none"

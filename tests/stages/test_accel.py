@@ -133,6 +133,7 @@ def test_fp8_on_cpu_says_why(tiny_models):
         ({"pab": {"spatial_attention_timestep_skip_range": (800, 100)}}, "low < high"),
         ({"first_block": {"threshold": 0}}, "greater than 0"),
         ({"warmup_shapes": [(49, 480, 721)]}, "multiples of 8"),
+        ({"compile": "regional", "warmup_on_start": False}, "compile needs warmup_on_start"),
         ({"attention_backend": "xformers"}, "attention_backend"),
         ({"cahce": "pab"}, "Extra inputs are not permitted"),
     ],
@@ -163,6 +164,39 @@ def test_regional_compile_matches_eager_and_compiles_only_at_warmup(tiny_models,
 
     eager_cached = _denoiser(tiny_models, **CACHES["first_block"]).denoise(emb, _params(quality="speed")).latents
     np.testing.assert_allclose(speed, eager_cached, atol=1e-5)
+
+
+def test_requests_outside_the_compiled_buckets_run_eagerly_and_never_compile(tiny_models, emb):
+    from torch._dynamo.utils import counters
+
+    eager = _denoiser(tiny_models)
+    denoiser = _denoiser(tiny_models, compile="regional", compile_backend="eager")
+    assert denoiser.warmup([(9, 32, 48)], steps=1) and denoiser.compiled_buckets == {((1, 3, 16, 4, 6), 2)}
+    graphs = counters["stats"]["unique_graphs"]
+
+    # the warmed-up bucket runs compiled
+    denoiser.denoise(emb, _params(num_inference_steps=2))
+    assert denoiser.last_run_compiled is True and denoiser.uncompiled_runs == 0
+
+    # another size, and the warmed size without CFG (batch 1), run eagerly: counted, nothing compiled,
+    # the same numbers as the uncompiled model
+    for params in (_params(num_frames=17, height=32, width=32, num_inference_steps=2),
+                   _params(guidance_scale=1.0, num_inference_steps=2)):
+        ran = denoiser.denoise(emb, params).latents
+        assert denoiser.last_run_compiled is False
+        np.testing.assert_allclose(ran, eager.denoise(emb, params).latents, atol=1e-5)
+    assert denoiser.uncompiled_runs == 2
+    assert counters["stats"]["unique_graphs"] == graphs
+
+    # warm-up without CFG adds the batch-1 bucket
+    assert set(denoiser.warmup([(9, 32, 48)], steps=1, without_cfg=True)) == {"9x32x48", "9x32x48/nocfg"}
+    assert ((1, 3, 16, 4, 6), 1) in denoiser.compiled_buckets
+    denoiser.denoise(emb, _params(guidance_scale=1.0, num_inference_steps=2))
+    assert denoiser.last_run_compiled is True and denoiser.uncompiled_runs == 2
+
+    # without compile there are no buckets to miss
+    eager.denoise(emb, _params(num_frames=17, num_inference_steps=2))
+    assert eager.last_run_compiled is None and eager.uncompiled_runs == 0
 
 
 def test_reset_accel_restores_the_stock_model(tiny_models, emb, baseline):

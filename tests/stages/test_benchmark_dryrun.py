@@ -31,6 +31,8 @@ def test_dry_run_writes_the_table(tmp_path):
     # lossy caches moved the latents; fp8 is unavailable on a CPU and says so
     assert "| ok |" in by_setting[("5b", "pab")] and "| 0 | 0 |" not in by_setting[("5b", "pab")]
     assert "unavailable: accel.fp8 needs a CUDA GPU" in by_setting[("2b", "fp8")]
+    # the compiled setting ran its warmed-up graphs (not eagerly: its shape is a compiled bucket)
+    assert "| ok |" in by_setting[("5b", "compile")] and "| ok |" in by_setting[("2b", "compile")]
     assert proc.stdout.count("| 2b | sdpa |") == 1  # the table is printed too
 
 

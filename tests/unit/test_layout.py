@@ -29,3 +29,4 @@ def test_project_modules_are_imported_by_full_path_in_deployments():
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, ast.Import):
                 assert all(a.name != "serve" for a in node.names), p
+
