@@ -24,7 +24,8 @@ def test_dry_run_writes_the_table(tmp_path):
     assert "incomplete" not in text
     rows = [line for line in text.splitlines() if line.startswith("| 2b |") or line.startswith("| 5b |")]
     settings = {line.split("|")[2].strip() for line in rows}
-    assert {"pipeline", "sdpa", "flash", "compile", "first_block", "pab", "faster", "fp8", "cudnn"} <= settings
+    assert {"pipeline", "sdpa", "flash", "compile", "first_block", "pab", "faster", "fp8", "fp8_first_block",
+            "cudnn"} <= settings
     by_setting = {(line.split("|")[1].strip(), line.split("|")[2].strip()): line for line in rows}
     # the stages reproduce diffusers' pipeline (deviation vs sdpa exactly 0 on the CPU)
     assert "| 0 | 0 |" in by_setting[("5b", "pipeline")]
