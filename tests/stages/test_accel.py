@@ -166,6 +166,23 @@ def test_regional_compile_matches_eager_and_compiles_only_at_warmup(tiny_models,
     np.testing.assert_allclose(speed, eager_cached, atol=1e-5)
 
 
+def test_inductor_regional_compile_matches_eager_on_cpu(tiny_models, emb, baseline):
+    """The real compiler (inductor, CPU code generation) on the regional blocks: the same numbers as eager,
+    compiled only at warm-up, and the speed cache wraps the compiled blocks without new graphs."""
+    from torch._dynamo.utils import counters
+
+    denoiser = _denoiser(tiny_models, compile="regional", **CACHES["first_block"])
+    denoiser.warmup([(9, 32, 48)], steps=1)
+    graphs = counters["stats"]["unique_graphs"]
+    out = denoiser.denoise(emb, _params()).latents
+    assert denoiser.last_run_compiled is True
+    np.testing.assert_allclose(out, baseline, atol=1e-4)
+    speed = denoiser.denoise(emb, _params(quality="speed")).latents
+    assert denoiser.last_cache_used == "first_block" and counters["stats"]["unique_graphs"] == graphs
+    eager_speed = _denoiser(tiny_models, **CACHES["first_block"]).denoise(emb, _params(quality="speed")).latents
+    np.testing.assert_allclose(speed, eager_speed, atol=1e-4)
+
+
 def test_requests_outside_the_compiled_buckets_run_eagerly_and_never_compile(tiny_models, emb):
     from torch._dynamo.utils import counters
 
