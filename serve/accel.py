@@ -324,19 +324,21 @@ def reset_accel(transformer) -> None:
     transformer._videogen_accel = None
 
 
-def _quantize_fp8(transformer, granularity: str) -> None:
+def fp8_linear_filter(module, fqn: str) -> bool:
+    """Which of a CogVideoX transformer's modules fp8 quantizes: the blocks' attention and feed-forward
+    linears, nearly all of the FLOPs. Embeddings, the timestep modulations (2 rows each) and the output
+    projection stay in the preset dtype. _scaled_mm wants both dimensions divisible by 16."""
     import torch
+
+    return (isinstance(module, torch.nn.Linear) and _FP8_LINEARS.fullmatch(fqn) is not None
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def _quantize_fp8(transformer, granularity: str) -> None:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
 
-    def attention_and_mlp(module: torch.nn.Module, fqn: str) -> bool:
-        # The blocks' attention and feed-forward linears: nearly all of the FLOPs. Embeddings, the
-        # timestep modulations (2 rows each) and the output projection stay in the preset dtype.
-        # _scaled_mm wants both dimensions divisible by 16.
-        return (isinstance(module, torch.nn.Linear) and _FP8_LINEARS.fullmatch(fqn) is not None
-                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
-
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(
-        granularity=PerRow() if granularity == "row" else PerTensor()), filter_fn=attention_and_mlp)
+        granularity=PerRow() if granularity == "row" else PerTensor()), filter_fn=fp8_linear_filter)
 
 
 def _compile(transformer, cfg: AccelConfig) -> None:

@@ -37,13 +37,8 @@ def test_dry_run_writes_the_table(tmp_path):
     assert proc.stdout.count("| 2b | sdpa |") == 1  # the table is printed too
 
 
-def test_full_size_configs_have_the_published_sizes():
-    """The hard-coded configs build the real architectures (on the meta device: no memory, no time)."""
+def _benchmark_module():
     import importlib.util
-
-    import torch
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu_benchmark.py")
     bench = importlib.util.module_from_spec(spec)
@@ -52,6 +47,16 @@ def test_full_size_configs_have_the_published_sizes():
         spec.loader.exec_module(bench)
     finally:
         del sys.modules[spec.name]
+    return bench
+
+
+def test_full_size_configs_have_the_published_sizes():
+    """The hard-coded configs build the real architectures (on the meta device: no memory, no time)."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    bench = _benchmark_module()
 
     def billions(module) -> float:
         return round(sum(p.numel() for p in module.parameters()) / 1e9, 2)
@@ -61,3 +66,29 @@ def test_full_size_configs_have_the_published_sizes():
         assert billions(CogVideoXTransformer3DModel(**bench.TRANSFORMER_CONFIGS["5b"])) == 5.57
         assert billions(AutoencoderKLCogVideoX(**bench.VAE_CONFIGS["5b"])) == 0.22
         assert billions(T5EncoderModel(T5Config(**bench.T5_XXL_CONFIG))) == 4.76
+
+
+def test_fp8_quantizes_every_token_wise_linear_of_the_full_size_transformers():
+    """fp8 must reach the linears that carry the FLOPs of the real architectures (diffusers' module names):
+    attention q/k/v/out and the feed-forward of every block. What it leaves alone acts on the timestep
+    embedding (one row per sample) or sits outside the blocks."""
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    from serve.accel import fp8_linear_filter
+
+    bench = _benchmark_module()
+    for name, config in bench.TRANSFORMER_CONFIGS.items():
+        with torch.device("meta"):
+            model = CogVideoXTransformer3DModel(**config)
+        linears = {fqn: m for fqn, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        chosen = {fqn for fqn, m in linears.items() if fp8_linear_filter(m, fqn)}
+        per_block = {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2"}
+        expected = {f"transformer_blocks.{i}.{leaf}" for i in range(config["num_layers"]) for leaf in per_block}
+        assert chosen == expected, name
+        left = {fqn.split(".", 2)[-1] if fqn.startswith("transformer_blocks.") else fqn for fqn in set(linears) - chosen}
+        assert left <= {"norm1.linear", "norm2.linear", "time_embedding.linear_1", "time_embedding.linear_2",
+                        "patch_embed.text_proj", "norm_out.linear", "proj_out"}, (name, left)
+        # and they hold most of the linear weights (the modulations, left out, are big but see one row each)
+        weights = sum(m.weight.numel() for m in linears.values())
+        assert sum(linears[f].weight.numel() for f in chosen) / weights > 0.75, name
