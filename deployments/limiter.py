@@ -18,37 +18,11 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from serve.limits import Decision, LimiterState, LimiterUnavailable, LimitsConfig, TenantLimits
+from serve.limits import Decision, LimiterUnavailable, LimitsConfig, LocalLimiter, TenantLimits
 
 
-class LimiterActor:
-    """The actor body; thin on purpose, all logic is in `LimiterState`."""
-
-    def __init__(self, config: LimitsConfig) -> None:
-        self._state = LimiterState(config)
-
-    async def configure(self, config: LimitsConfig) -> None:
-        self._state.configure(config)
-
-    async def admit(self, tenant: str, limits: TenantLimits, job_id: str | None = None,
-                    estimated_gpu_s: float = 0.0, charge_rate: bool = True) -> Decision:
-        return self._state.admit(tenant, limits, job_id, estimated_gpu_s=estimated_gpu_s, charge_rate=charge_rate)
-
-    async def release(self, tenant: str, job_id: str) -> bool:
-        return self._state.release(tenant, job_id)
-
-    async def charge_gpu_seconds(self, tenant: str, seconds: float, day: str | None = None) -> float:
-        return self._state.charge_gpu_seconds(tenant, seconds, day)
-
-    async def reconcile(self, active_jobs: Mapping[str, Iterable[str]],
-                        usage: Mapping[tuple[str, str], float], as_of: float | None = None) -> None:
-        self._state.reconcile({t: list(ids) for t, ids in active_jobs.items()}, usage, as_of=as_of)
-
-    async def needs_reconcile(self) -> bool:
-        return not self._state.reconciled
-
-    async def snapshot(self) -> dict[str, Any]:
-        return self._state.snapshot()
+class LimiterActor(LocalLimiter):
+    """The actor body: `serve.limits.LocalLimiter` (all logic is in `LimiterState`), run as one named Ray actor."""
 
 
 def get_or_create_limiter(name: str, namespace: str, config: LimitsConfig | None = None) -> Any:
@@ -94,7 +68,8 @@ class RayLimiter:
 
     async def admit(self, tenant: str, limits: TenantLimits, job_id: str | None = None, *,
                     estimated_gpu_s: float = 0.0, charge_rate: bool = True) -> Decision:
-        return await self._call("admit", tenant, limits, job_id, estimated_gpu_s, charge_rate)
+        return await self._call("admit", tenant, limits, job_id, estimated_gpu_s=estimated_gpu_s,
+                                charge_rate=charge_rate)
 
     async def release(self, tenant: str, job_id: str) -> bool:
         return await self._call("release", tenant, job_id)

@@ -270,7 +270,8 @@ def _legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(n)
 
 
-def _v4_problem(ip: ipaddress.IPv4Address) -> str | None:
+def _special_use_problem(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """The special-use kinds that IPv4 and IPv6 share (checked first by both)."""
     if ip in _METADATA_IPS:
         return "a cloud metadata endpoint"
     if ip.is_unspecified:
@@ -281,6 +282,12 @@ def _v4_problem(ip: ipaddress.IPv4Address) -> str | None:
         return "link-local"
     if ip.is_multicast:
         return "multicast"
+    return None
+
+
+def _v4_problem(ip: ipaddress.IPv4Address) -> str | None:
+    if problem := _special_use_problem(ip):
+        return problem
     if ip in _CGNAT:
         return "shared address space (CGNAT 100.64.0.0/10)"
     if ip.is_reserved:  # before is_private, which also covers 240.0.0.0/4
@@ -314,16 +321,8 @@ def address_problem(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
         if kind == "IPv4-compatible":
             return "IPv4-compatible IPv6 (deprecated)"
         return None
-    if ip in _METADATA_IPS:
-        return "a cloud metadata endpoint"
-    if ip.is_unspecified:
-        return "unspecified"
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local"
-    if ip.is_multicast:
-        return "multicast"
+    if problem := _special_use_problem(ip):
+        return problem
     if ip.is_site_local:
         return "site-local"
     if ip in _TEREDO:

@@ -70,8 +70,12 @@ def test_bf16_text_encoder_tracks_fp32(models):
 def test_sdpa_backend_matches_stock(backend, models, emb, baseline):
     try:
         stage = denoiser(models["5b"], attention_backend=backend)
-    except AccelUnavailable as exc:  # e.g. a kernel this card or head size lacks
-        pytest.skip(str(exc))
+    except AccelUnavailable as exc:
+        # math runs everywhere and flash on every card from Ampere on; cuDNN's and the memory-efficient
+        # kernel's coverage depends on the card and the torch build: only their absence is a skip
+        if backend == "math" or (backend == "flash" and torch.cuda.get_device_capability() >= (8, 0)):
+            raise
+        pytest.skip(f"this card/build has no {backend} SDPA kernel: {exc}")
     out = stage.denoise(emb, params()).latents
     assert np.isfinite(out).all()
     assert rel_l2(out, baseline) < 0.02
@@ -111,10 +115,9 @@ def test_regional_compile_with_first_block_cache_matches_eager(models, emb, base
 
 
 def test_full_compile_matches_eager(models, emb, baseline):
-    try:  # full graph with the flash kernel pinned: sdpa_kernel inside inductor's graph
-        stage = denoiser(models["5b"], compile="full", attention_backend="flash")
-    except AccelUnavailable as exc:
-        pytest.skip(str(exc))
+    # full graph with the flash kernel pinned where the card has it: sdpa_kernel inside inductor's graph
+    backend = "flash" if torch.cuda.get_device_capability() >= (8, 0) else "sdpa"
+    stage = denoiser(models["5b"], compile="full", attention_backend=backend)
     stage.warmup([(9, 32, 48)], steps=2)
     assert rel_l2(stage.denoise(emb, params()).latents, baseline) < 0.02
 
