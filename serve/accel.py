@@ -145,6 +145,10 @@ class AccelConfig(_Strict):
             raise ValueError("compile needs warmup_on_start: true: requests never compile, so shapes are compiled "
                              "by the warm-up at replica start (accel.warmup_shapes), and without it every request "
                              "would run eagerly")
+        if self.fp8 and self.compile == "off":
+            raise ValueError("fp8 needs compile: 'regional' or 'full': eager fp8 quantizes every activation in "
+                             "separate kernels, which can cost more than the fp8 matmuls save; set accel.compile: "
+                             "regional (with warmup_on_start) or accel.fp8: false")
         if self.compile == "regional" and self.cache in ("pab", "faster"):
             raise ValueError(f"compile='regional' cannot be combined with cache={self.cache!r} (its hooks sit inside "
                              "the compiled blocks); use cache='first_block' or compile='off'")
@@ -319,7 +323,9 @@ def reset_accel(transformer) -> None:
     for block in transformer.transformer_blocks:
         if "forward" in vars(block):  # our compiled forward shadows the class method
             del block.forward
-    transformer._compiled_call_impl = None
+    if "forward" in vars(transformer):
+        del transformer.forward
+    transformer._videogen_eager_calls = None
     install_attention_backend(transformer, "sdpa")
     transformer._videogen_accel = None
 
@@ -334,11 +340,52 @@ def fp8_linear_filter(module, fqn: str) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def _quantize_fp8(transformer, granularity: str) -> None:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+def fp8_quantization_config(granularity: str):
+    """torchao's float8 dynamic-activation + weight config for `granularity` ('row' or 'tensor').
 
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(
-        granularity=PerRow() if granularity == "row" else PerTensor()), filter_fn=fp8_linear_filter)
+    `set_inductor_config=False`: by default torchao switches on process-wide inductor options at
+    quantization time (coordinate-descent tuning among them), which multiplies every later compile's
+    time in this process, the warm-up's included; the replica's compile settings stay ours.
+    """
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor
+
+    return Float8DynamicActivationFloat8WeightConfig(
+        granularity=PerRow() if granularity == "row" else PerTensor(), set_inductor_config=False)
+
+
+def _quantize_fp8(transformer, granularity: str) -> None:
+    from torchao.quantization import quantize_
+
+    quantize_(transformer, fp8_quantization_config(granularity), filter_fn=fp8_linear_filter)
+
+
+class EagerCalls:
+    """Counts calls of compiled code that ran eagerly instead (a guard miss under `eager_on_recompile`,
+    or the recompile limit reached). The count sits behind `torch.compiler.is_compiling()`, which dynamo
+    traces as True: the compiled graphs never touch it, only an eager run of the same code does. Dynamo's
+    own counters (unique graphs, recompiles) do not move when a stance runs a frame eagerly."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def mark(self) -> None:
+        import torch
+
+        if not torch.compiler.is_compiling():
+            self.count += 1
+
+
+def eager_calls(transformer) -> EagerCalls | None:
+    """The transformer's `EagerCalls`, or None when it is not compiled."""
+    return getattr(transformer, "_videogen_eager_calls", None)
+
+
+def _marked(forward, counter: EagerCalls):
+    def forward_marked(*args, **kwargs):
+        counter.mark()
+        return forward(*args, **kwargs)
+
+    return forward_marked
 
 
 def _compile(transformer, cfg: AccelConfig) -> None:
@@ -352,11 +399,15 @@ def _compile(transformer, cfg: AccelConfig) -> None:
     options: dict[str, Any] = {"fullgraph": True, "dynamic": False, "backend": cfg.compile_backend}
     if cfg.compile_backend == "inductor":
         options["mode"] = cfg.compile_mode
+    counter = EagerCalls()
+    transformer._videogen_eager_calls = counter
     if cfg.compile == "full":
-        transformer.compile(**options)
+        # the whole forward in one graph; like the regional blocks', an instance attribute shadowing the
+        # class method, so that an eager run of it passes the counter
+        transformer.forward = torch.compile(_marked(transformer.forward, counter), **options)
         return
     # Regional: compile each block's forward, not the module's __call__, so cache hooks (which
     # replace `block.forward` and keep the previous one as the original) run eagerly around the
     # compiled body instead of being traced into it. Identical blocks share one compiled graph.
     for block in transformer.transformer_blocks:
-        block.forward = torch.compile(block.forward, **options)
+        block.forward = torch.compile(_marked(block.forward, counter), **options)

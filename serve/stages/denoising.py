@@ -27,6 +27,7 @@ from serve.accel import (
     cache_engages,
     cache_for_request,
     configure_cuda_backends,
+    eager_calls,
     reset_accel,
 )
 from serve.stages.types import Latents, PromptEmbeddings, SamplingParams
@@ -258,7 +259,7 @@ class DenoisingStage:
         # 8. Denoising loop, with the step cache engaged for this request only (if asked for), and
         # under compile with the compiled graphs of this shape bucket or eagerly (never compiling)
         bucket = (tuple(latents.shape), 2 if do_cfg else 1)
-        stance = self._compile_stance(bucket, compile_new_shape)
+        stance = self._compiled_run(bucket, compile_new_shape)
         if use_cache is None:
             use_cache = params.quality == "speed"
         use_cache = use_cache and cache_engages(self.accel.cache, do_cfg)
@@ -333,14 +334,23 @@ class DenoisingStage:
                 "compiled": self.last_run_compiled, "fp8": self.accel.fp8, "cache": self.last_cache_used,
                 "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device)}
 
-    def _compile_stance(self, bucket: tuple[tuple[int, ...], int], compile_new_shape: bool):
-        """The torch.compile stance for one request; counts and logs a request outside the buckets."""
+    @contextlib.contextmanager
+    def _compiled_run(self, bucket: tuple[tuple[int, ...], int], compile_new_shape: bool):
+        """The torch.compile stance for one request, and the check afterwards that it really ran compiled.
+
+        Outside the warmed-up buckets the request runs eagerly (counted and logged). Inside one, a guard
+        may still fail (an input no warm-up had); `eager_on_recompile` then runs that code eagerly too,
+        silently: the transformer's eager-call counter (serve.accel.EagerCalls) tells.
+        """
         if self.accel.compile == "off":
             self.last_run_compiled = None
-            return contextlib.nullcontext()
+            yield
+            return
         if compile_new_shape:
             self.last_run_compiled = True
-            return torch.compiler.set_stance("default")
+            with torch.compiler.set_stance("default"):
+                yield
+            return
         self.last_run_compiled = bucket in self.compiled_buckets
         if not self.last_run_compiled:
             self.uncompiled_runs += 1
@@ -349,8 +359,18 @@ class DenoisingStage:
                 "Add its (num_frames, height, width) to accel.warmup_shapes%s to compile it at replica start.",
                 bucket[0], bucket[1], sorted(self.compiled_buckets),
                 "" if bucket[1] == 2 else " and set accel.warmup_without_cfg")
-        # a bucket's guards may still fail (an input no warm-up had): run that eagerly too, never compile
-        return torch.compiler.set_stance("eager_on_recompile")
+        counter = eager_calls(self.transformer)
+        before = counter.count if counter is not None else 0
+        # a bucket's guards may still fail: run that eagerly too, never compile on the request path
+        with torch.compiler.set_stance("eager_on_recompile"):
+            yield
+        if self.last_run_compiled and counter is not None and counter.count > before:
+            self.last_run_compiled = False
+            self.uncompiled_runs += 1
+            log.warning(
+                "denoiser: a request of compiled bucket %s (batch %d) failed its graphs' guards and ran %d "
+                "compiled calls eagerly (slower); an input differs from the warm-up's (e.g. the prompt's token "
+                "count)", bucket[0], bucket[1], counter.count - before)
 
     def warmup(self, shapes: Sequence[tuple[int, int, int]], steps: int = 2, cfg: bool = True,
                without_cfg: bool = False) -> dict[str, float]:

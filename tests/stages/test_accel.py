@@ -122,7 +122,31 @@ def test_backend_without_a_kernel_fails_at_start(tiny_models):
 def test_fp8_on_cpu_says_why(tiny_models):
     denoiser = _denoiser(tiny_models)
     with pytest.raises(AccelUnavailable, match=r"accel.fp8 needs a CUDA GPU of compute capability >= 8.9.*cpu"):
-        apply_accel(denoiser.transformer, AccelConfig(fp8=True), "cpu")
+        apply_accel(denoiser.transformer, AccelConfig(fp8=True, compile="regional"), "cpu")
+
+
+def test_fp8_quantization_leaves_the_process_inductor_config_alone(tiny_models):
+    """torchao's default (`set_inductor_config=True`) turns on coordinate-descent tuning for the whole
+    process, which multiplies every later compile's time. Ours must not: checked against torchao itself,
+    whose quantize_ sets the inductor options before it refuses the CPU."""
+    import torch
+    import torch._inductor.config as inductor_config
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    from serve.accel import _quantize_fp8, fp8_quantization_config, fp8_linear_filter
+
+    assert fp8_quantization_config("row").set_inductor_config is False
+    assert fp8_quantization_config("tensor").set_inductor_config is False
+    transformer = _denoiser(tiny_models).transformer.to(torch.bfloat16)
+    with inductor_config.patch(coordinate_descent_tuning=False):
+        with pytest.raises(AssertionError, match="compute capability"):  # float8 refuses the CPU
+            _quantize_fp8(transformer, "row")
+        assert inductor_config.coordinate_descent_tuning is False
+        # the check can fail: torchao's default config does flip it
+        with pytest.raises(AssertionError, match="compute capability"):
+            quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+                      filter_fn=fp8_linear_filter)
+        assert inductor_config.coordinate_descent_tuning is True
 
 
 @pytest.mark.parametrize(
@@ -134,6 +158,7 @@ def test_fp8_on_cpu_says_why(tiny_models):
         ({"first_block": {"threshold": 0}}, "greater than 0"),
         ({"warmup_shapes": [(49, 480, 721)]}, "multiples of 8"),
         ({"compile": "regional", "warmup_on_start": False}, "compile needs warmup_on_start"),
+        ({"fp8": True}, "fp8 needs compile"),
         ({"attention_backend": "xformers"}, "attention_backend"),
         ({"cahce": "pab"}, "Extra inputs are not permitted"),
     ],
@@ -214,6 +239,31 @@ def test_requests_outside_the_compiled_buckets_run_eagerly_and_never_compile(tin
     # without compile there are no buckets to miss
     eager.denoise(emb, _params(num_frames=17, num_inference_steps=2))
     assert eager.last_run_compiled is None and eager.uncompiled_runs == 0
+
+
+@pytest.mark.parametrize("mode", ["regional", "full"])
+def test_a_guard_miss_inside_a_bucket_is_detected_and_counted(mode, tiny_models, emb):
+    """A request of a warmed-up shape whose inputs still fail a guard (here: a prompt of another token
+    count) runs eagerly under `eager_on_recompile`; it must not be reported as compiled. Dynamo's own
+    counters do not move when the stance runs a frame eagerly, so the stage counts eager calls itself."""
+    from torch._dynamo.utils import counters
+
+    from serve.stages.types import PromptEmbeddings
+
+    denoiser = _denoiser(tiny_models, compile=mode, compile_backend="eager")
+    denoiser.warmup([(9, 32, 48)], steps=1)
+    graphs = counters["stats"]["unique_graphs"]
+    denoiser.denoise(emb, _params(num_inference_steps=2))
+    assert denoiser.last_run_compiled is True and denoiser.uncompiled_runs == 0
+
+    short = PromptEmbeddings(positive=emb.positive[:, :100].copy(), negative=emb.negative[:, :100].copy())
+    denoiser.denoise(short, _params(num_inference_steps=2))
+    assert denoiser.last_run_compiled is False and denoiser.uncompiled_runs == 1
+    assert denoiser.last_run_info()["compiled"] is False
+    assert counters["stats"]["unique_graphs"] == graphs  # still nothing compiled on the request path
+
+    denoiser.denoise(emb, _params(num_inference_steps=2))  # and the bucket's graphs serve the next one
+    assert denoiser.last_run_compiled is True and denoiser.uncompiled_runs == 1
 
 
 def test_reset_accel_restores_the_stock_model(tiny_models, emb, baseline):
