@@ -20,7 +20,7 @@ class VaeDecoder:
         from serve.storage import Storage
 
         model = config.model_named(model_name) if model_name else config.model
-        self._stage = load_stage(DecodingStage, config, model=model)
+        self._stage = load_stage(DecodingStage, config, model=model, cudnn_benchmark=model.vae_cudnn_benchmark)
         if model.accel.warmup_on_start:
             self._stage.warmup(warmup_shapes(model, model.accel))
         self._storage = Storage.from_config(config.s3, observer=S3Metrics())
@@ -30,7 +30,6 @@ class VaeDecoder:
 
     async def decode(self, req: GenerationRequest, denoised: Handoff) -> dict[str, Any]:
         from serve.publish import publish_video, video_keys
-        from serve.stages.decoding import to_uint8
 
         total = req.params.num_inference_steps
         waiting = time.perf_counter()
@@ -39,8 +38,7 @@ class VaeDecoder:
             await asyncio.to_thread(self._store.put_progress, req.job_id, "decoding", 0, total,
                                     attempt=req.attempt)
             t0 = time.perf_counter()
-            frames = await run_to_end(self._stage.decode, denoised.value)
-            frames = to_uint8(frames)
+            frames = await run_to_end(self._stage.decode_uint8, denoised.value)
             timings = {**denoised.timings, "vae_decoder_s": time.perf_counter() - t0}
             self._metrics.processed(timings["vae_decoder_s"])
             self._metrics.count_tiled_fallbacks(self._stage)

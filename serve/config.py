@@ -63,6 +63,11 @@ class ModelConfig(_Strict):
     revision: str | None = Field(default=None, description="Hub revision for a Hugging Face id.")
     aliases: list[str] = Field(default_factory=list, description="Other names accepted for this model.")
     defaults: PresetOverrides = Field(default_factory=PresetOverrides, description="Overrides of the preset.")
+    vae_cudnn_benchmark: bool = Field(
+        default=False,
+        description="torch.backends.cudnn.benchmark on the VAE replica (GPU): cuDNN times the Conv3d decoder's "
+                    "algorithms once per latent shape and keeps the fastest; paid in the warm-up decode of each "
+                    "warm-up shape (accel.warmup_shapes), by the first request of any other shape.")
     accel: AccelConfig = Field(
         default_factory=AccelConfig,
         description="Denoiser speed options (serve/accel.py): attention backend, torch.compile, fp8, the step "

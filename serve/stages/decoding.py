@@ -2,7 +2,8 @@
 
 Reproduces `CogVideoXPipeline.decode_latents` followed by
 `VideoProcessor.postprocess_video(output_type="np")`: undo the VAE scaling, decode, map [-1, 1] to
-[0, 1]. Only the VAE is loaded. An untiled decode that runs out of GPU memory is retried in tiles
+[0, 1]. The replica's path (`decode_uint8`) also converts to the uint8 frames the encoder takes on the
+device, bit for bit as `to_uint8` does on the host, and copies only those. Only the VAE is loaded. An untiled decode that runs out of GPU memory is retried in tiles
 (a fraction of the peak memory, slower) and reported, and that shape is decoded in tiles from then on.
 """
 
@@ -32,11 +33,17 @@ class DecodingStage:
         device: str = "cpu",
         enable_tiling: bool = False,
         on_fallback: FallbackCallback | None = None,
+        cudnn_benchmark: bool = False,
     ) -> None:
         from diffusers.video_processor import VideoProcessor
 
         self.vae = vae
         self.device = torch.device(device)
+        if cudnn_benchmark and self.device.type == "cuda":
+            # cuDNN times the Conv3d algorithms once per new input shape (the warm-up's, when it runs)
+            # and keeps the fastest. Process-wide: this replica runs only the VAE.
+            torch.backends.cudnn.benchmark = True
+        self.cudnn_benchmark = bool(torch.backends.cudnn.benchmark) if self.device.type == "cuda" else False
         self.tiling = enable_tiling
         if enable_tiling:
             # Decodes in overlapping spatial tiles: slower, but a fraction of the peak memory.
@@ -58,20 +65,42 @@ class DecodingStage:
         revision: str | None = None,
         enable_tiling: bool = False,
         on_fallback: FallbackCallback | None = None,
+        cudnn_benchmark: bool = False,
     ) -> DecodingStage:
         from diffusers import AutoencoderKLCogVideoX
 
         vae = AutoencoderKLCogVideoX.from_pretrained(path, subfolder="vae", revision=revision, dtype=dtype)
-        return cls(vae.to(device).eval(), device, enable_tiling=enable_tiling, on_fallback=on_fallback)
+        return cls(vae.to(device).eval(), device, enable_tiling=enable_tiling, on_fallback=on_fallback,
+                   cudnn_benchmark=cudnn_benchmark)
 
     @torch.inference_mode()
     def decode(self, latents: Latents, on_fallback: FallbackCallback | None = None) -> np.ndarray:
-        """Float32 frames `[F, H, W, 3]` in [0, 1].
+        """Float32 frames `[F, H, W, 3]` in [0, 1], as diffusers' pipeline returns them (`output_type="np"`).
 
         If the untiled decode raises `torch.OutOfMemoryError`, the cache is emptied and the decode
         retried in tiles; `on_fallback` (this call's, else the stage's) is told, `last_decode_tiled`
         is set, and later decodes of the same latent shape go straight to tiles.
         """
+        video = self._decode_video(latents, on_fallback)
+        frames = self.video_processor.postprocess_video(video=video, output_type="np")
+        return frames[0].astype(np.float32, copy=False)
+
+    @torch.inference_mode()
+    def decode_uint8(self, latents: Latents, on_fallback: FallbackCallback | None = None) -> np.ndarray:
+        """uint8 frames `[F, H, W, 3]`: `to_uint8(self.decode(latents))`, bit for bit, computed on the device.
+
+        On a GPU the device-to-host copy is half the bytes of the bf16 frames (a quarter of float32's), and
+        the host's numpy passes (cast, clip, scale, round) are gone: the replica's CPUs stay free for encoding.
+        """
+        video = self._decode_video(latents, on_fallback)
+        # diffusers' denormalisation ((x * 0.5 + 0.5).clamp(0, 1), in the VAE dtype), then
+        # `to_uint8`'s float32 arithmetic; torch.round and numpy round half to even alike
+        frames = self.video_processor.postprocess_video(video=video, output_type="pt")[0]  # [F, C, H, W]
+        frames = frames.permute(0, 2, 3, 1).float()
+        return (frames.clamp(0.0, 1.0) * 255).round().to(torch.uint8).cpu().numpy()
+
+    def _decode_video(self, latents: Latents, on_fallback: FallbackCallback | None) -> torch.Tensor:
+        """The VAE's output `[B, C, F, H, W]` on the device, with the out-of-memory fallback to tiles."""
         shape = tuple(latents.latents.shape)
         tiled = self.tiling or shape in self.tiled_shapes
         oom: torch.OutOfMemoryError | None = None
@@ -86,8 +115,7 @@ class DecodingStage:
             video = self._decode_after_oom(latents, shape, oom, on_fallback or self.on_fallback)
             tiled = True
         self.last_decode_tiled = tiled
-        frames = self.video_processor.postprocess_video(video=video, output_type="np")
-        return frames[0].astype(np.float32, copy=False)
+        return video
 
     def _decode(self, latents: Latents, tiled: bool) -> torch.Tensor:
         # torch.tensor copies: Ray hands over read-only zero-copy arrays.
@@ -127,7 +155,7 @@ class DecodingStage:
             z = np.zeros((1, (num_frames - 1) // temporal + 1, config.latent_channels, height // spatial,
                           width // spatial), dtype=np.float32)
             t0 = time.perf_counter()
-            self.decode(Latents(latents=z))
+            self.decode_uint8(Latents(latents=z))
             seconds[f"{num_frames}x{height}x{width}"] = time.perf_counter() - t0
         return seconds
 

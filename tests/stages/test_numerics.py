@@ -74,6 +74,35 @@ def test_stages_match_pipeline(variant, tiny_models, stages):
     assert frames.dtype == np.float32
     assert np.abs(frames - expected_frames).max() <= 1e-5
 
+    # the replica's path: uint8 frames made on the device, identical to diffusers' frames made uint8
+    from serve.stages.decoding import to_uint8
+
+    as_bytes = decoder.decode_uint8(latents)
+    assert as_bytes.dtype == np.uint8 and as_bytes.shape == expected_frames.shape
+    np.testing.assert_array_equal(as_bytes, to_uint8(frames))
+    assert np.abs(as_bytes.astype(np.int16) - to_uint8(expected_frames).astype(np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_uint8_on_the_device_is_the_hosts_conversion_bit_for_bit(dtype, tiny_models):
+    """Half-precision VAE output (as on a GPU): rounding to uint8 in torch matches numpy's `to_uint8`
+    of diffusers' float frames exactly, ties (x.5 after scaling) included."""
+    from serve.stages.decoding import DecodingStage, to_uint8
+    from serve.stages.types import Latents
+
+    decoder = DecodingStage.from_pretrained(str(tiny_models["5b"]), dtype=dtype)
+    z = np.random.default_rng(3).standard_normal((1, 3, 16, 4, 6)).astype(np.float32) * 3
+    np.testing.assert_array_equal(decoder.decode_uint8(Latents(latents=z)), to_uint8(decoder.decode(Latents(latents=z))))
+
+
+def test_the_cpu_tests_run_diffusers_peft_path():
+    """The GPU image has peft, which routes every diffusers transformer forward through the PEFT
+    LoRA-scale code; the CPU tests must take the same path (peft is in the test extras)."""
+    import diffusers.utils
+    import peft.tuners.tuners_utils  # noqa: F401 (what diffusers' path imports)
+
+    assert diffusers.utils.USE_PEFT_BACKEND is True
+
 
 @pytest.mark.parametrize(
     ("variant", "negative", "guidance_scale"),
@@ -143,3 +172,5 @@ def test_tiled_decode_keeps_frame_size(tiny_models):
     as_bytes = to_uint8(frames)
     assert as_bytes.dtype == np.uint8
     assert np.abs(as_bytes.astype(np.float32) / 255 - frames).max() <= 0.5 / 255 + 1e-6
+    np.testing.assert_array_equal(decoder.decode_uint8(Latents(latents=z)), as_bytes)
+    assert decoder.last_decode_tiled
