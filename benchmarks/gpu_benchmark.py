@@ -83,23 +83,48 @@ T5_XXL_CONFIG = {
 MODELS = {"2b": ("CogVideoXDDIMScheduler", 3.0, torch.float16, False),
           "5b": ("CogVideoXDPMScheduler", 1.0, torch.bfloat16, True)}
 
-# 2. Settings. Run in this order: the lossless `sdpa` run is the reference for deviations, and fp8
-# replaces the weights (irreversible), so it comes last. `_use_cache` (default: whether a cache is set)
-# says whether the request engages the configured cache; `fp8_first_block` is the fastest path, the fp8
-# setting's replica serving a `quality: "speed"` request (same config: its compiled graphs are reused).
+# 2. Settings and the plan. `_use_cache` (default: whether a cache is set) says whether the request
+# engages the configured cache. The fp8 settings prepare the first-block cache without using it, so
+# that `fastest` (the same fp8 replica serving a `quality: "speed"` request) reuses their compiled graphs.
 SETTINGS: dict[str, dict | None] = {
     "pipeline": None,  # diffusers CogVideoXPipeline, eager, no offload
     "sdpa": {},
-    "flash": {"attention_backend": "flash"},
     "cudnn": {"attention_backend": "cudnn"},
+    "flash": {"attention_backend": "flash"},
+    "compile": {"compile": "regional"},
+    "cudnn_compile": {"attention_backend": "cudnn", "compile": "regional"},
+    "fp8": {"fp8": True, "compile": "regional", "cache": "first_block", "_use_cache": False},
+    "cudnn_fp8": {"attention_backend": "cudnn", "fp8": True, "compile": "regional", "cache": "first_block",
+                  "_use_cache": False},
+    "fastest": {"fp8": True, "compile": "regional", "cache": "first_block"},
+    "cudnn_fastest": {"attention_backend": "cudnn", "fp8": True, "compile": "regional", "cache": "first_block"},
     "first_block": {"cache": "first_block"},
     "pab": {"cache": "pab"},
     "faster": {"cache": "faster"},
-    "compile": {"compile": "regional"},
-    "fp8": {"fp8": True, "compile": "regional", "cache": "first_block", "_use_cache": False},
-    "fp8_first_block": {"fp8": True, "compile": "regional", "cache": "first_block"},
 }
-LOSSY = {"fp8", "fp8_first_block", "first_block", "pab", "faster"}
+# Rows that measure a stage rather than a denoiser setting (tables of their own)
+PROBES = {"attention": "one SDPA call per kernel at the full sequence vs an fp32 reference",
+          "vae": "VAE decode: diffusers' post-processing vs ours on the device, tiled, cudnn.benchmark"}
+LOSSY = {"fp8", "cudnn_fp8", "fastest", "cudnn_fastest", "first_block", "pab", "faster"}
+# The order of value: if time runs out, what is left out matters least. 5b plain diffusers against this
+# project's lossless path (sdpa, cudnn, and cuDNN's deviation at the full sequence), then compile, then
+# fp8 + compile, then the fastest path, the VAE once (for the per-video ratios), then the same three with
+# cuDNN attention, then 2b, then the eager caches. (Rows for image-to-video, enhancement and parallel
+# denoising come here when those stages exist.)
+PLAN: list[tuple[str, str]] = [
+    ("5b", "pipeline"), ("5b", "sdpa"), ("5b", "cudnn"), ("5b", "attention"),
+    ("5b", "compile"), ("5b", "fp8"), ("5b", "fastest"), ("5b", "vae"),
+    ("5b", "cudnn_compile"), ("5b", "cudnn_fp8"), ("5b", "cudnn_fastest"),
+    ("2b", "pipeline"), ("2b", "sdpa"), ("2b", "cudnn"), ("2b", "compile"), ("2b", "fp8"), ("2b", "fastest"),
+    ("5b", "first_block"), ("5b", "pab"), ("5b", "faster"), ("5b", "flash"),
+]
+# Priors for the time plan, refined by what the run measures. Step: one CFG step at 49x480x720, eager,
+# H200 (FIELD-NOTES); build: random init on the GPU; compile: regional inductor compile of one block
+# (a guess until measured; the first compiled row's setup replaces it for the next).
+PRIORS = {"5b": {"step_s": 1.76, "build_s": 15.0, "compile_s": 60.0},
+          "2b": {"step_s": 0.64, "build_s": 6.0, "compile_s": 45.0}}
+T5_BUILD_S, VAE_BUILD_S, T5_ENCODE_S, QUANTIZE_S = 20.0, 3.0, 0.05, 5.0
+VAE_UNTILED_S, VAE_TILED_S, CUDNN_AUTOTUNE_S = 2.2, 3.2, 10.0
 PROMPT = "A panda playing a guitar in a bamboo forest, cinematic close up shot, golden light"
 NEGATIVE = "blurry, low quality"
 GiB = 1024**3
@@ -116,6 +141,11 @@ class Row:
     dev_max_abs: float | None = None
     dev_rel_l2: float | None = None
     speedup: float | None = None
+    t5_s: float | None = None  # prompt encoding of this request (pipeline: its own encode_prompt)
+    video_s: float | None = None  # T5 + 50 steps + VAE decode, extrapolated
+    video_ratio: float | None = None  # video_s / the pipeline's video_s
+    estimate_s: float | None = None  # what the plan expected the row to take
+    wall_s: float | None = None  # what it took
 
     @property
     def median(self) -> float | None:
@@ -129,12 +159,26 @@ class Row:
 @dataclass
 class StageTimes:
     t5_s: float | None = None
-    vae_untiled_s: float | None = None
-    vae_untiled_peak_gib: float | None = None
-    vae_tiled_s: float | None = None
-    vae_tiled_peak_gib: float | None = None
     resident_gib: float | None = None
     note: str = ""
+
+
+@dataclass
+class VaeTimes:
+    """One model's VAE, once (2b and 5b share the architecture): seconds and peak GiB per way of decoding."""
+    model: str
+    shape: tuple[int, ...] = ()
+    rows: list[tuple[str, float | None, float | None, str]] = field(default_factory=list)
+
+    def seconds(self, name: str) -> float | None:
+        return next((s for n, s, _, _ in self.rows if n == name), None)
+
+
+@dataclass
+class AttentionTimes:
+    model: str
+    tokens: int = 0
+    rows: list[tuple[str, str, float | None, float | None, float | None]] = field(default_factory=list)
 
 
 # 3. Building the models
@@ -148,34 +192,58 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def build_full(model: str, device: torch.device, text_encoder=None) -> dict:
-    """Random-weight full-size components, initialised directly on `device` in the serving dtypes."""
+def build_transformer(model: str, device: torch.device, dry_run: bool):
+    """The model's transformer, the same random weights every time (a fresh copy after fp8 replaced them)."""
+    dtype = MODELS[model][2]
+    if dry_run:
+        return build_tiny_pipeline(model).transformer.to(device=device, dtype=dtype)
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(1)
+    with torch.device(device), default_dtype(dtype):
+        return CogVideoXTransformer3DModel(**TRANSFORMER_CONFIGS[model]).to(dtype).eval()
+
+
+def build_components(model: str, device: torch.device, dry_run: bool, text_encoder=None) -> dict:
+    """Random-weight components in the serving dtypes: the transformer and VAE in the preset dtype, T5 in
+    bf16 (as the runtime loads it on a GPU), one T5 shared by both models (both checkpoints use T5-XXL).
+    Mixed dtypes are the point: the 2b transformer is fp16, its prompt embeddings come from a bf16 T5."""
     import diffusers
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from diffusers import AutoencoderKLCogVideoX
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     scheduler_name, snr_shift, dtype, dynamic_cfg = MODELS[model]
-    torch.manual_seed(0)
-    with torch.device(device):
-        if text_encoder is None:
-            with default_dtype(torch.bfloat16):  # the runtime's T5 dtype on GPU
-                text_encoder = T5EncoderModel(T5Config(**T5_XXL_CONFIG)).to(torch.bfloat16).eval()
-        with default_dtype(dtype):
-            transformer = CogVideoXTransformer3DModel(**TRANSFORMER_CONFIGS[model]).to(dtype).eval()
-            vae = AutoencoderKLCogVideoX(**VAE_CONFIGS[model]).to(dtype).eval()
+    if dry_run:
+        pipe = build_tiny_pipeline(model)
+        tokenizer, vae = pipe.tokenizer, pipe.vae.to(device=device, dtype=dtype)
+        text_encoder = text_encoder or pipe.text_encoder.to(device=device, dtype=torch.bfloat16)
+    else:
+        tokenizer = T5Tokenizer(vocab=_tokenizer_vocab(), extra_ids=0)
+        torch.manual_seed(0)
+        with torch.device(device):
+            if text_encoder is None:
+                with default_dtype(torch.bfloat16):
+                    text_encoder = T5EncoderModel(T5Config(**T5_XXL_CONFIG)).to(torch.bfloat16).eval()
+            with default_dtype(dtype):
+                vae = AutoencoderKLCogVideoX(**VAE_CONFIGS[model]).to(dtype).eval()
     scheduler_cls = getattr(diffusers, scheduler_name)
     scheduler_config = dict(scheduler_cls(**_SCHEDULER_BASE, snr_shift_scale=snr_shift).config)
-    return {"tokenizer": T5Tokenizer(vocab=_tokenizer_vocab(), extra_ids=0), "text_encoder": text_encoder,
-            "transformer": transformer, "vae": vae, "scheduler_cls": scheduler_cls,
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder,
+            "transformer": build_transformer(model, device, dry_run), "vae": vae, "scheduler_cls": scheduler_cls,
             "scheduler_config": scheduler_config, "dynamic_cfg": dynamic_cfg}
 
 
-def build_tiny(model: str, device: torch.device) -> dict:
-    pipe = build_tiny_pipeline(model)
-    return {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder.to(device),
-            "transformer": pipe.transformer.to(device), "vae": pipe.vae.to(device),
-            "scheduler_cls": type(pipe.scheduler), "scheduler_config": dict(pipe.scheduler.config),
-            "dynamic_cfg": MODELS[model][3]}
+def make_stages(c: dict, device: torch.device) -> dict:
+    return {
+        "device": device,
+        "text": TextEncodingStage(c["tokenizer"], c["text_encoder"], str(device)),
+        "denoise": DenoisingStage(c["transformer"], c["scheduler_cls"], c["scheduler_config"], device=str(device)),
+        "decode": DecodingStage(c["vae"], str(device)),
+        "applied": None,  # the AccelConfig the denoiser runs with now
+        "applied_name": None,  # ... and its setting's name
+        "quantized": None,  # the AccelConfig whose fp8 replaced the weights (irreversible)
+        "quantized_name": None,
+    }
 
 
 # 4. Measuring
@@ -213,7 +281,11 @@ def deviation(latents: np.ndarray, reference: np.ndarray | None) -> tuple[float 
     return float(np.abs(diff).max()), float(np.linalg.norm(diff) / norm) if norm else math.inf
 
 
-def run_pipeline(c: dict, geometry, n_steps: int, seed: int, clock: Clock) -> tuple[list[float], np.ndarray, float]:
+def run_pipeline(c: dict, geometry, n_steps: int, seed: int, clock: Clock):
+    """diffusers as a user runs it with these components. The prompt is encoded by the pipeline's own
+    `encode_prompt` in the transformer's dtype and passed as embeddings: called with `prompt=`, the
+    pipeline casts the embeddings (and so the latents) to the T5's dtype, and a fp16 transformer (2b)
+    then fails on bf16 inputs. Returns (step seconds, latents, peak GiB, encode seconds)."""
     from diffusers import CogVideoXPipeline
 
     pipe = CogVideoXPipeline(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], vae=c["vae"],
@@ -228,29 +300,34 @@ def run_pipeline(c: dict, geometry, n_steps: int, seed: int, clock: Clock) -> tu
 
     frames, height, width = geometry
     clock.reset_peak()
+    t0 = clock.now()
+    with torch.inference_mode():
+        prompt_embeds, negative_embeds = pipe.encode_prompt(
+            PROMPT, NEGATIVE, do_classifier_free_guidance=True, max_sequence_length=226,
+            device=c["transformer"].device, dtype=c["transformer"].dtype)
     start = clock.now()
-    out = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=frames, height=height, width=width,
-               num_inference_steps=n_steps, guidance_scale=6.0, use_dynamic_cfg=c["dynamic_cfg"],
-               generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
-               callback_on_step_end=on_step_end).frames
-    # the first "step" also holds the prompt encoding: it is a warm-up step either way
-    return step_durations(start, marks), out.float().cpu().numpy(), clock.peak_gib()
+    out = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, num_frames=frames,
+               height=height, width=width, num_inference_steps=n_steps, guidance_scale=6.0,
+               use_dynamic_cfg=c["dynamic_cfg"], generator=torch.Generator("cpu").manual_seed(seed),
+               output_type="latent", callback_on_step_end=on_step_end).frames
+    return step_durations(start, marks), out.float().cpu().numpy(), clock.peak_gib(), start - t0
 
 
 def run_stage(st: dict, c: dict, geometry, n_steps: int, seed: int, use_cache: bool, clock: Clock):
     frames, height, width = geometry
+    t0 = clock.now()
     emb = st["text"].encode(PROMPT, NEGATIVE, do_cfg=True)
+    encode_s = clock.now() - t0
     params = SamplingParams(num_frames=frames, height=height, width=width, num_inference_steps=n_steps,
                             guidance_scale=6.0, use_dynamic_cfg=c["dynamic_cfg"], seed=seed, fps=8)
     marks: list[float] = []
     clock.reset_peak()
     start = clock.now()
     latents = st["denoise"].denoise(emb, params, on_step=lambda i, n: marks.append(clock.now()), use_cache=use_cache)
-    return step_durations(start, marks), latents.latents, clock.peak_gib()
+    return step_durations(start, marks), latents.latents, clock.peak_gib(), encode_s
 
 
-def measure_text_and_vae(st: dict, latents: np.ndarray, clock: Clock, repeats: int) -> StageTimes:
-    times = StageTimes()
+def measure_t5(st: dict, clock: Clock, repeats: int) -> float:
     text = st["text"]
     text.encode(PROMPT, NEGATIVE, do_cfg=True)  # warm
     t5 = []
@@ -258,29 +335,191 @@ def measure_text_and_vae(st: dict, latents: np.ndarray, clock: Clock, repeats: i
         t0 = clock.now()
         text.encode(PROMPT, NEGATIVE, do_cfg=True)
         t5.append(clock.now() - t0)
-    times.t5_s = statistics.median(t5)
+    return statistics.median(t5)
 
-    vae = st["decode"].vae
-    for tiled in (False, True):
-        stage = DecodingStage(vae, str(st["device"]), enable_tiling=tiled)
+
+def latent_shape(model: str, geometry, c: dict) -> tuple[int, ...]:
+    frames, height, width = geometry
+    channels = c["transformer"].config.in_channels
+    return (1, (frames - 1) // 4 + 1, channels, height // 8, width // 8)
+
+
+def measure_vae(model: str, st: dict, c: dict, geometry, clock: Clock) -> VaeTimes:
+    """Decode one video's latents several ways, each after a warm-up decode of its own."""
+    from serve.stages.decoding import to_uint8
+
+    shape = latent_shape(model, geometry, c)
+    z = Latents(latents=np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+    times = VaeTimes(model=model, shape=shape)
+    vae, device = st["decode"].vae, str(st["device"])
+
+    def timed(name: str, fn, note: str = "", warm: bool = True) -> None:
         try:
-            stage.decode(Latents(latents=latents))  # warm
+            if warm:
+                fn()
             clock.reset_peak()
             t0 = clock.now()
-            stage.decode(Latents(latents=latents))
-            seconds, peak = clock.now() - t0, clock.peak_gib()
-            if tiled:
-                times.vae_tiled_s, times.vae_tiled_peak_gib = seconds, peak
-            else:
-                times.vae_untiled_s, times.vae_untiled_peak_gib = seconds, peak
-                if stage.fallbacks:
-                    times.note += " untiled decode ran out of memory and fell back to tiles;"
+            fn()
+            times.rows.append((name, clock.now() - t0, clock.peak_gib(), note))
+        except Exception as exc:  # one way failing (out of memory) must not lose the others
+            times.rows.append((name, None, None, f"error: {type(exc).__name__}: {exc}"[:160].replace("|", "/")))
+
+    untiled = DecodingStage(vae, device)
+    timed("diffusers (float frames, uint8 on the host)", lambda: to_uint8(untiled.decode(z)),
+          "decode_latents + postprocess_video(np) + to_uint8: what a diffusers user's export does")
+    timed("ours (uint8 on the device)", lambda: untiled.decode_uint8(z), "the VaeDecoder replica's path")
+    try:
+        tiled = DecodingStage(vae, device, enable_tiling=True)
+        timed("ours, tiled", lambda: tiled.decode_uint8(z), "spatial tiles: the out-of-memory fallback")
+    finally:
+        vae.disable_tiling()
+    if st["device"].type == "cuda":
+        old = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            t0 = clock.now()
+            untiled.decode_uint8(z)  # pays the algorithm search, as a replica's warm-up would
+            search_s = clock.now() - t0
+            timed("ours, cudnn.benchmark", lambda: untiled.decode_uint8(z),
+                  f"model.vae_cudnn_benchmark; the first decode (search) took {search_s:.2f} s", warm=False)
         finally:
-            vae.disable_tiling()
+            torch.backends.cudnn.benchmark = old
     return times
 
 
-# 5. The report
+def measure_attention(model: str, c: dict, geometry, clock: Clock, device: torch.device) -> AttentionTimes:
+    """cuDNN's (and flash's) deviation at the real sequence, which the start-up probe (8 tokens) cannot see:
+    one attention call [2, heads, text + video tokens, head_dim] in the model dtype against float32."""
+    import torch.nn.functional as F
+
+    from serve.stages.attention import SDPA_BACKENDS, sdpa_kernel
+
+    config = c["transformer"].config
+    frames, height, width = geometry
+    p = config.patch_size
+    tokens = config.max_text_seq_length + ((frames - 1) // 4 + 1) * (height // 8 // p) * (width // 8 // p)
+    result = AttentionTimes(model=model, tokens=tokens)
+    dtype = c["transformer"].dtype
+    gen = torch.Generator("cpu").manual_seed(0)
+    q, k, v = (torch.randn(2, config.num_attention_heads, tokens, config.attention_head_dim, generator=gen)
+               .to(device) for _ in range(3))
+    reference_kernel = "efficient" if device.type == "cuda" else "math"  # fp32 math at 17,776 tokens: 120 GB
+    with torch.inference_mode(), sdpa_kernel([SDPA_BACKENDS[reference_kernel]]):
+        reference = F.scaled_dot_product_attention(q, k, v)
+    qh, kh, vh = (t.to(dtype) for t in (q, k, v))
+    for name in ("flash", "cudnn", "efficient"):
+        try:
+            with torch.inference_mode(), sdpa_kernel([SDPA_BACKENDS[name]]):
+                F.scaled_dot_product_attention(qh, kh, vh)  # warm
+                t0 = clock.now()
+                out = F.scaled_dot_product_attention(qh, kh, vh)
+                seconds = clock.now() - t0
+            max_abs, rel = deviation(out.float().cpu().numpy(), reference.float().cpu().numpy())
+            result.rows.append((name, "ok", seconds, max_abs, rel))
+        except RuntimeError as exc:
+            result.rows.append((name, f"unavailable: {str(exc).splitlines()[0][:120]}".replace("|", "/"),
+                                None, None, None))
+    del q, k, v, qh, kh, vh, reference
+    return result
+
+
+# 5. The time plan
+@dataclass
+class Planner:
+    """Estimates the seconds of each planned row from priors, refined by what was measured."""
+    device_type: str
+    n_steps: int
+    built: set[str] = field(default_factory=set)
+    step_s: dict[str, float] = field(default_factory=dict)
+    compile_s: dict[str, float] = field(default_factory=dict)
+    applied: dict[str, str | None] = field(default_factory=dict)  # the setting a model's denoiser runs now
+    quantized: dict[str, str | None] = field(default_factory=dict)  # the fp8 setting its weights carry
+
+    def step(self, model: str) -> float:
+        return self.step_s.get(model, PRIORS[model]["step_s"] if self.device_type == "cuda" else 0.1)
+
+    def estimate(self, model: str, setting: str) -> float:
+        gpu = self.device_type == "cuda"
+        step, prior = self.step(model), PRIORS[model]
+        seconds = 0.0
+        if model not in self.built:
+            seconds += (prior["build_s"] + VAE_BUILD_S + (T5_BUILD_S if not self.built else 0.0)) if gpu else 1.0
+        if setting == "vae":
+            return seconds + ((4 * VAE_UNTILED_S + 2 * VAE_TILED_S + CUDNN_AUTOTUNE_S + 2 * VAE_UNTILED_S)
+                              if gpu else 1.0)
+        if setting == "attention":
+            return seconds + (6.0 if gpu else 0.5)
+        run = self.n_steps * step + T5_ENCODE_S
+        if setting == "pipeline":
+            return seconds + run + 1.0
+        if setting == "sdpa":
+            run += 4 * T5_ENCODE_S
+        options = SETTINGS.get(setting) or {}
+        if self.applied.get(model) is not None and _same_replica(self.applied[model], setting):
+            return seconds + run
+        if self.quantized.get(model):
+            seconds += prior["build_s"] if gpu else 0.5  # fp8 replaced the weights: a fresh transformer
+        if options.get("fp8"):
+            seconds += QUANTIZE_S if gpu else 0.0
+        if options.get("compile"):
+            compile_s = self.compile_s.get(model, prior["compile_s"] if gpu else 2.0)
+            seconds += compile_s * (1.2 if options.get("fp8") and model not in self.compile_s else 1.0)
+            seconds += 2 * step  # the 2-step warm-up request that compiles
+        return seconds + run
+
+
+def _same_replica(applied: str, setting: str) -> bool:
+    """Whether `setting` runs on the replica `applied` left as it is (same config; only the per-request
+    cache use differs, as for fp8 -> fastest)."""
+    strip = lambda name: {k: v for k, v in (SETTINGS.get(name) or {}).items() if not k.startswith("_")}  # noqa: E731
+    return SETTINGS.get(setting) is not None and strip(applied) == strip(setting)
+
+
+def plan_rows(models: list[str], settings: list[str]) -> list[tuple[str, str]]:
+    chosen = [(m, s) for m, s in PLAN if m in models and s in settings]
+    # deviations are against `sdpa`, ratios against `pipeline`: keep both wherever a model has rows
+    for m in models:
+        if any(mm == m and s not in PROBES for mm, s in chosen):
+            for needed in ("pipeline", "sdpa"):
+                if (m, needed) not in chosen:
+                    chosen.insert(0 if needed == "pipeline" else 1, (m, needed))
+    order = {row: i for i, row in enumerate(PLAN)}
+    return sorted(dict.fromkeys(chosen), key=lambda row: order[row])
+
+
+def render_plan(rows: list[tuple[str, str]], planner: Planner, budget_s: float, spent_s: float = 0.0,
+                title: str = "Planned order") -> str:
+    lines = [f"{title} ({planner.device_type} estimates; a row that would end past the budget is skipped):",
+             "| # | model | row | est. s | cumulative s | within budget |", "|---|---|---|---|---|---|"]
+    sim = Planner(planner.device_type, planner.n_steps, set(planner.built), dict(planner.step_s),
+                  dict(planner.compile_s), dict(planner.applied), dict(planner.quantized))
+    total = spent_s
+    for i, (model, setting) in enumerate(rows, 1):
+        est = sim.estimate(model, setting)
+        fits = not budget_s or total + est <= budget_s
+        if fits:
+            total += est
+            sim.built.add(model)
+            _simulate(sim, model, setting)
+        lines.append(f"| {i} | {model} | {setting} | {est:.0f} | {total:.0f} | {'yes' if fits else 'no'} |")
+    return "\n".join(lines)
+
+
+def _simulate(planner: Planner, model: str, setting: str) -> None:
+    """What running a row does to the denoiser's state, for the plan's later estimates."""
+    if setting in PROBES or setting == "pipeline":
+        return
+    if planner.applied.get(model) is not None and _same_replica(planner.applied[model], setting):
+        return
+    options = SETTINGS.get(setting) or {}
+    planner.quantized[model] = setting if options.get("fp8") else None
+    planner.applied[model] = setting
+    if options.get("compile") and model not in planner.compile_s:
+        planner.compile_s[model] = planner.compile_s.get(model, PRIORS[model]["compile_s"]
+                                                         if planner.device_type == "cuda" else 2.0)
+
+
+# 6. The report
 def fmt(value, digits: int = 3, sci: bool = False) -> str:
     if value is None:
         return "-"
@@ -293,15 +532,15 @@ def environment(device: torch.device) -> dict[str, str]:
     import diffusers
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__}
-    try:
-        import torchao
-
-        env["torchao"] = torchao.__version__
-    except ImportError:
-        env["torchao"] = "not installed"
+    for name in ("torchao", "peft"):
+        try:
+            env[name] = __import__(name).__version__
+        except ImportError:
+            env[name] = "not installed"
     if device.type == "cuda":
         env["card"] = torch.cuda.get_device_name(device)
         env["CUDA"] = str(torch.version.cuda)
+        env["cuDNN"] = str(torch.backends.cudnn.version())
         try:
             env["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -313,8 +552,9 @@ def environment(device: torch.device) -> dict[str, str]:
     return env
 
 
-def render(args, env, geometry, rows: list[Row], stage_times: dict[str, StageTimes], started: str,
-           finished: bool) -> str:
+def render(args, env, geometry, rows: list[Row], stage_times: dict[str, StageTimes], vae: VaeTimes | None,
+           attention: AttentionTimes | None, started: str, finished: bool, plan_text: str,
+           skipped_probes: list[str]) -> str:
     frames, height, width = geometry
     kind = "CPU dry run, tiny models: checks the code path, the numbers mean nothing" if args.dry_run else \
         "full-size architectures, random weights"
@@ -326,37 +566,49 @@ def render(args, env, geometry, rows: list[Row], stage_times: dict[str, StageTim
         f"- command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`",
         f"- each setting: one request of {args.steps_warm + args.steps_measured} steps; step times over the last "
         f"{args.steps_measured}; **50-step time = mean x 50, extrapolated**; speed-up = pipeline mean / mean",
+        "- video s = T5 + 50 steps + VAE decode (extrapolated; the pipeline with its own encode and diffusers' "
+        "decode, ours with the stage's T5 and the device-side decode); x diffusers = video s / the pipeline's",
         "- deviation: final latents vs the `sdpa` run (same seed, same schedule); max |diff| and ||diff|| / ||ref||",
         "- peak = max GPU memory allocated during the request (resident weights included)",
     ]
     if not finished:
         lines.append("- **incomplete: the run was still going or was stopped**")
     lines += ["", "| model | setting | lossy | status | setup s | s/step median | s/step mean | 50 steps s (extrap.) "
-              "| speed-up | peak GiB | max abs dev | rel L2 dev | measured step times s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| speed-up | video s | x diffusers | peak GiB | max abs dev | rel L2 dev | est. s | wall s "
+              "| measured step times s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        name = r.setting
         lines.append(
-            f"| {r.model} | {r.setting} | {'yes' if r.setting in LOSSY else 'no'} | {r.status} | {fmt(r.setup_s, 1)} "
+            f"| {r.model} | {name} | {'yes' if r.setting in LOSSY else 'no'} | {r.status} | {fmt(r.setup_s, 1)} "
             f"| {fmt(r.median)} | {fmt(r.mean)} | {fmt(r.mean * 50 if r.mean else None, 1)} "
-            f"| {fmt(r.speedup, 2)} | {fmt(r.peak_gib, 1)} | {fmt(r.dev_max_abs, sci=True)} "
-            f"| {fmt(r.dev_rel_l2, sci=True)} "
-            f"| {' '.join(f'{s:.3f}' for s in r.steps) or '-'} |")
+            f"| {fmt(r.speedup, 2)} | {fmt(r.video_s, 1)} | {fmt(r.video_ratio, 2)} | {fmt(r.peak_gib, 1)} "
+            f"| {fmt(r.dev_max_abs, sci=True)} | {fmt(r.dev_rel_l2, sci=True)} | {fmt(r.estimate_s, 0)} "
+            f"| {fmt(r.wall_s, 0)} | {' '.join(f'{s:.3f}' for s in r.steps) or '-'} |")
     if stage_times:
-        lines += ["", "| model | T5 s (2 prompts x 226 tokens) | decode untiled s | peak GiB | decode tiled s "
-                  "| peak GiB | resident weights GiB | note |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| model | T5 s (2 prompts x 226 tokens) | resident weights GiB | note |", "|---|---|---|---|"]
         for model, t in stage_times.items():
-            lines.append(f"| {model} | {fmt(t.t5_s)} | {fmt(t.vae_untiled_s, 2)} | {fmt(t.vae_untiled_peak_gib, 1)} "
-                         f"| {fmt(t.vae_tiled_s, 2)} | {fmt(t.vae_tiled_peak_gib, 1)} | {fmt(t.resident_gib, 1)} "
-                         f"| {t.note.strip() or '-'} |")
-    lines += ["", "Setup s: applying the setting plus, for compiled settings, one 2-step warm-up request (compilation)."
-              " `fp8` = fp8 + regional compile serving a full-quality request; `fp8_first_block` = the same replica"
-              " (same compiled graphs, no setup) serving a `quality: speed` request with the first-block cache:"
-              " the fastest path."
-              " Decode: `DecodingStage.decode` (VAE decode + post-processing to float frames on the host), after one"
-              " warm-up decode; T5 and decode: the median of 3 runs and one run respectively."
-              " Lossless settings should show deviations at bf16/fp16 rounding level; `pipeline` vs `sdpa` checks "
-              "that the stages reproduce diffusers on this card. Random weights: cache speed-ups (first_block "
-              "especially) do not predict real checkpoints.", ""]
+            lines.append(f"| {model} | {fmt(t.t5_s)} | {fmt(t.resident_gib, 1)} | {t.note.strip() or '-'} |")
+    if vae is not None:
+        lines += ["", f"VAE decode, {vae.model} VAE (2b's is the same architecture), latents {list(vae.shape)}:", "",
+                  "| decode | s | peak GiB | note |", "|---|---|---|---|"]
+        lines += [f"| {name} | {fmt(s, 2)} | {fmt(peak, 1)} | {note or '-'} |" for name, s, peak, note in vae.rows]
+    if attention is not None:
+        lines += ["", f"Attention kernels at the full sequence ({attention.model}: {attention.tokens} tokens, CFG "
+                  f"batch 2), one call in the model dtype vs float32 ({'efficient' if env.get('CUDA') else 'math'}"
+                  " kernel):", "", "| kernel | status | s per call | max abs dev | rel L2 dev |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {status} | {fmt(s, 4)} | {fmt(a, sci=True)} | {fmt(r, sci=True)} |"
+                  for name, status, s, a, r in attention.rows]
+    if skipped_probes:
+        lines += ["", "Not measured: " + "; ".join(skipped_probes)]
+    lines += ["", "Setup s: applying the setting plus, for compiled settings, one 2-step warm-up request (compilation)"
+              "; for any setting after an fp8 one, a fresh transformer (the same random weights) first."
+              " `fp8`/`cudnn_fp8` = fp8 + regional compile serving a full-quality request; `fastest`/`cudnn_fastest` ="
+              " the same replica, as it is (same compiled graphs, no setup), serving a `quality: speed` request"
+              " with the first-block cache: the fastest path. Lossless settings should show deviations at bf16/fp16 rounding level;"
+              " `pipeline` vs `sdpa` checks that the stages reproduce diffusers on this card. Random weights: cache"
+              " speed-ups (first_block especially) do not predict real checkpoints. est. s / wall s: the time plan's"
+              " estimate for the row and what it took (calibrates the next plan).", "", plan_text, ""]
     return "\n".join(lines)
 
 
@@ -365,19 +617,22 @@ def write_report(path: Path, prior: str, section: str) -> None:
     path.write_text(prior.rstrip() + "\n\n" + section if prior.strip() else section)
 
 
-# 6. The run
+# 7. The run
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="2b,5b", help="comma-separated: 2b,5b")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated of {list(SETTINGS)}")
+    parser.add_argument("--models", default="5b,2b", help="comma-separated: 5b,2b")
+    rows = [*SETTINGS, *PROBES]
+    parser.add_argument("--settings", default=",".join(rows), help=f"comma-separated of {rows}")
     parser.add_argument("--steps-warm", type=int, default=2, help="steps per request not measured (>= 1)")
     parser.add_argument("--steps-measured", type=int, default=4, help="steps per request measured")
     parser.add_argument("--frames", type=int, default=49)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=720)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--budget-s", type=float, default=0, help="skip what would start after this many seconds "
-                        "(0: no limit); the table is rewritten after every setting either way")
+    parser.add_argument("--budget-s", type=float, default=0, help="skip a row whose estimate would end past this "
+                        "many seconds from the start (0: no limit); the table is rewritten after every row")
+    parser.add_argument("--plan-only", action="store_true", help="print the planned order and estimates (GPU "
+                        "priors) for --budget-s, and exit")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default: inductor; "
                         "eager with --dry-run)")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
@@ -389,8 +644,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if m not in MODELS:
             parser.error(f"--models takes {sorted(MODELS)}, got {m!r}")
     for s in args.settings:
-        if s not in SETTINGS:
-            parser.error(f"--settings takes {list(SETTINGS)}, got {s!r}")
+        if s not in rows:
+            parser.error(f"--settings takes {rows}, got {s!r}")
     if args.steps_warm < 1 or args.steps_measured < 1:
         parser.error("--steps-warm and --steps-measured must be >= 1")
     if args.dry_run:
@@ -399,52 +654,93 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def measure_setting(setting: str, c: dict, st: dict, args, geometry, clock: Clock, row: Row) -> np.ndarray:
+def accel_config(setting: str, st: dict, args) -> tuple[AccelConfig, bool]:
+    options = dict(SETTINGS[setting])
+    use_cache = options.pop("_use_cache", options.get("cache", "none") != "none")
+    overrides = {"compile_backend": args.compile_backend} if args.compile_backend else {}
+    if options.get("fp8") and st["denoise"].dtype != torch.bfloat16:
+        overrides["fp8_granularity"] = "tensor"  # torchao's per-row scaling needs bf16 (2b runs in fp16)
+    return AccelConfig(**options, **overrides), use_cache
+
+
+def measure_setting(setting: str, model: str, c: dict, st: dict, args, geometry, clock: Clock, row: Row,
+                    device: torch.device) -> np.ndarray:
     """Run one request under `setting`; fills the row's timings and returns the final latents."""
     n_steps = args.steps_warm + args.steps_measured
     if setting == "pipeline":
-        steps, latents, row.peak_gib = run_pipeline(c, geometry, n_steps, args.seed, clock)
+        if st["applied"] is not None or st["quantized"] is not None:  # diffusers runs the stock model
+            fresh_transformer(model, c, st, device, args.dry_run)
+        steps, latents, row.peak_gib, row.t5_s = run_pipeline(c, geometry, n_steps, args.seed, clock)
+        row.steps = steps[-args.steps_measured:]
+        return latents
+    cfg, use_cache = accel_config(setting, st, args)
+    t0 = time.monotonic()
+    if st["applied"] == cfg:  # the previous setting's replica, as it is (compiled graphs included)
+        row.setup_s = 0.0
     else:
-        den: DenoisingStage = st["denoise"]
-        options = dict(SETTINGS[setting])
-        use_cache = options.pop("_use_cache", options.get("cache", "none") != "none")
-        overrides = {"compile_backend": args.compile_backend} if args.compile_backend else {}
-        if options.get("fp8") and den.dtype != torch.bfloat16:
-            overrides["fp8_granularity"] = "tensor"  # torchao's per-row scaling needs bf16 (2b runs in fp16)
-        cfg = AccelConfig(**options, **overrides)
-        t0 = time.monotonic()
-        if st.get("applied") == cfg:  # the previous setting's replica, as it is (compiled graphs included)
-            row.setup_s = 0.0
-        else:
-            st["applied"] = None
-            den.reset_accel()  # raises after fp8 (irreversible): such a setting must reuse fp8's config
-            den.apply_accel(cfg)
-            st["applied"] = cfg
-            if cfg.compile != "off":
-                den.warmup([geometry], steps=2)
-            row.setup_s = time.monotonic() - t0
-        steps, latents, row.peak_gib = run_stage(st, c, geometry, n_steps, args.seed, use_cache, clock)
-        if use_cache and den.last_cache_used == "none":
-            row.status = "ok (cache did not engage)"
-        if cfg.compile != "off" and not den.last_run_compiled:
-            row.status = "ok (ran eagerly: the warm-up compiled no bucket for this shape)"
+        if st["quantized"] is not None:  # fp8 replaced the weights: a fresh transformer, same random weights
+            fresh_transformer(model, c, st, device, args.dry_run)
+        st["applied"] = st["applied_name"] = None
+        st["denoise"].reset_accel()
+        torch._dynamo.reset()  # the previous setting's graphs must not serve (or crowd) this one's
+        st["denoise"].apply_accel(cfg)
+        st["applied"], st["applied_name"] = cfg, setting
+        if cfg.fp8:
+            st["quantized"], st["quantized_name"] = cfg, setting
+        if cfg.compile != "off":
+            st["denoise"].warmup([geometry], steps=2)
+        row.setup_s = time.monotonic() - t0
+    den: DenoisingStage = st["denoise"]
+    steps, latents, row.peak_gib, row.t5_s = run_stage(st, c, geometry, n_steps, args.seed, use_cache, clock)
+    if use_cache and den.last_cache_used == "none":
+        row.status = "ok (cache did not engage)"
+    if cfg.compile != "off" and not den.last_run_compiled:
+        row.status = "ok (ran eagerly: the compiled graphs did not serve this request)"
     row.steps = steps[-args.steps_measured:]
     return latents
 
 
-def compare(rows: list[Row], latents_of: dict[tuple[str, str], np.ndarray]) -> None:
-    """Deviation from the model's `sdpa` run and speed-up over its `pipeline` run, where both exist."""
-    pipeline_mean = {r.model: r.mean for r in rows if r.setting == "pipeline" and r.mean}
+def fresh_transformer(model: str, c: dict, st: dict, device: torch.device, dry_run: bool) -> None:
+    """Replace the model's transformer (and denoiser) by a stock one with the same random weights."""
+    c["transformer"] = None
+    st["denoise"] = None
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    c["transformer"] = build_transformer(model, device, dry_run)
+    st["denoise"] = DenoisingStage(c["transformer"], c["scheduler_cls"], c["scheduler_config"], device=str(device))
+    st["applied"] = st["applied_name"] = st["quantized"] = st["quantized_name"] = None
+
+
+def compare(rows: list[Row], latents_of: dict[tuple[str, str], np.ndarray], stage_times: dict[str, StageTimes],
+            vae: VaeTimes | None) -> None:
+    """Deviation from the model's `sdpa` run, speed-up over its `pipeline` run, and the per-video estimate."""
+    pipeline = {r.model: r for r in rows if r.setting == "pipeline" and r.mean}
+    ours_vae = vae.seconds("ours (uint8 on the device)") if vae else None
+    diffusers_vae = vae.seconds("diffusers (float frames, uint8 on the host)") if vae else None
     for r in rows:
         own, ref = latents_of.get((r.model, r.setting)), latents_of.get((r.model, "sdpa"))
         if own is not None and ref is not None:
             r.dev_max_abs, r.dev_rel_l2 = deviation(own, ref)
-        if r.mean and r.model in pipeline_mean:
-            r.speedup = pipeline_mean[r.model] / r.mean
+        if r.mean and r.model in pipeline:
+            r.speedup = pipeline[r.model].mean / r.mean
+        if r.mean:
+            t5 = r.t5_s if r.setting == "pipeline" else (stage_times.get(r.model, StageTimes()).t5_s or r.t5_s)
+            decode = diffusers_vae if r.setting == "pipeline" else ours_vae
+            r.video_s = t5 + 50 * r.mean + decode if t5 is not None and decode is not None else None
+    for r in rows:
+        base = pipeline.get(r.model)
+        if r.video_s and base is not None and base.video_s:
+            r.video_ratio = r.video_s / base.video_s
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    n_steps = args.steps_warm + args.steps_measured
+    plan = plan_rows(args.models, args.settings)
+    if args.plan_only:
+        print(render_plan(plan, Planner("cuda", n_steps), args.budget_s, title="Planned order on a GPU"))
+        return 0
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run on a CPU", file=sys.stderr)
@@ -453,86 +749,96 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     geometry = (args.frames, args.height, args.width)
-    n_steps = args.steps_warm + args.steps_measured
-    # `sdpa` is the reference for deviations: run it whenever a lossy setting is asked for
-    selected = [s for s in SETTINGS if s in args.settings or (s == "sdpa" and set(args.settings) & LOSSY)]
+    planner = Planner(device.type, n_steps)
+    plan_text = render_plan(plan, Planner("cuda", n_steps), args.budget_s,
+                            title="Planned order on a GPU, before the run")
+    print(plan_text, flush=True)
+    if args.dry_run:
+        print(render_plan(plan, planner, 0, title="Planned order of this dry run"), flush=True)
     env = environment(device)
     prior = args.out.read_text() if args.out.exists() else ""
     rows: list[Row] = []
     stage_times: dict[str, StageTimes] = {}
-
-    def report(finished: bool = False) -> None:
-        write_report(args.out, prior, render(args, env, geometry, rows, stage_times, started, finished))
-
-    # 6a. Build every model once; the full-size ones share one T5-XXL (both checkpoints use it).
+    vae: VaeTimes | None = None
+    attention: AttentionTimes | None = None
     comps: dict[str, dict] = {}
     stages: dict[str, dict] = {}
-    for model in args.models:
-        t0 = time.monotonic()
-        if args.dry_run:
-            comps[model] = build_tiny(model, device)
-        else:
-            shared_t5 = next(iter(comps.values()))["text_encoder"] if comps else None
-            comps[model] = build_full(model, device, text_encoder=shared_t5)
-        c = comps[model]
-        stages[model] = {
-            "device": device,
-            "text": TextEncodingStage(c["tokenizer"], c["text_encoder"], str(device)),
-            "denoise": DenoisingStage(c["transformer"], c["scheduler_cls"], c["scheduler_config"], device=str(device)),
-            "decode": DecodingStage(c["vae"], str(device)),
-        }
-        print(f"[{model}] built in {time.monotonic() - t0:.1f}s", flush=True)
-    resident = torch.cuda.memory_allocated() / GiB if device.type == "cuda" else None
-
-    # 6b. Settings outer, models inner: if the budget runs out, every model has the cheap settings.
     latents_of: dict[tuple[str, str], np.ndarray] = {}
-    for setting in selected:
-        for model in args.models:
-            row = Row(model, setting)
-            rows.append(row)
-            done = [r.mean for r in rows if r.model == model and r.setting in ("sdpa", "pipeline") and r.mean]
-            step_guess = done[-1] if done else (2.5 if device.type == "cuda" else 0.1)
-            reuses = stages[model].get("applied") is not None and (SETTINGS[setting] or {}).get("fp8")
-            compile_guess = 90.0 if (SETTINGS[setting] or {}).get("compile") and not reuses and device.type == "cuda" \
-                else 0.0
-            elapsed = time.monotonic() - t_start
-            if args.budget_s and elapsed + (n_steps + 2) * step_guess + compile_guess > args.budget_s:
-                row.status = f"skipped: time budget ({elapsed:.0f} of {args.budget_s:.0f} s spent)"
-                print(f"[{model}] {setting}: {row.status}", flush=True)
-                report()
-                continue
-            print(f"[{model}] {setting} ...", flush=True)
-            try:
-                latents_of[(model, setting)] = measure_setting(setting, comps[model], stages[model], args, geometry,
-                                                               clock, row)
+    skipped_probes: list[str] = []
+
+    def report(finished: bool = False) -> None:
+        write_report(args.out, prior, render(args, env, geometry, rows, stage_times, vae, attention, started,
+                                             finished, plan_text, skipped_probes))
+
+    for model, setting in plan:
+        row = Row(model, setting)
+        row.estimate_s = planner.estimate(model, setting)
+        elapsed = time.monotonic() - t_start
+        if args.budget_s and elapsed + row.estimate_s > args.budget_s:
+            row.status = f"skipped: time budget ({elapsed:.0f} + est. {row.estimate_s:.0f} > {args.budget_s:.0f} s)"
+            print(f"[{model}] {setting}: {row.status}", flush=True)
+            if setting in PROBES:
+                skipped_probes.append(f"{model} {setting}: {row.status}")
+            else:
+                rows.append(row)
+            report()
+            continue
+        print(f"[{model}] {setting} (est. {row.estimate_s:.0f} s) ...", flush=True)
+        t_row = time.monotonic()
+        try:
+            if model not in comps:  # built when its first row runs; the full-size models share one T5
+                shared_t5 = next(iter(comps.values()))["text_encoder"] if comps else None
+                comps[model] = build_components(model, device, args.dry_run, text_encoder=shared_t5)
+                stages[model] = make_stages(comps[model], device)
+                stage_times[model] = StageTimes(
+                    resident_gib=torch.cuda.memory_allocated() / GiB if device.type == "cuda" else None)
+                planner.built.add(model)
+                print(f"[{model}] built in {time.monotonic() - t_row:.1f}s", flush=True)
+            c, st = comps[model], stages[model]
+            if setting == "vae":
+                vae = measure_vae(model, st, c, geometry, clock)
+            elif setting == "attention":
+                attention = measure_attention(model, c, geometry, clock, device)
+            else:
+                rows.append(row)
+                latents_of[(model, setting)] = measure_setting(setting, model, c, st, args, geometry, clock, row,
+                                                               device)
                 if setting == "sdpa":
-                    stage_times[model] = measure_text_and_vae(stages[model], latents_of[(model, setting)], clock,
-                                                              repeats=3)
-                    stage_times[model].resident_gib = resident
+                    stage_times[model].t5_s = measure_t5(st, clock, repeats=3)
                     ref = latents_of[(model, setting)]
                     # random weights can overflow (fp16 2b): say so, as deviations are then meaningless
                     stage_times[model].note += (f" sdpa latents std {float(np.std(ref)):.3g}"
                                                 f"{'' if np.isfinite(ref).all() else ', NOT FINITE'};")
-            except AccelUnavailable as exc:
-                row.status = f"unavailable: {str(exc).split('. ')[0]}".replace("|", "/")[:200]
-            except Exception as exc:  # one failing setting must not lose the others' results
-                row.status = f"error: {type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")[:200]
-            finally:
-                if setting != "pipeline" and not SETTINGS[setting].get("fp8"):  # fp8 cannot be undone: last
-                    stages[model]["denoise"].reset_accel()
-                    stages[model]["applied"] = None
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            compare(rows, latents_of)
-            print(f"[{model}] {setting}: {row.status}; measured steps {[round(s, 3) for s in row.steps]}", flush=True)
-            report()
-        if (SETTINGS[setting] or {}).get("compile") and not (SETTINGS[setting] or {}).get("fp8"):
-            torch._dynamo.reset()  # drop this setting's graphs before the next one compiles its own
+        except AccelUnavailable as exc:
+            row.status = f"unavailable: {str(exc).split('. ')[0]}".replace("|", "/")[:200]
+        except Exception as exc:  # one failing row must not lose the others' results
+            row.status = f"error: {type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")[:200]
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        row.wall_s = time.monotonic() - t_row
+        learn(planner, model, setting, row, stages.get(model))
+        compare(rows, latents_of, stage_times, vae)
+        print(f"[{model}] {setting}: {row.status}; {row.wall_s:.0f} s (est. {row.estimate_s:.0f}); measured steps "
+              f"{[round(s, 3) for s in row.steps]}", flush=True)
+        report()
 
     report(finished=True)
-    print(render(args, env, geometry, rows, stage_times, started, True))
+    print(render(args, env, geometry, rows, stage_times, vae, attention, started, True, plan_text, skipped_probes))
     print(f"total {time.monotonic() - t_start:.0f}s; table written to {args.out}", flush=True)
     return 0
+
+
+def learn(planner: Planner, model: str, setting: str, row: Row, st: dict | None) -> None:
+    """Refine the plan's estimates with what this row measured."""
+    if setting in ("pipeline", "sdpa") and row.mean:
+        planner.step_s[model] = row.mean
+    options = SETTINGS.get(setting) or {}
+    if options.get("compile") and row.setup_s and row.status.startswith("ok"):
+        planner.compile_s[model] = max(0.0, row.setup_s - 2 * planner.step(model))
+    if st is not None:
+        planner.applied[model] = st["applied_name"]
+        planner.quantized[model] = st["quantized_name"]
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_dry_run_writes_the_table(tmp_path):
+    """The dry run builds the models in the serving dtypes (a bf16 T5 shared by a fp16 2b and a bf16 5b
+    transformer), so the reference row runs diffusers with mixed dtypes as the GPU run will."""
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\nearlier runs stay.\n")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_benchmark.py"), "--dry-run", "--out", str(out),
          "--steps-warm", "1", "--steps-measured", "2"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
@@ -24,17 +26,63 @@ def test_dry_run_writes_the_table(tmp_path):
     assert "incomplete" not in text
     rows = [line for line in text.splitlines() if line.startswith("| 2b |") or line.startswith("| 5b |")]
     settings = {line.split("|")[2].strip() for line in rows}
-    assert {"pipeline", "sdpa", "flash", "compile", "first_block", "pab", "faster", "fp8", "fp8_first_block",
-            "cudnn"} <= settings
+    assert {"pipeline", "sdpa", "cudnn", "flash", "compile", "cudnn_compile", "first_block", "pab", "faster", "fp8",
+            "cudnn_fp8", "fastest", "cudnn_fastest"} <= settings
     by_setting = {(line.split("|")[1].strip(), line.split("|")[2].strip()): line for line in rows}
-    # the stages reproduce diffusers' pipeline (deviation vs sdpa exactly 0 on the CPU)
-    assert "| 0 | 0 |" in by_setting[("5b", "pipeline")]
-    # lossy caches moved the latents; fp8 is unavailable on a CPU and says so
-    assert "| ok |" in by_setting[("5b", "pab")] and "| 0 | 0 |" not in by_setting[("5b", "pab")]
+
+    def deviations(model: str, setting: str) -> tuple[str, str]:
+        cells = [cell.strip() for cell in by_setting[(model, setting)].split("|")]
+        return cells[13], cells[14]  # max abs dev, rel L2 dev
+
+    # the reference rows ran (2b: fp16 transformer, bf16 T5) and the stages reproduce diffusers exactly
+    for model in ("5b", "2b"):
+        assert "| ok |" in by_setting[(model, "pipeline")], by_setting[(model, "pipeline")]
+        assert deviations(model, "pipeline") == ("0", "0")
+    # lossy caches moved the latents; fp8 and cuDNN are unavailable on a CPU and say so
+    assert "| ok |" in by_setting[("5b", "pab")] and "0" not in deviations("5b", "pab")
     assert "unavailable: accel.fp8 needs a CUDA GPU" in by_setting[("2b", "fp8")]
+    assert "unavailable: attention_backend='cudnn' has no kernel for cpu" in by_setting[("5b", "cudnn_compile")]
     # the compiled setting ran its warmed-up graphs (not eagerly: its shape is a compiled bucket)
     assert "| ok |" in by_setting[("5b", "compile")] and "| ok |" in by_setting[("2b", "compile")]
-    assert proc.stdout.count("| 2b | sdpa |") == 1  # the table is printed too
+    # the VAE is timed once (diffusers' post-processing, ours on the device, tiled), attention kernels too
+    assert "| ours (uint8 on the device) |" in text and "| ours, tiled |" in text
+    assert text.count("VAE decode, 5b VAE") == 1 and "Attention kernels at the full sequence" in text
+    assert sum(line.startswith("| 2b | sdpa |") for line in proc.stdout.splitlines()) == 1  # printed too
+    # the planned order with each row's estimate is printed before anything runs, and kept in the report
+    assert proc.stdout.index("Planned order on a GPU") < proc.stdout.index("[5b] pipeline")
+    assert "Planned order on a GPU, before the run" in text
+
+
+def _plan_table(text: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+
+
+def test_plan_orders_rows_by_value_and_counts_everything_against_the_budget():
+    bench = _benchmark_module()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_benchmark.py"), "--plan-only",
+                           "--budget-s", "300"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = _plan_table(proc.stdout)
+    assert [(m, s) for _, m, s, *_ in table] == bench.PLAN  # the full plan, in the order of value
+    order = [s for _, m, s, *_ in table if m == "5b"]
+    assert order[:8] == ["pipeline", "sdpa", "cudnn", "attention", "compile", "fp8", "fastest", "vae"]
+    assert max(i for i, (_, m, *_) in enumerate(table) if m == "5b" and table[i][2] == "fastest") < \
+        min(i for i, (_, m, *_) in enumerate(table) if m == "2b")
+    total = 0.0
+    for _, model, setting, est, cumulative, fits in table:
+        if fits == "yes":
+            total += float(est)
+        assert abs(float(cumulative) - total) <= len(table)  # rounding of the printed estimates
+    assert total <= 300 and any(fits == "no" for *_, fits in table)
+    # the first row pays for building T5-XXL and the 5b transformer and VAE; the VAE row for its decodes
+    first = float(table[0][3])
+    assert first >= bench.T5_BUILD_S + bench.PRIORS["5b"]["build_s"] + bench.VAE_BUILD_S
+    vae = next(float(est) for _, m, s, est, *_ in table if s == "vae")
+    assert vae >= 2 * bench.VAE_UNTILED_S + 2 * bench.VAE_TILED_S
+    # fastest reuses fp8's compiled replica: only its steps
+    fastest = next(float(est) for _, m, s, est, *_ in table if (m, s) == ("5b", "fastest"))
+    assert fastest < 0.3 * next(float(est) for _, m, s, est, *_ in table if (m, s) == ("5b", "fp8"))
 
 
 def _benchmark_module():
