@@ -3,13 +3,18 @@
 # benchmarks/fetch_wheels.sh):
 #   bash benchmarks/run_on_gpu.sh [extra gpu_benchmark.py flags, e.g. --models 5b]
 #   SKIP_TESTS=1 TOTAL_S=240 bash benchmarks/run_on_gpu.sh --models 5b --settings compile,fp8   # a follow-up
-# Installs the carried wheels, runs tests/gpu, then the benchmark within what is left of TOTAL_S
-# (default 480 s: the device allows 600 s a command), and copies BENCHMARKS.md and the logs to $OUT.
+# Installs the carried wheels, runs tests/gpu (at most TESTS_S, each test at most TEST_TIMEOUT_S, so one
+# slow compile cannot eat the summary), then the benchmark within what is left of TOTAL_S (default 480 s:
+# a lent machine gives 15 minutes in all, its start included, and 600 s a command; this leaves room for
+# one rerun), and copies BENCHMARKS.md and the logs to $OUT. The benchmark's planned order and each row's
+# estimate: `python3 benchmarks/gpu_benchmark.py --plan-only --budget-s 300` (it also prints it first).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-out/gpu-run}"
 mkdir -p "$OUT"
 TOTAL_S="${TOTAL_S:-480}"
+TESTS_S="${TESTS_S:-170}"
+TEST_TIMEOUT_S="${TEST_TIMEOUT_S:-60}"
 WHEELS="${WHEELS:-.whl}"
 REPORT="${REPORT:-BENCHMARKS.md}"
 T0=$SECONDS
@@ -29,11 +34,20 @@ import importlib
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0),
       "capability", torch.cuda.get_device_capability(0))
-for name in ("diffusers", "transformers", "torchao", "pydantic", "accelerate"):
+for name in ("diffusers", "transformers", "torchao", "pydantic", "accelerate", "peft", "pytest_timeout"):
     try:
-        print(name, importlib.import_module(name).__version__)
+        module = importlib.import_module(name)
+        print(name, getattr(module, "__version__", "(no __version__)"))
     except Exception as exc:  # report, do not stop: the tests say what is missing
         print(name, "MISSING", exc)
+# with peft present every diffusers transformer forward takes the PEFT LoRA-scale path (the CPU tests too)
+try:
+    importlib.import_module("peft.tuners.tuners_utils")
+    import diffusers.utils
+    print("peft.tuners.tuners_utils imports; diffusers USE_PEFT_BACKEND", diffusers.utils.USE_PEFT_BACKEND)
+except Exception as exc:
+    print("peft.tuners.tuners_utils MISSING", exc)
+print("cudnn", torch.backends.cudnn.version())
 PY
 } 2>&1 | tee "$OUT/env.log"
 
@@ -41,8 +55,14 @@ PY
 # tests/conftest.py (local S3, moto) out of this run
 TEST_RC=0
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
-  timeout 180 python3 -m pytest tests/gpu -q -rs --confcutdir=tests/gpu -p no:cacheprovider --durations=10 2>&1 \
-    | tee "$OUT/pytest-gpu.log"
+  PER_TEST=()
+  if python3 -c "import pytest_timeout" 2>/dev/null; then
+    PER_TEST=(-p pytest_timeout --timeout "$TEST_TIMEOUT_S")
+  else
+    echo "pytest-timeout missing (carry .whl from benchmarks/fetch_wheels.sh): no per-test limit" | tee "$OUT/pytest-gpu.log"
+  fi
+  timeout "$TESTS_S" python3 -m pytest tests/gpu -q -rs --confcutdir=tests/gpu -p no:cacheprovider --durations=0 \
+    "${PER_TEST[@]}" 2>&1 | tee -a "$OUT/pytest-gpu.log"
   TEST_RC=${PIPESTATUS[0]}
 fi
 
