@@ -1,4 +1,5 @@
-"""Helpers of the k8s manifest tests: render an overlay with kubectl, and validate objects against their schemas.
+"""Helpers of the k8s manifest tests: render an overlay with kubectl (kustomize v5), and validate objects against
+their schemas.
 
 - core objects (v1, apps/v1, ...): Kubernetes' own OpenAPI schemas, strict (the `kubernetes-validate` package);
 - RayService / RayCluster: the KubeRay CRDs copied into schemas/ (SOURCE.txt says from where), version v1's
@@ -10,7 +11,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ from typing import Any
 
 import jsonschema
 import kubernetes_validate
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,20 +37,57 @@ _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are ~1 MB ea
 
 # ---- rendering ------------------------------------------------------------------------------------------------------
 
+MIN_KUSTOMIZE = (5, 0)  # the kustomizations use v5 syntax (`labels`, `patches`); kubectl >= 1.27 embeds v5
+
+
 def kubectl() -> str | None:
     """The kubectl to render with: $KUBECTL, else the one on PATH."""
     return shutil.which(os.environ.get("KUBECTL", "kubectl"))
 
 
 @functools.cache
-def render(overlay_dir: Path) -> tuple[dict[str, Any], ...]:
-    """`kubectl kustomize <dir>` parsed into objects (raises with kubectl's message if it fails)."""
+def kustomize_version() -> tuple[int, ...] | None:
+    """The kustomize version built into kubectl (`kubectl version --client`), None if it says none."""
     exe = kubectl()
     assert exe, "kubectl not found"
-    proc = subprocess.run([exe, "kustomize", str(overlay_dir)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([exe, "version", "--client", "-o", "json"], capture_output=True, text=True, timeout=60)
+    raw = json.loads(proc.stdout or "{}").get("kustomizeVersion", "") if proc.returncode == 0 else ""
+    match = re.match(r"v?(\d+)\.(\d+)", raw)
+    return tuple(int(n) for n in match.groups()) if match else None
+
+
+def require_kubectl() -> None:
+    """Fail (not skip) without a kubectl whose kustomize renders v5 kustomizations."""
+    exe = kubectl()
+    if exe is None:
+        pytest.fail(f"kubectl not found ({os.environ.get('KUBECTL', 'kubectl')}): run scripts/setup.sh, or install "
+                    "kubectl >= 1.27 (kustomize v5)", pytrace=False)
+    version = kustomize_version()
+    if version is None or version < MIN_KUSTOMIZE:
+        found = ".".join(map(str, version)) if version else "none (kubectl < 1.21, e.g. Debian's 1.20)"
+        pytest.fail(f"{exe} embeds kustomize {found}; the manifests need kustomize >= "
+                    f"{'.'.join(map(str, MIN_KUSTOMIZE))} (kubectl >= 1.27): set $KUBECTL to one", pytrace=False)
+
+
+@functools.cache
+def _kustomize(kustomization_dir: Path) -> tuple[str, str]:
+    exe = kubectl()
+    assert exe, "kubectl not found"
+    proc = subprocess.run([exe, "kustomize", str(kustomization_dir)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
-        raise AssertionError(f"kubectl kustomize {overlay_dir} failed:\n{proc.stderr}")
-    return tuple(d for d in yaml.load_all(proc.stdout, Loader=_Loader) if d)
+        raise AssertionError(f"kubectl kustomize {kustomization_dir} failed:\n{proc.stderr}")
+    return proc.stdout, proc.stderr
+
+
+@functools.cache
+def render(overlay_dir: Path) -> tuple[dict[str, Any], ...]:
+    """`kubectl kustomize <dir>` parsed into objects (raises with kubectl's message if it fails)."""
+    return tuple(d for d in yaml.load_all(_kustomize(overlay_dir)[0], Loader=_Loader) if d)
+
+
+def render_warnings(overlay_dir: Path) -> list[str]:
+    """What `kubectl kustomize <dir>` printed on stderr (kustomize's deprecation warnings land there)."""
+    return [line for line in _kustomize(overlay_dir)[1].splitlines() if line.strip()]
 
 
 def rendered_text(overlay_dir: Path) -> str:

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from serve.config import AppConfig, DeploymentOptions
-from tests.k8s.kube import (CRD_FILES, K8S, MONITORING_SCHEMAS, OVERLAYS, ROOT, SCHEMAS, crd_errors, is_core, kubectl,
-                            monitoring_errors, render, rendered_text, validate_core, validate_metadata,
+from tests.k8s.kube import (CRD_FILES, K8S, MONITORING_SCHEMAS, ROOT, SCHEMAS, crd_errors, is_core, monitoring_errors,
+                            render, render_warnings, rendered_text, require_kubectl, validate_core, validate_metadata,
                             validate_pod_template)
 
 IMPORT_PATH = "deployments.app:build_app"
@@ -29,30 +29,16 @@ GPU = "nvidia.com/gpu"
 H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 DASHBOARDS = K8S / "monitoring" / "dashboards"
 RULES = K8S / "monitoring" / "alerts.rules.yaml"
-# what kubectl 1.20's kustomize (v2.0.3) understands; newer fields (components, patches, labels, replacements) break it
-KUSTOMIZE_V2_FIELDS = {"apiVersion", "kind", "resources", "bases", "namespace", "namePrefix", "nameSuffix",
-                       "commonLabels", "commonAnnotations", "configMapGenerator", "secretGenerator", "generatorOptions",
-                       "patchesStrategicMerge", "patchesJson6902", "images", "vars", "crds"}
+# what kustomize v5 deprecates (`kustomize edit fix` rewrites them) and what replaced each
+KUSTOMIZE_DEPRECATED = {"bases": "resources", "patchesStrategicMerge": "patches", "patchesJson6902": "patches",
+                        "commonLabels": "labels", "vars": "replacements", "imageTags": "images"}
+KUSTOMIZE_V5_FIELDS = {"apiVersion", "kind", "metadata", "resources", "components", "namespace", "namePrefix",
+                       "nameSuffix", "labels", "commonAnnotations", "configMapGenerator", "secretGenerator",
+                       "generatorOptions", "patches", "images", "replacements", "replicas", "crds", "openapi",
+                       "buildMetadata", "sortOptions"}
 
 
 # ---- fixtures and helpers --------------------------------------------------------------------------------------------
-
-def _require_kubectl() -> None:
-    if kubectl() is None:
-        pytest.fail(f"kubectl not found ({os.environ.get('KUBECTL', 'kubectl')}): run scripts/setup.sh, which installs "
-                    "it (Debian: apt-get install kubernetes-client)", pytrace=False)
-
-
-@pytest.fixture(scope="module", params=OVERLAYS)
-def overlay(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def objects(overlay: str) -> tuple[dict[str, Any], ...]:
-    _require_kubectl()
-    return render(K8S / "overlays" / overlay)
-
 
 def _all(objects: tuple[dict[str, Any], ...], kind: str) -> list[dict[str, Any]]:
     return [o for o in objects if o["kind"] == kind]
@@ -62,23 +48,6 @@ def _one(objects: tuple[dict[str, Any], ...], kind: str) -> dict[str, Any]:
     found = _all(objects, kind)
     assert len(found) == 1, f"expected one {kind}, got {[o['metadata']['name'] for o in found]}"
     return found[0]
-
-
-@pytest.fixture(scope="module")
-def rayservice(objects: tuple[dict[str, Any], ...]) -> dict[str, Any]:
-    return _one(objects, "RayService")
-
-
-@pytest.fixture(scope="module")
-def serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
-    raw = rayservice["spec"]["serveConfigV2"]
-    assert isinstance(raw, str), "serveConfigV2 is a string holding the Serve config YAML"
-    return yaml.safe_load(raw)
-
-
-@pytest.fixture(scope="module")
-def app_config(serve_config: dict[str, Any]) -> AppConfig:
-    return AppConfig.model_validate(serve_config["applications"][0]["args"])
 
 
 def _cluster(rs: dict[str, Any]) -> dict[str, Any]:
@@ -156,12 +125,13 @@ def _placement(rs: dict[str, Any], app: AppConfig) -> dict[str, list[tuple[str, 
 # ---- rendering and schemas -------------------------------------------------------------------------------------------
 
 def test_kubectl_is_installed() -> None:
-    _require_kubectl()
+    require_kubectl()
 
 
 def test_overlay_renders_the_expected_objects(objects: tuple[dict[str, Any], ...], overlay: str) -> None:
     kinds = {o["kind"] for o in objects}
-    assert {"Namespace", "ServiceAccount", "RayService", "PodMonitor", "PrometheusRule"} <= kinds
+    assert {"Namespace", "ServiceAccount", "RayService", "PodDisruptionBudget", "NetworkPolicy", "PodMonitor",
+            "PrometheusRule"} <= kinds
     namespace = _one(objects, "Namespace")["metadata"]["name"]
     for o in objects:
         if o["kind"] != "Namespace":
@@ -206,23 +176,40 @@ def test_pod_templates_validate_as_core_pod_templates(rayservice: dict[str, Any]
      .append({"containerPort": 8080, "name": "again"}), "duplicate"),
 ])
 def test_crd_validation_rejects_broken_rayservices(mutate: Any, expected: str) -> None:
-    _require_kubectl()
+    require_kubectl()
     broken = copy.deepcopy(_one(render(K8S / "overlays" / "prod"), "RayService"))
     mutate(broken)
     errors = crd_errors(broken)
     assert any(expected in e for e in errors), errors
 
 
-def test_kustomizations_use_only_what_kubectl_1_20_understands() -> None:
-    files = sorted(p for p in K8S.rglob("kustomization.yaml") if "monitoring" not in p.relative_to(K8S).parts)
+def _kustomizations() -> list[Path]:
+    files = sorted(K8S.rglob("kustomization.yaml"))
     assert {p.parent.relative_to(K8S).as_posix() for p in files} >= {"base", "overlays/dev", "overlays/prod"}
-    for path in files:
-        data = yaml.safe_load(path.read_text())
-        assert set(data) <= KUSTOMIZE_V2_FIELDS, f"{path}: {set(data) - KUSTOMIZE_V2_FIELDS}"
-        for entry in data.get("resources", []):
-            assert (path.parent / entry).is_file(), f"{path}: resources are files in kustomize v2 ({entry})"
-        for entry in data.get("bases", []):
-            assert (path.parent / entry / "kustomization.yaml").is_file(), f"{path}: base {entry}"
+    return files
+
+
+@pytest.mark.parametrize("path", _kustomizations(), ids=lambda p: p.parent.relative_to(K8S).as_posix())
+def test_kustomizations_use_kustomize_v5_fields(path: Path) -> None:
+    data = yaml.safe_load(path.read_text())
+    deprecated = {f"{k} (use {KUSTOMIZE_DEPRECATED[k]})" for k in set(data) & set(KUSTOMIZE_DEPRECATED)}
+    assert not deprecated, f"{path.relative_to(ROOT)}: deprecated in kustomize v5: {sorted(deprecated)}"
+    assert set(data) <= KUSTOMIZE_V5_FIELDS, f"{path.relative_to(ROOT)}: {set(data) - KUSTOMIZE_V5_FIELDS}"
+    assert (data.get("apiVersion"), data.get("kind")) == ("kustomize.config.k8s.io/v1beta1", "Kustomization")
+    for entry in data.get("resources", []):
+        target = path.parent / entry
+        assert target.is_file() or (target / "kustomization.yaml").is_file(), f"{path}: resource {entry}"
+    for patch in data.get("patches", []):
+        assert "path" in patch and (path.parent / patch["path"]).is_file(), f"{path}: patch {patch}"
+    # commonLabels also wrote its labels into selectors; `labels` must say whether it does
+    for entry in data.get("labels", []):
+        assert entry.get("includeSelectors") is False, \
+            f"{path}: labels {entry.get('pairs')} must keep includeSelectors: false (KubeRay's pods do not carry them)"
+
+
+def test_overlays_render_without_kustomize_warnings(overlay: str) -> None:
+    require_kubectl()
+    assert render_warnings(K8S / "overlays" / overlay) == []
 
 
 def test_kuberay_crd_copies_are_verbatim() -> None:
@@ -261,7 +248,7 @@ def _without_k8s_changes(config: dict[str, Any]) -> dict[str, Any]:
 
 def test_prod_serve_config_is_configs_gpu_5b() -> None:
     # dev is CogVideoX-2b on fewer GPUs: its own config, held to the same structural tests
-    _require_kubectl()
+    require_kubectl()
     serve_config = yaml.safe_load(_one(render(K8S / "overlays" / "prod"), "RayService")["spec"]["serveConfigV2"])
     expected = yaml.safe_load((ROOT / "configs" / "gpu-5b.yaml").read_text())
     assert _without_k8s_changes(serve_config) == _without_k8s_changes(expected), \
@@ -418,7 +405,7 @@ AWS_KEY_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
 
 
 def test_no_aws_keys_in_any_manifest(overlay: str) -> None:
-    _require_kubectl()
+    require_kubectl()
     texts = {f"rendered {overlay}": rendered_text(K8S / "overlays" / overlay)}
     texts |= {str(p.relative_to(ROOT)): p.read_text(errors="replace") for p in K8S.rglob("*") if p.is_file()}
     for extra in ("Dockerfile", ".dockerignore"):
