@@ -1,6 +1,6 @@
 """Benchmark the denoiser's speed options on one GPU, full-size CogVideoX architectures, random weights.
 
-Sits beside the service: it drives the same stages (serve/stages/) and options (serve/accel.py) that
+Sits beside the service: it drives the same stages (serve/stages/) and options (serve/config/accel.py, serve/stages/accel.py) that
 the replicas run, next to diffusers' own `CogVideoXPipeline` (eager, no offload) as the reference,
 in one process on one card, and appends a section with the results to BENCHMARKS.md.
 
@@ -43,12 +43,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve.accel import AccelConfig, AccelUnavailable  # noqa: E402
+from serve.config.accel import AccelConfig  # noqa: E402
 from serve.models.tiny import _SCHEDULER_BASE, _tokenizer_vocab, build_tiny_pipeline  # noqa: E402
 from serve.stages.decoding import DecodingStage  # noqa: E402
 from serve.stages.denoising import DenoisingStage  # noqa: E402
 from serve.stages.text_encoding import TextEncodingStage  # noqa: E402
-from serve.stages.types import Latents, SamplingParams  # noqa: E402
+from serve.stages.types import AccelUnavailable, Latents, SamplingParams  # noqa: E402
 
 # 1. The real architectures (config.json of each checkpoint's subfolder; no weights needed)
 _TRANSFORMER_COMMON = {

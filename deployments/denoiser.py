@@ -20,7 +20,7 @@ class Denoiser:
         from deployments.metrics import S3Metrics, StageMetrics
         from serve.jobs.store import JobStore
         from serve.stages.denoising import DenoisingStage
-        from serve.stages.runtime import load_stage, warmup_shapes
+        from serve.stages.loading import load_stage, warmup_shapes
         from serve.storage import Storage
 
         model = config.model_named(model_name) if model_name else config.model

@@ -35,7 +35,7 @@ class RayPipeline:
         self._vae = vae_decoder
 
     async def run(self, job: JobRecord) -> dict[str, Any]:
-        from serve.api.validation import sampling_params
+        from serve.jobs.params import sampling_params
 
         req = GenerationRequest(job_id=job.id, prompt=job.prompt, negative_prompt=job.params.get("negative_prompt"),
                                 params=sampling_params(job.params), model=job.model, attempt=job.attempts)
@@ -77,17 +77,19 @@ class Ingress:
         """`stages`: model name -> [TextEncoder, Denoiser, VaeDecoder] handles of that model."""
         from deployments.limiter import RayLimiter
         from deployments.metrics import RayJobEvents, S3Metrics
-        from serve.jobs.admission import Admission, JobEnd
-        from serve.jobs.idempotency import IdempotencyStore
+        from serve.admission.gate import Admission
+        from serve.admission.idempotency import IdempotencyStore
+        from serve.admission.limits import LocalLimiter
+        from serve.admission.safety import PromptPolicy
+        from serve.billing.usage import UsageLedger, gpus_per_stage
+        from serve.jobs.hooks import JobEnd
         from serve.jobs.runner import JobRunner
         from serve.jobs.service import VideoService
         from serve.jobs.store import JobStore
-        from serve.limits import LocalLimiter
-        from serve.safety import PromptPolicy
         from serve.storage import Storage
         from serve.tenancy.keys import keyring_from_config
-        from serve.usage import UsageLedger, gpus_per_stage
-        from serve.webhooks import WebhookSecrets, WebhookSender
+        from serve.webhooks.sender import WebhookSender
+        from serve.webhooks.signing import WebhookSecrets
 
         self._config = config
         self._storage = Storage.from_config(config.s3, observer=S3Metrics())
@@ -123,7 +125,7 @@ class Ingress:
 
     async def _reconcile_loop(self) -> None:
         """Rebuild the shared limiter from S3 when it is new (actor restart) and every reconcile_interval_s."""
-        from serve.jobs.admission import reconcile_limits
+        from serve.admission.reconcile import reconcile_limits
 
         last = 0.0
         while True:

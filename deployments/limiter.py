@@ -1,7 +1,7 @@
-"""The shared limiter: one named, detached Ray actor holding `serve.limits.LimiterState` for every ingress replica.
+"""The shared limiter: one named, detached Ray actor holding `serve.admission.limits.LimiterState` for every ingress replica.
 
 Limits must hold across ingress replicas, so the counters cannot live in a replica. Each replica gets a handle with
-`RayLimiter.connect(config)` (get-or-create by name) and calls the same async methods as `serve.limits.LocalLimiter`.
+`RayLimiter.connect(config)` (get-or-create by name) and calls the same async methods as `serve.admission.limits.LocalLimiter`.
 The actor is an asyncio actor: its methods do not await, so each runs to the end before the next starts (no locks).
 
 Restarts: `max_restarts=-1` brings a dead actor back, empty. Its `needs_reconcile()` is then True, and an ingress
@@ -18,11 +18,12 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from serve.limits import Decision, LimiterUnavailable, LimitsConfig, LocalLimiter, TenantLimits
+from serve.admission.limits import Decision, LimiterUnavailable, LocalLimiter
+from serve.config.limits import LimitsConfig, TenantLimits
 
 
 class LimiterActor(LocalLimiter):
-    """The actor body: `serve.limits.LocalLimiter` (all logic is in `LimiterState`), run as one named Ray actor."""
+    """The actor body: `serve.admission.limits.LocalLimiter` (all logic is in `LimiterState`), run as one named Ray actor."""
 
 
 def get_or_create_limiter(name: str, namespace: str, config: LimitsConfig | None = None) -> Any:
@@ -40,7 +41,7 @@ def get_or_create_limiter(name: str, namespace: str, config: LimitsConfig | None
 
 
 class RayLimiter:
-    """`serve.limits.Limiter` over the actor handle; every call bounded by `timeout_s`."""
+    """`serve.admission.limits.Limiter` over the actor handle; every call bounded by `timeout_s`."""
 
     def __init__(self, handle: Any, timeout_s: float = 2.0) -> None:
         self._handle = handle

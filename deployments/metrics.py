@@ -22,15 +22,40 @@ from typing import Any
 
 from ray.serve import metrics as serve_metrics
 
+from serve.billing.usage import gpu_seconds_from_timings
 from serve.jobs.record import JobRecord
 from serve.metrics import (
-    ATTEMPT_KINDS, DENOISE_CANCELLED, DENOISE_STEP, DENOISE_UNCOMPILED, GPU_MEMORY_ALLOCATED, GPU_MEMORY_PEAK,
+    ATTEMPT_KINDS,
+    DENOISE_CANCELLED,
+    DENOISE_STEP,
+    DENOISE_UNCOMPILED,
+    GPU_MEMORY_ALLOCATED,
+    GPU_MEMORY_PEAK,
     GPU_MEMORY_RESERVED,
-    GPU_SECONDS, GPU_STAGE_LABELS, INGRESS_QUEUED, INGRESS_RUNNING, JOB_ATTEMPT_FAILURES, JOB_ATTEMPTS, JOB_DURATION,
-    JOB_QUEUE_WAIT, JOB_REASONS, JOBS_FINISHED, PROCESS_RSS, S3_ERRORS, S3_REQUEST, S3_UPLOADED, STAGE_LOCK_WAIT,
-    STAGE_PROCESSING, TILED_DECODE_FALLBACKS, VIDEO_ENCODE, JobEvents, Metric, bounded, job_age_seconds, job_reason,
+    GPU_SECONDS,
+    GPU_STAGE_LABELS,
+    INGRESS_QUEUED,
+    INGRESS_RUNNING,
+    JOB_ATTEMPT_FAILURES,
+    JOB_ATTEMPTS,
+    JOB_DURATION,
+    JOB_QUEUE_WAIT,
+    JOB_REASONS,
+    JOBS_FINISHED,
+    PROCESS_RSS,
+    S3_ERRORS,
+    S3_REQUEST,
+    S3_UPLOADED,
+    STAGE_LOCK_WAIT,
+    STAGE_PROCESSING,
+    TILED_DECODE_FALLBACKS,
+    VIDEO_ENCODE,
+    JobEvents,
+    Metric,
+    bounded,
+    job_age_seconds,
+    job_reason,
 )
-from serve.usage import gpu_seconds_from_timings
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +236,7 @@ class StageMetrics:
 class RayJobEvents(JobEvents):
     """The job runner's events as Serve metrics (`JobRunner(events=RayJobEvents(gpus))`).
 
-    `gpus` is GPUs per replica of each stage (`serve.usage.gpus_per_stage`), as billing uses it.
+    `gpus` is GPUs per replica of each stage (`serve.billing.usage.gpus_per_stage`), as billing uses it.
     """
 
     def __init__(self, gpus: Mapping[str, float]) -> None:

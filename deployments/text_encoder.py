@@ -15,7 +15,7 @@ class TextEncoder:
         # heavy imports here so the ingress never imports torch
         from deployments.metrics import S3Metrics, StageMetrics
         from serve.jobs.store import JobStore
-        from serve.stages.runtime import load_stage
+        from serve.stages.loading import load_stage
         from serve.stages.text_encoding import TextEncodingStage
         from serve.storage import Storage
 

@@ -16,7 +16,7 @@ class VaeDecoder:
         from deployments.metrics import S3Metrics, StageMetrics
         from serve.jobs.store import JobStore
         from serve.stages.decoding import DecodingStage
-        from serve.stages.runtime import load_stage, warmup_shapes
+        from serve.stages.loading import load_stage, warmup_shapes
         from serve.storage import Storage
 
         model = config.model_named(model_name) if model_name else config.model
@@ -29,7 +29,7 @@ class VaeDecoder:
         self._metrics = StageMetrics()
 
     async def decode(self, req: GenerationRequest, denoised: Handoff) -> dict[str, Any]:
-        from serve.publish import publish_video, video_keys
+        from serve.media.publishing import publish_video, video_keys
 
         total = req.params.num_inference_steps
         waiting = time.perf_counter()

@@ -1,4 +1,8 @@
-"""One JSON error envelope for every endpoint: `{"error": {"message", "type", "param", "code"}}`."""
+"""One JSON error envelope for every endpoint: `{"error": {"message", "type", "param", "code"}}`.
+
+The HTTP layer's only error code: it maps the domain's `ServiceError` (serve/errors.py), storage errors,
+FastAPI's validation errors and anything unexpected to the envelope.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.errors import ServiceError
+from serve.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +53,6 @@ class ErrorEnvelope(BaseModel):
     error: ErrorBody
 
 
-class ApiError(Exception):
-    """An error with an HTTP status; plain args so it pickles across actors."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(status, message, param, code, headers)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.code, self.headers)
-
-
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorEnvelope(error=ErrorBody(message=message, type=_TYPES.get(status, "api_error"), param=param,
@@ -76,11 +66,9 @@ def _param_of(loc: tuple[Any, ...]) -> str | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    from serve.storage import StorageError  # here, not at import: storage -> config -> feature configs -> errors
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(StorageError)
     async def _storage(_: Request, exc: StorageError) -> JSONResponse:

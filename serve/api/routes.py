@@ -16,12 +16,13 @@ from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from serve.api.errors import ApiError, ErrorEnvelope, install_error_handlers
+from serve.api.errors import ErrorEnvelope, install_error_handlers
 from serve.api.wire import CreateVideoRequest, Video, VideoDeleted, VideoList
+from serve.billing.usage import UsageResponse
 from serve.config import AppConfig
+from serve.errors import ServiceError
 from serve.jobs.service import VideoService
 from serve.tenancy.keys import KeyRing, Principal, keyring_from_config
-from serve.usage import UsageResponse
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 409, 415, 422, 429, 500, 503)
@@ -35,11 +36,11 @@ def _auth_dependency(keyring: KeyRing) -> Callable[[Request], Principal]:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
+            raise ServiceError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
         principal = keyring.authenticate(token.strip())
         if principal is None:
-            raise ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            raise ServiceError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         return principal
 
     return authenticate
@@ -52,7 +53,7 @@ async def _parse_create(request: Request) -> CreateVideoRequest:
         raw: dict[str, Any] = {}
         for key, value in form.multi_items():
             if not isinstance(value, str):
-                raise ApiError(400, f"file uploads are not supported (field {key!r})", param=key,
+                raise ServiceError(400, f"file uploads are not supported (field {key!r})", param=key,
                                code="invalid_value")
             raw[key] = value
         # form values are strings: let pydantic coerce "7" -> 7 and "true" -> True
@@ -60,14 +61,14 @@ async def _parse_create(request: Request) -> CreateVideoRequest:
         try:
             raw = json.loads(await request.body() or b"null")
         except json.JSONDecodeError as exc:
-            raise ApiError(400, f"body is not valid JSON: {exc.msg} at position {exc.pos}",
+            raise ServiceError(400, f"body is not valid JSON: {exc.msg} at position {exc.pos}",
                            code="invalid_json") from None
         except ValueError:  # e.g. bytes that are not UTF-8
-            raise ApiError(400, "body is not valid JSON: send UTF-8 encoded JSON", code="invalid_json") from None
+            raise ServiceError(400, "body is not valid JSON: send UTF-8 encoded JSON", code="invalid_json") from None
         if not isinstance(raw, dict):
-            raise ApiError(400, "body must be a JSON object with at least a 'prompt'", code="invalid_json")
+            raise ServiceError(400, "body must be a JSON object with at least a 'prompt'", code="invalid_json")
     else:
-        raise ApiError(415, f"unsupported content type {ctype!r}; send application/json or multipart/form-data",
+        raise ServiceError(415, f"unsupported content type {ctype!r}; send application/json or multipart/form-data",
                        code="unsupported_media_type")
     try:
         return CreateVideoRequest.model_validate(raw)
@@ -80,7 +81,7 @@ async def _parse_create(request: Request) -> CreateVideoRequest:
             msg = f"{param} is required"
         else:
             msg = f"{param}: {first['msg']} (got {first.get('input')!r})"
-        raise ApiError(400, msg, param=param, code="invalid_value") from None
+        raise ServiceError(400, msg, param=param, code="invalid_value") from None
 
 
 def create_app(service: VideoService, config: AppConfig, readiness: Callable[[], Awaitable[dict[str, Any]]],

@@ -1,5 +1,12 @@
 """The `videogen` client: `VideogenClient` over the public HTTP API and the `videogen` CLI (httpx only)."""
 
-from serve.client.api import ClientError, JobError, ServerUnreachable, Video, VideogenClient, VideoPage
+from serve.client.api import (
+    ClientError,
+    JobError,
+    ServerUnreachable,
+    Video,
+    VideogenClient,
+    VideoPage,
+)
 
 __all__ = ["ClientError", "JobError", "ServerUnreachable", "Video", "VideoPage", "VideogenClient"]

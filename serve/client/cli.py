@@ -21,7 +21,13 @@ from typing import Any, TextIO
 
 import httpx
 
-from serve.client.api import DEFAULT_BASE_URL, ClientError, ServerUnreachable, Video, VideogenClient
+from serve.client.api import (
+    DEFAULT_BASE_URL,
+    ClientError,
+    ServerUnreachable,
+    Video,
+    VideogenClient,
+)
 
 ENV_BASE_URL = "VIDEOGEN_BASE_URL"
 ENV_API_KEY = "VIDEOGEN_API_KEY"

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve.config.tenancy import TENANT_PATTERN
+
 JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
@@ -30,7 +32,6 @@ _STAGE_BANDS: dict[str, tuple[int, int]] = {
 
 JOB_ID_PREFIX = "video_"
 # Tenants appear in index keys (`index/<tenant>/...`): a '/' would let one tenant's prefix cover another's.
-TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _JOB_ID_RE = re.compile(r"^video_[0-9a-f]{12}[0-9a-f]{16}$")
 
 

@@ -21,11 +21,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from serve.config import JobsConfig
+from serve.jobs.queue import FairQueue
 from serve.jobs.record import JobError, JobRecord, JobResult, job_created_ms
 from serve.jobs.store import JobStore
-from serve.storage import NotFound, PreconditionFailed, StorageError
-from serve.limits import FairQueue
 from serve.metrics import JobEvents
+from serve.storage import NotFound, PreconditionFailed, StorageError
 
 log = logging.getLogger(__name__)
 

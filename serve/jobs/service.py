@@ -12,21 +12,28 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from serve.api.errors import ApiError
-from serve.api.validation import resolve_request
-from serve.api.wire import CreateVideoRequest, Video, VideoDeleted, VideoError, VideoList
+from serve.admission.gate import Admission, Admitted
+from serve.admission.idempotency import IdempotencyStore
+from serve.admission.limits import LocalLimiter
+from serve.admission.safety import PromptPolicy
+from serve.jobs.params import resolve_request
+from serve.api.wire import (
+    CreateVideoRequest,
+    Video,
+    VideoDeleted,
+    VideoError,
+    VideoList,
+)
+from serve.billing.usage import UsageLedger, UsageResponse, parse_usage_period
 from serve.config import AppConfig
-from serve.jobs.admission import Admission, Admitted, JobEnd
-from serve.jobs.idempotency import IdempotencyStore
+from serve.errors import ServiceError
+from serve.jobs.hooks import JobEnd
 from serve.jobs.record import JobError, JobRecord, is_job_id, new_job_id, stage_progress
 from serve.jobs.runner import JobRunner
 from serve.jobs.store import JobStore
-from serve.limits import LocalLimiter
-from serve.safety import PromptPolicy
-from serve.publish import video_keys
+from serve.media.publishing import video_keys
 from serve.storage import NotFound, Storage
 from serve.tenancy.keys import Principal
-from serve.usage import UsageLedger, UsageResponse, parse_usage_period
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +79,7 @@ class VideoService:
         model = self._config.model if req.model is None else self._config.model_named(req.model)
         if model is None:
             names = [n for m in self._config.all_models() for n in m.names]
-            raise ApiError(400, f"unknown model {req.model!r}; this deployment serves {names}", param="model",
+            raise ServiceError(400, f"unknown model {req.model!r}; this deployment serves {names}", param="model",
                            code="model_not_found")
         params = resolve_request(req, model, self._config.api)
         now = self._clock()
@@ -107,7 +114,7 @@ class VideoService:
     async def _load(self, job_id: str, tenant: str) -> JobRecord:
         job = await asyncio.to_thread(self._store.get, job_id) if is_job_id(job_id) else None
         if job is None or job.tenant != tenant:
-            raise ApiError(404, f"no video with id {job_id!r}", param="video_id", code="not_found")
+            raise ServiceError(404, f"no video with id {job_id!r}", param="video_id", code="not_found")
         return job
 
     async def get(self, job_id: str, tenant: str = "default") -> Video:
@@ -118,12 +125,12 @@ class VideoService:
 
     async def list(self, after: str | None, limit: int, order: str = "desc", tenant: str = "default") -> VideoList:
         if not 1 <= limit <= 100:
-            raise ApiError(400, f"limit must be 1..100, got {limit}", param="limit", code="invalid_value")
+            raise ServiceError(400, f"limit must be 1..100, got {limit}", param="limit", code="invalid_value")
         if order != "desc":
-            raise ApiError(400, f"order must be 'desc' (newest first), got {order!r}", param="order",
+            raise ServiceError(400, f"order must be 'desc' (newest first), got {order!r}", param="order",
                            code="invalid_value")
         if after is not None and not is_job_id(after):
-            raise ApiError(400, f"after must be a video id from a previous page, got {after!r}", param="after",
+            raise ServiceError(400, f"after must be a video id from a previous page, got {after!r}", param="after",
                            code="invalid_value")
         jobs, has_more = await asyncio.to_thread(self._store.list, limit, after, tenant)
         data = await asyncio.to_thread(lambda: [self.to_wire(j) for j in jobs])  # presigning is CPU work
@@ -133,19 +140,19 @@ class VideoService:
     async def content(self, job_id: str, variant: str, tenant: str = "default") -> tuple[bytes, str]:
         job = await self._load(job_id, tenant)
         if variant not in ("video", "thumbnail"):
-            raise ApiError(400, f"variant must be 'video' or 'thumbnail', got {variant!r}", param="variant",
+            raise ServiceError(400, f"variant must be 'video' or 'thumbnail', got {variant!r}", param="variant",
                            code="invalid_value")
         if job.status != "completed" or not job.result:
-            raise ApiError(409, f"video {job_id} is {job.status}; content is available once it is completed",
+            raise ServiceError(409, f"video {job_id} is {job.status}; content is available once it is completed",
                            param="video_id", code="video_not_ready")
         key = job.result.video_key if variant == "video" else job.result.cover_key
         if key is None:
-            raise ApiError(404, f"video {job_id} has no {variant}", param="variant", code="not_found")
+            raise ServiceError(404, f"video {job_id} has no {variant}", param="variant", code="not_found")
         try:
             data = await asyncio.to_thread(self._storage.get_bytes, key)
         except NotFound:
             # the record outlived its object (a lifecycle rule after `expires_at`, or a manual cleanup)
-            raise ApiError(404, f"the {variant} of {job_id} is no longer stored", param="video_id",
+            raise ServiceError(404, f"the {variant} of {job_id} is no longer stored", param="video_id",
                            code="not_found") from None
         return data, "video/mp4" if variant == "video" else "image/jpeg"
 
@@ -154,7 +161,7 @@ class VideoService:
         """Stop the job at the next stage boundary or denoising step; it ends `cancelled`."""
         job = await self._load(job_id, tenant)
         if job.is_terminal:
-            raise ApiError(409, f"video {job_id} already ended ({job.status}); nothing to cancel",
+            raise ServiceError(409, f"video {job_id} already ended ({job.status}); nothing to cancel",
                            param="video_id", code="invalid_state")
 
         def request(rec: JobRecord) -> JobRecord | None:

@@ -1,6 +1,6 @@
 """Attention backend for the denoiser's transformer: which SDPA kernel CogVideoX's attention uses.
 
-Part of the denoising stage's setup (`serve.accel.apply_accel`). CogVideoX's stock processor calls
+Part of the denoising stage's setup (`serve.stages.accel.apply_accel`). CogVideoX's stock processor calls
 `F.scaled_dot_product_attention` directly, so diffusers' `set_attention_backend` has no effect on it;
 this processor runs the same code inside `torch.nn.attention.sdpa_kernel([...])` instead.
 """
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from serve.accel import AccelUnavailable
+from serve.stages.types import AccelUnavailable
 
 SDPA_BACKENDS: dict[str, SDPBackend] = {
     "flash": SDPBackend.FLASH_ATTENTION,

@@ -4,7 +4,7 @@ Our own copy of the `CogVideoXPipeline.__call__` denoising loop (diffusers 0.42)
 to it for the same seed, with progress reporting and cancellation between steps. Only the transformer
 and the scheduler config are loaded; the scheduler itself is created per request because the DPM
 scheduler keeps per-request state and both draw noise from the request's generator. Speed options
-(serve/accel.py) are applied once at load; a step cache engages only for requests that ask for speed.
+(serve/config/accel.py, serve/stages/accel.py) are applied once at load; a step cache engages only for requests that ask for speed.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from serve.accel import (
-    AccelConfig,
+from serve.config.accel import AccelConfig
+from serve.stages.accel import (
     AppliedAccel,
     apply_accel,
     cache_engages,
@@ -50,7 +50,9 @@ def prepare_rotary_positional_embeddings(
     """`CogVideoXPipeline._prepare_rotary_positional_embeddings`, taking the transformer config
     instead of a pipeline. `num_frames` counts latent frames (after 1.5's temporal padding)."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
-    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import (
+        get_resize_crop_region_for_grid,
+    )
 
     p = transformer_config.patch_size
     p_t = transformer_config.patch_size_t
@@ -121,7 +123,7 @@ class DenoisingStage:
             self.apply_accel(accel)
 
     def apply_accel(self, accel: AccelConfig) -> AppliedAccel:
-        """Apply attention backend, fp8, compile and prepare the step cache (see serve/accel.py)."""
+        """Apply attention backend, fp8, compile and prepare the step cache (see serve/stages/accel.py)."""
         self.accel = apply_accel(self.transformer, accel, self.device,
                                  current_timestep=lambda: self.current_timestep)
         self.compiled_buckets.clear()
@@ -143,7 +145,11 @@ class DenoisingStage:
         accel: AccelConfig | None = None,
     ) -> DenoisingStage:
         import diffusers
-        from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+        from diffusers import (
+            AutoencoderKLCogVideoX,
+            CogVideoXDDIMScheduler,
+            CogVideoXTransformer3DModel,
+        )
 
         transformer = CogVideoXTransformer3DModel.from_pretrained(
             path, subfolder="transformer", revision=revision, dtype=dtype
@@ -340,7 +346,7 @@ class DenoisingStage:
 
         Outside the warmed-up buckets the request runs eagerly (counted and logged). Inside one, a guard
         may still fail (an input no warm-up had); `eager_on_recompile` then runs that code eagerly too,
-        silently: the transformer's eager-call counter (serve.accel.EagerCalls) tells.
+        silently: the transformer's eager-call counter (serve.stages.accel.EagerCalls) tells.
         """
         if self.accel.compile == "off":
             self.last_run_compiled = None

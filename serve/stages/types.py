@@ -11,6 +11,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+
+class AccelUnavailable(RuntimeError):
+    """A requested speed option cannot run on this replica (device, capability or package missing)."""
+
+
 # "quality": the exact model; "speed": the denoiser's configured step cache (lossy), if any.
 Quality = Literal["quality", "speed"]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from serve.jobs.record import TENANT_PATTERN
+from serve.config.tenancy import TENANT_PATTERN, PlansConfig
 from serve.tenancy.keys import (
     PEPPER_ENV,
     KeyEntry,
@@ -36,7 +36,6 @@ from serve.tenancy.keys import (
     pepper_from_env,
     read_keys_file,
 )
-from serve.tenancy.plans import PlansConfig
 
 
 class CliError(Exception):

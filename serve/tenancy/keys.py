@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serve.jobs.record import TENANT_PATTERN
+from serve.config.tenancy import PLAN_PATTERN, TENANT_PATTERN, KeysConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ KEY_PREFIX = "vg_"
 PEPPER_ENV = "VIDEOGEN_KEY_PEPPER"
 KEY_ID_PATTERN = r"^[0-9a-f]{12}$"
 # plan names end up in config keys and metric labels: the tenant alphabet suits them too
-PLAN_PATTERN = TENANT_PATTERN
 HASH_PATTERN = r"^(sha256|hmac-sha256):[0-9a-f]{64}$"
 _KEY_RE = re.compile(r"^vg_([0-9a-f]{12})_([A-Za-z0-9_-]{32,128})$")
 # anything longer is not one of our keys; refusing it early bounds the hashing work an anonymous caller can cause
@@ -129,28 +128,6 @@ class Principal:
     tenant: str
     plan: str
     key_id: str
-
-
-class KeysConfig(BaseModel):
-    """Where tenants' keys come from; wired into AppConfig (e.g. as `keys`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    keys_file: str | None = Field(
-        default=None,
-        description="JSON keys file written by `python -m serve.tenancy.admin`; None = only the plain "
-        "`api.api_keys` (local development).",
-    )
-    reload_interval_s: float = Field(
-        default=1.0, ge=0, description="How often the keys file's mtime is checked, so revocations apply live."
-    )
-    allow_legacy_keys: bool = Field(
-        default=False,
-        description="With a keys_file, also accept the plain `api.api_keys` (off: the default 'sk-local-dev' "
-        "must never open a production deployment).",
-    )
-    legacy_tenant: str = Field(default="default", pattern=TENANT_PATTERN, description="Tenant of plain keys.")
-    legacy_plan: str = Field(default="dev", pattern=PLAN_PATTERN, description="Plan of plain keys.")
 
 
 _FROM_ENV = object()

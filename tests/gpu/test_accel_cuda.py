@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from serve.accel import AccelConfig, AccelUnavailable
+from serve.config.accel import AccelConfig
 from serve.models.tiny import write_tiny_model
 from serve.stages.decoding import DecodingStage
 from serve.stages.denoising import DenoisingStage
 from serve.stages.text_encoding import TextEncodingStage
-from serve.stages.types import Latents, SamplingParams
+from serve.stages.types import AccelUnavailable, Latents, SamplingParams
 
 pytestmark = pytest.mark.gpu
 

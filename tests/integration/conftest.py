@@ -153,7 +153,7 @@ def cluster(s3_server, tmp_path_factory):
     from ray import serve
 
     from serve.models.tiny import write_tiny_model
-    from serve.webhooks import generate_secret
+    from serve.webhooks.signing import generate_secret
 
     root = tmp_path_factory.mktemp("it")
     model_dir = write_tiny_model("2b", root / "tiny-2b")

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from serve.media import probe_mp4
+from serve.media.encoding import probe_mp4
 from tests.integration.conftest import API_KEY
 
 pytestmark = pytest.mark.integration

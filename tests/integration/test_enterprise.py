@@ -11,7 +11,7 @@ import httpx
 import pytest
 from standardwebhooks import Webhook
 
-from serve.media import probe_mp4
+from serve.media.encoding import probe_mp4
 from tests.integration.test_api_e2e import TERMINAL, wait_for
 
 pytestmark = pytest.mark.integration

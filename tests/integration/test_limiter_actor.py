@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from serve.limits import LimitsConfig, TenantLimits
+from serve.config.limits import LimitsConfig, TenantLimits
 
 pytestmark = pytest.mark.integration
 

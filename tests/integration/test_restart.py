@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve.media import probe_mp4
+from serve.media.encoding import probe_mp4
 from tests.integration.test_api_e2e import TERMINAL, api, wait_for
 
 pytestmark = pytest.mark.integration

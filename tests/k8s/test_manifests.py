@@ -19,9 +19,23 @@ import pytest
 import yaml
 
 from serve.config import AppConfig, DeploymentOptions
-from tests.k8s.kube import (CRD_FILES, K8S, MONITORING_SCHEMAS, ROOT, SCHEMAS, crd_errors, is_core, monitoring_errors,
-                            render, render_warnings, rendered_text, require_kubectl, validate_core, validate_metadata,
-                            validate_pod_template)
+from tests.k8s.kube import (
+    CRD_FILES,
+    K8S,
+    MONITORING_SCHEMAS,
+    ROOT,
+    SCHEMAS,
+    crd_errors,
+    is_core,
+    monitoring_errors,
+    render,
+    render_warnings,
+    rendered_text,
+    require_kubectl,
+    validate_core,
+    validate_metadata,
+    validate_pod_template,
+)
 
 IMPORT_PATH = "deployments.app:build_app"
 STAGES = ("ingress", "text_encoder", "denoiser", "vae_decoder")

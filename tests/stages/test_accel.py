@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from serve.accel import AccelConfig, AccelUnavailable, apply_accel, cache_for_request, reset_accel
-from serve.stages.types import SamplingParams
+from serve.config.accel import AccelConfig
+from serve.stages.accel import apply_accel, cache_for_request, reset_accel
+from serve.stages.types import AccelUnavailable, SamplingParams
 
 # Caches need >= 2 blocks (the tiny models have 2). The first-block cache's default threshold never
 # skips on tiny random weights; 0.5 does (rel. L2 deviation ~1%).
@@ -50,7 +51,7 @@ def _denoiser(tiny_models, variant: str = "5b", **accel):
 
 
 def test_accel_config_imports_without_torch():
-    code = "import sys, serve.accel; serve.accel.AccelConfig(); assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, serve.config.accel; serve.config.accel.AccelConfig(); assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
@@ -131,9 +132,17 @@ def test_fp8_quantization_leaves_the_process_inductor_config_alone(tiny_models):
     whose quantize_ sets the inductor options before it refuses the CPU."""
     import torch
     import torch._inductor.config as inductor_config
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        PerRow,
+        quantize_,
+    )
 
-    from serve.accel import _quantize_fp8, fp8_quantization_config, fp8_linear_filter
+    from serve.stages.accel import (
+        _quantize_fp8,
+        fp8_linear_filter,
+        fp8_quantization_config,
+    )
 
     assert fp8_quantization_config("row").set_inductor_config is False
     assert fp8_quantization_config("tensor").set_inductor_config is False
@@ -289,7 +298,7 @@ def test_warmup_runs_each_stage_once_per_shape(stages):
 
 def test_warmup_shapes_default_to_the_preset_video():
     from serve.config import ModelConfig
-    from serve.stages.runtime import warmup_shapes
+    from serve.stages.loading import warmup_shapes
 
     model = ModelConfig(family="cogvideox-5b", defaults={"num_frames": 25})
     assert warmup_shapes(model, AccelConfig()) == [(25, 480, 720)]
@@ -300,7 +309,7 @@ def test_warmup_shapes_default_to_the_preset_video():
 def test_load_stage_passes_accel_to_the_denoiser(tiny_models):
     from serve.config import AppConfig
     from serve.stages.denoising import DenoisingStage
-    from serve.stages.runtime import load_stage
+    from serve.stages.loading import load_stage
 
     config = AppConfig(model={"source": str(tiny_models["5b"]), "family": "cogvideox-5b", "device": "cpu"})
     stage = load_stage(DenoisingStage, config, accel=AccelConfig(cache="pab", attention_backend="math"))

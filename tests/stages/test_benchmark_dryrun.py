@@ -123,7 +123,7 @@ def test_fp8_quantizes_every_token_wise_linear_of_the_full_size_transformers():
     import torch
     from diffusers import CogVideoXTransformer3DModel
 
-    from serve.accel import fp8_linear_filter
+    from serve.stages.accel import fp8_linear_filter
 
     bench = _benchmark_module()
     for name, config in bench.TRANSFORMER_CONFIGS.items():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve.media import encode_cover_jpeg, encode_mp4, probe_mp4
+from serve.media.encoding import encode_cover_jpeg, encode_mp4, probe_mp4
 
 
 def _frames(n: int = 9, height: int = 32, width: int = 48) -> np.ndarray:

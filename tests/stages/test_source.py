@@ -79,7 +79,7 @@ def test_s3_empty_prefix_is_an_error(tmp_path):
 def test_stage_loads_from_an_s3_prefix_through_the_configured_endpoint(tiny_models, s3_config, tmp_path):
     """The replica path: `load_stage` resolves s3:// with the service's own S3 settings, then from_pretrained."""
     from serve.config import AppConfig, ModelConfig
-    from serve.stages.runtime import load_stage
+    from serve.stages.loading import load_stage
     from serve.stages.text_encoding import TextEncodingStage
     from serve.storage import Storage
 

@@ -445,6 +445,7 @@ def test_progress_in_a_log_prints_about_every_tenth_step():
 def real_server(storage) -> Iterator[str]:
     """The real `create_app` (moto S3, a fake stage chain) served by uvicorn on a local port."""
     import uvicorn  # installed with ray[serve]
+
     from serve.api.routes import create_app
     from serve.config import ApiConfig, AppConfig, JobsConfig
     from serve.jobs.runner import JobRunner

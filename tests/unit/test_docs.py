@@ -17,3 +17,34 @@ def test_readme_yaml_examples_are_valid_configs():
     assert models, "README has no model config example"
     for model in models:
         ModelConfig.model_validate(model)
+
+
+def _readme_tree() -> set[str]:
+    """The module paths README's "How it is built" lists: `name.py` lines under their `folder/` lines."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## How it is built\n\n```\n", 1)[1].split("```", 1)[0]
+    paths, folders = set(), {}
+    for line in block.splitlines():
+        name = line.split()[0]
+        depth = (len(line) - len(line.lstrip())) // 2
+        if name.endswith("/"):
+            folders[depth] = name
+            for deeper in [d for d in folders if d > depth]:
+                del folders[deeper]
+        elif name.endswith(".py"):
+            paths.add("".join(folders[d] for d in sorted(folders) if d < depth) + name)
+    return paths
+
+
+def test_readme_tree_lists_every_module_once_and_nothing_else():
+    """One line per module of serve/ and deployments/ (empty or docstring-only package markers aside)."""
+    import ast
+
+    def counts(path: Path) -> bool:
+        body = ast.parse(path.read_text()).body
+        return not (path.name == "__init__.py" and all(isinstance(n, ast.Expr) for n in body))
+
+    actual = {str(p.relative_to(ROOT)) for top in ("serve", "deployments") for p in (ROOT / top).rglob("*.py")
+              if counts(p)}
+    listed = _readme_tree()
+    assert listed == actual, (sorted(actual - listed), sorted(listed - actual))

@@ -1,4 +1,4 @@
-"""Idempotency-Key claims (serve/jobs/idempotency.py) on the local moto S3: one winner among concurrent retries,
+"""Idempotency-Key claims (serve/admission/idempotency.py) on the local moto S3: one winner among concurrent retries,
 replays, 422 on another body, per-tenant scope, expiry, abandon, takeover of a dead winner's claim."""
 
 from __future__ import annotations
@@ -10,12 +10,18 @@ from typing import Any
 
 import pytest
 
-from tests.clock import Clock
-from serve.api.errors import ApiError
+from serve.admission.idempotency import (
+    IdempotencyConfig,
+    IdempotencyStore,
+    body_hash,
+    canonical_body,
+    validate_key,
+)
 from serve.api.wire import CreateVideoRequest
-from serve.jobs.idempotency import IdempotencyConfig, IdempotencyStore, body_hash, canonical_body, validate_key
+from serve.errors import ServiceError
 from serve.jobs.record import new_job_id
 from serve.storage import Storage
+from tests.clock import Clock
 
 BODY = body_hash(canonical_body({"prompt": "a cat on a skateboard", "seed": 7}))
 OTHER = body_hash(canonical_body({"prompt": "a dog on a skateboard", "seed": 7}))
@@ -58,7 +64,7 @@ def test_twenty_concurrent_claims_have_exactly_one_winner(idem: IdempotencyStore
 
 def test_same_key_with_another_body_is_422(idem: IdempotencyStore) -> None:
     idem.claim("acme", "order-42", BODY, new_job_id())
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         idem.claim("acme", "order-42", OTHER, new_job_id())
     assert (err.value.status, err.value.code, err.value.param) == (422, "idempotency_key_reused", "Idempotency-Key")
 
@@ -85,7 +91,7 @@ def test_an_expired_key_can_be_used_again(idem: IdempotencyStore, clock: Clock) 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9", "line\nbreak", "tab\tkey", "\x7f"])
 def test_malformed_keys_are_400(idem: IdempotencyStore, key: str) -> None:
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         idem.claim("acme", key, BODY, new_job_id())
     assert (err.value.status, err.value.code, err.value.param) == (400, "invalid_idempotency_key", "Idempotency-Key")
 
@@ -136,7 +142,7 @@ def test_a_replay_waits_for_the_winners_job_record(idem: IdempotencyStore) -> No
 
 def test_a_replay_that_outwaits_a_live_winner_gets_409(idem: IdempotencyStore) -> None:
     idem.claim("acme", "order-42", BODY, new_job_id())
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         asyncio.run(idem.resolve("acme", "order-42", BODY, new_job_id(), lambda _id: None, wait_s=0.2, poll_s=0.05))
     assert (err.value.status, err.value.code) == (409, "idempotency_key_in_use")
     assert err.value.headers == {"Retry-After": "1"}

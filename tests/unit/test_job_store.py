@@ -7,12 +7,11 @@ import threading
 import pytest
 from pydantic import ValidationError
 
-from tests.clock import T0, Clock
 from serve.config import S3Config
 from serve.jobs.record import JobError, JobRecord, JobResult, job_created_ms, new_job_id
 from serve.jobs.store import JobExists, JobNotFound, JobStore
 from serve.storage import PreconditionFailed, Storage
-
+from tests.clock import T0, Clock
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Admission limits (serve/limits.py) with a fake clock: rate, concurrency, daily GPU quota, overload, isolation,
+"""Admission limits (serve/admission/limits.py) with a fake clock: rate, concurrency, daily GPU quota, overload, isolation,
 persistence and the fair dispatch queue. Pure logic: no S3, no Ray."""
 
 from __future__ import annotations
@@ -10,18 +10,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.clock import Clock
-from serve.api.errors import ApiError
-from serve.limits import (
+from serve.admission.limits import (
     Decision,
-    FairQueue,
     LimiterState,
-    LimitsConfig,
     LocalLimiter,
-    TenantLimits,
     retry_after,
     utc_day,
 )
+from serve.config.limits import LimitsConfig, TenantLimits
+from serve.errors import ServiceError
+from serve.jobs.queue import FairQueue
+from tests.clock import Clock
 
 NOON = datetime(2025, 6, 15, 12, 0, 0, tzinfo=timezone.utc).timestamp()
 UNLIMITED = TenantLimits(requests_per_minute=None, max_concurrent_jobs=None, daily_gpu_seconds=None)
@@ -305,8 +304,8 @@ def test_a_refusal_becomes_the_api_error_with_its_headers() -> None:
     s = state(Clock(NOON))
     limits = TenantLimits(requests_per_minute=60, burst=1)
     s.admit("a", limits)
-    err = s.admit("a", limits).as_api_error()
-    assert isinstance(err, ApiError)
+    err = s.admit("a", limits).as_error()
+    assert isinstance(err, ServiceError)
     assert (err.status, err.code) == (429, "rate_limited")
     assert err.headers["Retry-After"] == "1" and err.headers["X-RateLimit-Remaining"] == "0"
 

@@ -12,20 +12,28 @@ from collections.abc import Awaitable
 
 import pytest
 
-from serve.api.errors import ApiError
+from serve.admission.limits import LocalLimiter
 from serve.api.wire import CreateVideoRequest
+from serve.billing.usage import UsageLedger, UsageRecord
 from serve.config import AppConfig, UsageConfig
-from serve.jobs.admission import JobEnd
+from serve.config.tenancy import Plan, PlansConfig
+from serve.errors import ServiceError
+from serve.jobs.hooks import JobEnd
 from serve.jobs.record import STAGES, JobRecord, new_job_id, stage_progress
 from serve.jobs.runner import JobRunner
 from serve.jobs.service import VideoService, progress_of, video_keys
 from serve.jobs.store import JobStore
-from serve.limits import LocalLimiter
 from serve.storage import Storage
-from serve.tenancy.plans import Plan, PlansConfig, check_cost, cost_of
-from serve.usage import UsageLedger, UsageRecord
+from serve.tenancy.plans import check_cost, cost_of
 from tests.unit.test_routes import SMALL, WritesVideo, video_bytes
-from tests.unit.test_runner import TIMINGS, Succeeds, jobs_config, make_job, until_ended, wait_for
+from tests.unit.test_runner import (
+    TIMINGS,
+    Succeeds,
+    jobs_config,
+    make_job,
+    until_ended,
+    wait_for,
+)
 
 GPUS = {"text_encoder": 0.5, "denoiser": 2.0, "vae_decoder": 1.0}
 
@@ -34,7 +42,7 @@ def run(coro: Awaitable[None]) -> None:
     asyncio.run(coro)  # type: ignore[arg-type]
 
 
-def raised(excinfo: pytest.ExceptionInfo[ApiError]) -> tuple[int, str | None, str | None]:
+def raised(excinfo: pytest.ExceptionInfo[ServiceError]) -> tuple[int, str | None, str | None]:
     e = excinfo.value
     return e.status, e.code, e.param
 
@@ -51,9 +59,9 @@ def _service(storage: Storage, pipeline) -> tuple[VideoService, JobStore, JobRun
 
 async def _refused_like_an_unknown_id(service: VideoService, job_id: str, tenant: str) -> None:
     unknown = new_job_id()
-    with pytest.raises(ApiError) as unknown_err:
+    with pytest.raises(ServiceError) as unknown_err:
         await service.delete(unknown, tenant)
-    with pytest.raises(ApiError) as foreign_err:
+    with pytest.raises(ServiceError) as foreign_err:
         await service.delete(job_id, tenant)
     # indistinguishable from an id that does not exist: no hint that the job is there
     assert raised(foreign_err) == raised(unknown_err) == (404, "not_found", "video_id")
@@ -199,7 +207,7 @@ def test_plan_max_steps_exact_boundary(name: str) -> None:
     at = {**TINY, "num_inference_steps": plan.max_steps}
     assert cost_of({**at, "num_inference_steps": plan.max_steps + 1}) < plan.max_cost  # only the steps are over
     check_cost(plan, at, plan_name=name)
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         check_cost(plan, {**at, "num_inference_steps": plan.max_steps + 1}, plan_name=name)
     assert raised(err) == (400, "max_steps_exceeded", "num_inference_steps")
     assert f"num_inference_steps is {plan.max_steps + 1}" in err.value.message
@@ -213,7 +221,7 @@ def test_plan_max_cost_exact_boundary(name: str) -> None:
     cost = cost_of(params)
     check_cost(base.model_copy(update={"max_cost": cost}), params, plan_name=name)  # exactly at the ceiling
     one_under = base.model_copy(update={"max_cost": cost - 1})  # the request is max_cost + 1
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         check_cost(one_under, params, plan_name=name)
     assert raised(err) == (400, "cost_ceiling_exceeded", "num_inference_steps")
     assert f"costs {cost:,}" in err.value.message and f"at most {cost - 1:,}" in err.value.message
@@ -224,6 +232,6 @@ def test_plan_max_steps_boundary_holds_for_a_custom_plan_too() -> None:
     plan = Plan(max_steps=7, max_cost=10**12)
     check_cost(plan, {**TINY, "num_inference_steps": 7})
     check_cost(plan, {**TINY, "num_inference_steps": 1})
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         check_cost(plan, {**TINY, "num_inference_steps": 8})
     assert raised(err) == (400, "max_steps_exceeded", "num_inference_steps") and "your plan" in err.value.message

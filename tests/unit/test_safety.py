@@ -9,8 +9,10 @@ import threading
 import pytest
 from pydantic import ValidationError
 
-from serve.api.errors import ApiError
-from serve.safety import PromptPolicy, SafetyConfig, Verdict, enforce, normalise
+from serve.admission.safety import PromptPolicy, Verdict, enforce
+from serve.admission.terms import normalise
+from serve.config.safety import SafetyConfig
+from serve.errors import ServiceError
 
 TERMS = {
     "violence-extreme": ["kill", "behead", "斩首"],
@@ -91,7 +93,7 @@ def test_negative_prompt_is_not_checked(policy):
 
 def test_enforce_raises_a_generic_400(policy, caplog):
     with caplog.at_level(logging.DEBUG):
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(ServiceError) as err:
             enforce(policy, "please k.i.l.l the knight")
     e = err.value
     assert (e.status, e.code, e.param) == (400, "content_policy", "prompt")
@@ -140,7 +142,7 @@ def test_classifier_blocks_with_bool_or_score():
     assert p.check("a red dragon") == Verdict(False, "classifier", "classifier")
     assert p.check("a red fox").allowed
     assert clf.seen == ["a red dragon", "a red fox"]
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         enforce(p, "a red dragon")
     assert err.value.code == "content_policy"
     p.close()
@@ -164,7 +166,7 @@ def _raising(text: str) -> bool:
 def test_classifier_failure_is_503_when_fail_closed(caplog):
     p = _policy(_raising, retry_after_s=7)
     with caplog.at_level(logging.WARNING):
-        with pytest.raises(ApiError) as err:
+        with pytest.raises(ServiceError) as err:
             enforce(p, "a red fox")
     e = err.value
     assert (e.status, e.code, e.headers) == (503, "safety_unavailable", {"Retry-After": "7"})

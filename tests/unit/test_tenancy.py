@@ -13,18 +13,18 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve.api.errors import ApiError
+from serve.config.tenancy import KeysConfig, Plan, PlansConfig
+from serve.errors import ServiceError
 from serve.tenancy.admin import main
 from serve.tenancy.keys import (
     PEPPER_ENV,
     KeyRing,
-    KeysConfig,
     KeysFileError,
     Principal,
     keyring_from_config,
     read_keys_file,
 )
-from serve.tenancy.plans import Plan, PlansConfig, check_cost, cost_of
+from serve.tenancy.plans import check_cost, cost_of, resolve_plan
 
 KEY_RE = re.compile(r"^vg_([0-9a-f]{12})_[A-Za-z0-9_-]{32,}$")
 
@@ -304,7 +304,7 @@ def test_default_plans_grow_from_dev_to_enterprise():
 def test_cost_and_ceiling():
     assert cost_of(PARAMS) == 49 * 720 * 480 * 50
     check_cost(Plan(max_cost=cost_of(PARAMS), max_steps=50), PARAMS)  # at the ceiling is allowed
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         check_cost(Plan(max_cost=cost_of(PARAMS) - 1, max_steps=50), PARAMS, plan_name="dev")
     e = err.value
     assert (e.status, e.code, e.param) == (400, "cost_ceiling_exceeded", "num_inference_steps")
@@ -313,13 +313,13 @@ def test_cost_and_ceiling():
 
 
 def test_cost_ceiling_below_one_step_points_at_size():
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         check_cost(Plan(max_cost=1000, max_steps=50), PARAMS)
     assert err.value.param == "size" and "even one step" in err.value.message
 
 
 def test_max_steps():
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(ServiceError) as err:
         check_cost(Plan(max_cost=10**12, max_steps=20), PARAMS)
     assert (err.value.code, err.value.param) == ("max_steps_exceeded", "num_inference_steps")
 
@@ -329,8 +329,8 @@ def test_plans_config_lookup_and_files(tmp_path):
     assert cfg.get("pro") is cfg.plans["pro"]
     with pytest.raises(KeyError, match="unknown plan 'gold'"):
         cfg.get("gold")
-    with pytest.raises(ApiError) as err:
-        cfg.resolve("gold")
+    with pytest.raises(ServiceError) as err:
+        resolve_plan(cfg, "gold")
     assert (err.value.status, err.value.code) == (403, "plan_not_found")
     with pytest.raises(ValidationError):
         PlansConfig(plans={"a/b": Plan()})

@@ -8,16 +8,16 @@ from typing import Any
 
 import pytest
 
-from serve.api.errors import ApiError
-from serve.config import DeploymentsConfig
-from serve.jobs.record import JobRecord, new_job_id
-from serve.usage import (
+from serve.billing.usage import (
     UsageLedger,
     UsageRecord,
     gpu_seconds_from_timings,
     gpus_per_stage,
     parse_usage_period,
 )
+from serve.config import DeploymentsConfig
+from serve.errors import ServiceError
+from serve.jobs.record import JobRecord, new_job_id
 
 GPUS = {"text_encoder": 0.25, "denoiser": 2.0, "vae_decoder": 0.5}
 
@@ -215,7 +215,7 @@ def test_usage_period_accepts(start, end, expected):
     ("2025-01-01", "2025-04-03", "start", "93 days"),
 ])
 def test_usage_period_refuses(start, end, param, fragment):
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(ServiceError) as info:
         parse_usage_period(start, end, TODAY)
     assert (info.value.status, info.value.param) == (400, param)
     assert fragment in info.value.message

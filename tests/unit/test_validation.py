@@ -2,10 +2,10 @@
 
 import pytest
 
-from serve.api.errors import ApiError
-from serve.api.validation import resolve_request
+from serve.jobs.params import resolve_request
 from serve.api.wire import CreateVideoRequest
 from serve.config import ApiConfig, AppConfig, ModelConfig
+from serve.errors import ServiceError
 from serve.presets import FAMILIES
 
 API = ApiConfig(max_prompt_chars=50)
@@ -19,8 +19,8 @@ def resolve(family="cogvideox-2b", **fields):
     return resolve_request(CreateVideoRequest(prompt=fields.pop("prompt", "a cat"), **fields), model(family), API)
 
 
-def error(family="cogvideox-2b", **fields) -> ApiError:
-    with pytest.raises(ApiError) as info:
+def error(family="cogvideox-2b", **fields) -> ServiceError:
+    with pytest.raises(ServiceError) as info:
         resolve(family, **fields)
     assert info.value.status == 400
     return info.value
@@ -86,7 +86,7 @@ def test_overrides_change_defaults_and_limits():
     m = model(width=64, height=48, num_frames=9, max_side=128)
     p = resolve_request(CreateVideoRequest(prompt="x"), m, API)
     assert (p["width"], p["height"], p["num_frames"]) == (64, 48, 9)
-    with pytest.raises(ApiError):
+    with pytest.raises(ServiceError):
         resolve_request(CreateVideoRequest(prompt="x", size="720x480"), m, API)
 
 

@@ -14,8 +14,8 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -24,20 +24,19 @@ from pydantic import ValidationError
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from serve.api.errors import ApiError
+from serve.config.webhooks import WebhookConfig
+from serve.errors import ServiceError
 from serve.jobs.record import new_job_id
-from serve.webhooks import (
-    DeliveryResult,
-    WebhookConfig,
-    WebhookEvent,
+from serve.webhooks.events import WebhookEvent
+from serve.webhooks.sender import DeliveryResult, WebhookSender
+from serve.webhooks.signing import (
     WebhookSecrets,
-    WebhookSender,
     decode_secret,
     generate_secret,
     sign,
     signature_header,
-    validate_webhook_url,
 )
+from serve.webhooks.urlguard import validate_webhook_url
 
 TIMEOUT_S = 10.0
 SECRET = generate_secret()
@@ -336,7 +335,7 @@ REFUSED: list[tuple[str, dict[str, list[str]], str]] = [
 
 @pytest.mark.parametrize(("url", "dns", "why"), REFUSED, ids=[u[:60] + "|" + w for u, _, w in REFUSED])
 def test_non_public_or_malformed_urls_are_refused(url, dns, why):
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(ServiceError) as info:
         validate_webhook_url(url, WebhookConfig(enabled=True), resolver=FakeResolver(dns))
     err = info.value
     assert (err.status, err.param, err.code) == (400, "webhook_url", "invalid_webhook_url")
@@ -373,15 +372,15 @@ def test_allow_list_bypasses_address_checks_only_for_exact_hosts(url, ok):
     if ok:
         validate_webhook_url(url, cfg, resolver=resolver)
     else:
-        with pytest.raises(ApiError):
+        with pytest.raises(ServiceError):
             validate_webhook_url(url, cfg, resolver=resolver)
 
 
 def test_allowed_ports_and_https_requirement_hold_for_allow_listed_hosts_too():
     cfg = WebhookConfig(enabled=True, allow_hosts=["127.0.0.1"], allowed_ports=[443])
-    with pytest.raises(ApiError, match="https"):
+    with pytest.raises(ServiceError, match="https"):
         validate_webhook_url("http://127.0.0.1/", cfg, resolver=FakeResolver())
-    with pytest.raises(ApiError, match="port 8443"):
+    with pytest.raises(ServiceError, match="port 8443"):
         validate_webhook_url("https://127.0.0.1:8443/", cfg, resolver=FakeResolver())
     validate_webhook_url("https://127.0.0.1/", cfg, resolver=FakeResolver())
 
@@ -389,17 +388,17 @@ def test_allowed_ports_and_https_requirement_hold_for_allow_listed_hosts_too():
 def test_registration_needs_webhooks_enabled_and_a_tenant_secret():
     async def main() -> None:
         off = WebhookSender(WebhookConfig(), secrets(), resolver=FakeResolver())
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(ServiceError) as info:
             await off.validate_registration(f"https://{PUBLIC4}/", "acme")
         assert info.value.code == "webhooks_disabled"
         no_secret = WebhookSender(WebhookConfig(enabled=True), WebhookSecrets(), resolver=FakeResolver())
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(ServiceError) as info:
             await no_secret.validate_registration(f"https://{PUBLIC4}/", "acme")
         assert info.value.code == "webhook_secret_missing"
         on = WebhookSender(WebhookConfig(enabled=True, tenant_urls={"acme": f"https://{PUBLIC4}/t"}), secrets(),
                            resolver=FakeResolver())
         await on.validate_registration(f"https://{PUBLIC4}/", "acme")
-        with pytest.raises(ApiError, match="loopback"):
+        with pytest.raises(ServiceError, match="loopback"):
             await on.validate_registration("https://127.0.0.1/", "acme")
         assert on.url_for("acme", None) == f"https://{PUBLIC4}/t"
         assert on.url_for("acme", "https://job.example/") == "https://job.example/"

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.media import encode_cover_jpeg, encode_mp4
+from serve.media.encoding import encode_cover_jpeg, encode_mp4
 from serve.stages.types import GenerationRequest
 from serve.storage import Storage
 

@@ -1,7 +1,7 @@
-"""The one typed configuration of the service: models, S3, jobs, API keys and every deployment option.
+"""The one typed configuration of the service: models, S3, jobs, API and the sections of every feature.
 
-`deployments/app.py:build_app` takes this (as the `args` of a Serve config file) and nothing else, so
-the local CPU run and a GPU cluster differ only in the YAML they pass.
+`deployments/app.py:build_app` takes this (as the `args` of a Serve config file) and nothing else, so the local
+CPU run and a GPU cluster differ only in the YAML they pass. Every section is a leaf module under serve/config/.
 """
 
 from __future__ import annotations
@@ -9,18 +9,25 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
-from serve.accel import AccelConfig
-from serve.limits import LimitsConfig
+from serve.config.accel import AccelConfig
+from serve.config.deploy import DeploymentsConfig
+from serve.config.limits import LimitsConfig
+from serve.config.safety import SafetyConfig
+from serve.config.tenancy import KeysConfig, PlansConfig
+from serve.config.webhooks import WebhookConfig
 from serve.presets import FAMILIES, Family, Preset, preset_for
-from serve.safety import SafetyConfig
-from serve.tenancy.keys import KeysConfig
-from serve.tenancy.plans import PlansConfig
-from serve.webhooks import WebhookConfig
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 
@@ -70,7 +77,7 @@ class ModelConfig(_Strict):
                     "warm-up shape (accel.warmup_shapes), by the first request of any other shape.")
     accel: AccelConfig = Field(
         default_factory=AccelConfig,
-        description="Denoiser speed options (serve/accel.py): attention backend, torch.compile, fp8, the step "
+        description="Denoiser speed options (serve/config/accel.py, serve/stages/accel.py): attention backend, torch.compile, fp8, the step "
                     "cache used for quality='speed' requests, warm-up shapes.")
 
     @model_validator(mode="after")
@@ -171,66 +178,6 @@ class UsageConfig(_Strict):
         "deployment's ray_actor_options.num_gpus.")
     max_range_days: int = Field(default=92, ge=1, le=366, description="Longest period GET /v1/usage accepts.")
     read_concurrency: int = Field(default=16, ge=1, le=128, description="Parallel S3 GETs while summarising.")
-
-
-class AutoscalingConfig(_Strict):
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=1, ge=1)
-    initial_replicas: int | None = Field(default=None, ge=0)
-    target_ongoing_requests: float = Field(default=1.0, gt=0)
-    upscale_delay_s: float = Field(default=30.0, ge=0)
-    downscale_delay_s: float = Field(default=600.0, ge=0)
-
-
-class RayActorOptions(_Strict):
-    num_cpus: float = Field(default=0.0, ge=0, description="Logical CPUs per replica.")
-    num_gpus: float = Field(default=0.0, ge=0, description="GPUs (or a fraction) per replica.")
-    memory: int | None = Field(default=None, ge=0, description="Bytes of RAM reserved per replica.")
-    accelerator_type: str | None = Field(default=None, description="e.g. 'H100'.")
-    resources: dict[str, float] | None = Field(
-        default=None, description="Custom Ray resources, e.g. {'stage_denoiser': 1} to pin a stage to its worker "
-                                  "group (the group advertises the resource in rayStartParams).")
-    runtime_env: dict[str, Any] | None = None
-
-
-class DeploymentOptions(_Strict):
-    num_replicas: int | None = Field(default=1, ge=0, description="Fixed replicas; ignored with autoscaling.")
-    autoscaling_config: AutoscalingConfig | None = None
-    ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
-    max_ongoing_requests: int = Field(default=2, ge=1, description="Requests a replica holds at once.")
-    max_queued_requests: int = Field(default=-1, ge=-1, description="Per-caller queue cap; -1 = none.")
-    graceful_shutdown_timeout_s: float = Field(default=3600.0, ge=0, description="Above the longest job.")
-    graceful_shutdown_wait_loop_s: float = Field(default=2.0, ge=0)
-    health_check_period_s: float = Field(default=10.0, gt=0)
-    health_check_timeout_s: float = Field(default=30.0, gt=0)
-
-    def to_serve_options(self) -> dict[str, Any]:
-        """Keyword arguments for `serve.deployment(cls, **options)`."""
-        opts: dict[str, Any] = {
-            "ray_actor_options": self.ray_actor_options.model_dump(exclude_none=True),
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
-            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
-            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
-            "health_check_period_s": self.health_check_period_s,
-            "health_check_timeout_s": self.health_check_timeout_s,
-        }
-        if self.autoscaling_config is not None:
-            opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
-        else:
-            opts["num_replicas"] = self.num_replicas
-        return opts
-
-
-def _ingress_defaults() -> DeploymentOptions:
-    return DeploymentOptions(max_ongoing_requests=256, graceful_shutdown_timeout_s=30.0)
-
-
-class DeploymentsConfig(_Strict):
-    ingress: DeploymentOptions = Field(default_factory=_ingress_defaults)
-    text_encoder: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    denoiser: DeploymentOptions = Field(default_factory=DeploymentOptions)
-    vae_decoder: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
 
 class AppConfig(_Strict):

@@ -28,8 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.api.errors import ApiError
-from serve.config import UsageConfig  # noqa: F401 - defined with the other config models (import order)
+from serve.errors import ServiceError
 from serve.jobs.record import JobRecord
 from serve.storage import PreconditionFailed, Storage
 
@@ -203,16 +202,16 @@ def parse_usage_period(start: str | None, end: str | None, today: date,
                 raise ValueError
             return date.fromisoformat(value)
         except ValueError:
-            raise ApiError(400, f"{name} must be a date as YYYY-MM-DD, got {value!r}", param=name,
+            raise ServiceError(400, f"{name} must be a date as YYYY-MM-DD, got {value!r}", param=name,
                            code="invalid_value") from None
 
     end_d = parse("end", end) if end is not None else today
     start_d = parse("start", start) if start is not None else end_d.replace(day=1)
     if end_d < start_d:
-        raise ApiError(400, f"end ({end_d}) must not be before start ({start_d})", param="end", code="invalid_value")
+        raise ServiceError(400, f"end ({end_d}) must not be before start ({start_d})", param="end", code="invalid_value")
     days = (end_d - start_d).days + 1
     if days > max_days:
-        raise ApiError(400, f"the period spans {days} days; at most {max_days} are accepted", param="start",
+        raise ServiceError(400, f"the period spans {days} days; at most {max_days} are accepted", param="start",
                        code="invalid_value")
     return start_d, end_d
 

@@ -1,10 +1,8 @@
-"""Everything a `POST /v1/videos` passes before a job exists, and what a job's end gives back.
+"""Everything a `POST /v1/videos` passes before a job exists.
 
 Order (cheapest refusal first, nothing reserved until it cannot be refused for a cheaper reason):
 plan and cost ceiling -> rate (429) -> prompt policy (400/503) -> webhook URL (400) -> idempotency claim
 (replay returns the first job) -> concurrency, daily GPU quota, service overload (429/503) -> job record.
-When a job ends, `JobEnd` releases its concurrency slot, writes the usage record (completed jobs only,
-once) and charges the GPU-seconds to the tenant's daily quota, and schedules the signed webhook.
 """
 
 from __future__ import annotations
@@ -12,21 +10,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
-from serve.api.errors import ApiError
+from serve.admission.idempotency import (
+    Claim,
+    IdempotencyStore,
+    body_hash,
+    canonical_body,
+    validate_key,
+)
+from serve.admission.limits import Limiter, LimiterUnavailable, unavailable_error
+from serve.admission.safety import PromptPolicy, enforce
 from serve.api.wire import CreateVideoRequest
 from serve.config import AppConfig
-from serve.jobs.idempotency import Claim, IdempotencyStore, body_hash, canonical_body, validate_key
+from serve.config.limits import TenantLimits
+from serve.errors import ServiceError
 from serve.jobs.record import JobRecord
 from serve.jobs.store import JobStore
-from serve.limits import Limiter, LimiterUnavailable, TenantLimits, unavailable_error
-from serve.safety import PromptPolicy, enforce
 from serve.tenancy.keys import Principal
-from serve.tenancy.plans import check_cost
-from serve.usage import UsageLedger, UsageRecord, gpus_per_stage
-from serve.webhooks import WebhookEvent, WebhookSender
+from serve.tenancy.plans import check_cost, resolve_plan
+from serve.webhooks.events import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ class Admitted:
 
 class Admission:
     def __init__(self, config: AppConfig, store: JobStore, limiter: Limiter, policy: PromptPolicy,
-                 idempotency: IdempotencyStore, webhooks: WebhookSender | None) -> None:
+                 idempotency: IdempotencyStore, webhooks: Notifier | None) -> None:
         self._config = config
         self._store = store
         self._limiter = limiter
@@ -59,13 +62,13 @@ class Admission:
         except LimiterUnavailable:
             raise unavailable_error() from None
         if not decision.allowed:
-            raise decision.as_api_error()
+            raise decision.as_error()
         return decision
 
     async def check(self, req: CreateVideoRequest, params: dict[str, Any], principal: Principal,
                     job_id: str, idempotency_key: str | None) -> Admitted:
-        """Run the gates in order; raises the first refusal as an `ApiError`."""
-        plan = self._config.plans.resolve(principal.plan)
+        """Run the gates in order; raises the first refusal as an `ServiceError`."""
+        plan = resolve_plan(self._config.plans, principal.plan)
         check_cost(plan, params, plan_name=principal.plan)
         limits = TenantLimits.from_plan(plan)
         decision = await self._admit(principal.tenant, limits)  # the rate, charged on every request
@@ -73,7 +76,7 @@ class Admission:
         await asyncio.to_thread(enforce, self._policy, req.prompt, req.negative_prompt)
         if req.webhook_url is not None:
             if self._webhooks is None:
-                raise ApiError(400, "webhooks are not enabled on this deployment", param="webhook_url",
+                raise ServiceError(400, "webhooks are not enabled on this deployment", param="webhook_url",
                                code="webhooks_disabled")
             await self._webhooks.validate_registration(req.webhook_url, principal.tenant)
         admitted = Admitted(job_id=job_id, limits=limits, headers=headers)
@@ -90,14 +93,14 @@ class Admission:
             admitted.job_id = res.claim.job_id
         try:
             await self._admit(principal.tenant, limits, admitted.job_id, charge_rate=False)
-        except ApiError:
+        except ServiceError:
             await self._abandon(principal.tenant, admitted)
             raise
         if admitted.claim is not None and admitted.key is not None:
             if await asyncio.to_thread(self._idem.confirm, principal.tenant, admitted.key, admitted.claim) is None:
                 # our claim was taken over while we stalled: the other request creates the job
                 await self.release(principal.tenant, admitted.job_id)
-                raise ApiError(409, "a request with this Idempotency-Key is still being processed; retry shortly",
+                raise ServiceError(409, "a request with this Idempotency-Key is still being processed; retry shortly",
                                param="Idempotency-Key", code="idempotency_key_in_use", headers={"Retry-After": "1"})
         return admitted
 
@@ -117,45 +120,3 @@ class Admission:
             log.warning("limiter unavailable: job %s released at the next reconcile", job_id)
 
 
-class JobEnd:
-    """What happens once when a job's terminal transition lands (`JobRunner(on_finished=...)`)."""
-
-    def __init__(self, config: AppConfig, limiter: Limiter, ledger: UsageLedger,
-                 webhooks: WebhookSender | None, to_wire) -> None:
-        self._config = config
-        self._limiter = limiter
-        self._ledger = ledger
-        self._webhooks = webhooks
-        self._to_wire = to_wire
-        self._gpus = gpus_per_stage(config.deployments, config.usage.gpus_per_stage)
-
-    async def __call__(self, job: JobRecord) -> None:
-        try:
-            await self._limiter.release(job.tenant, job.id)
-        except Exception:  # noqa: BLE001 - the reconcile loop repairs the count
-            log.warning("job %s: concurrency slot not released", job.id, exc_info=True)
-        if job.status == "completed" and self._config.usage.enabled:
-            try:
-                rec = UsageRecord.from_job(job, self._gpus)
-                if await asyncio.to_thread(self._ledger.record, rec):  # first time only: never billed twice
-                    await self._limiter.charge_gpu_seconds(job.tenant, rec.gpu_seconds_total, day=rec.day)
-            except Exception:  # noqa: BLE001 - a later sweep can re-record (records are idempotent)
-                log.exception("job %s: usage not recorded", job.id)
-        url = self._webhooks.url_for(job.tenant, job.webhook_url) if self._webhooks is not None else None
-        if url:
-            data = self._to_wire(job).model_dump(mode="json")
-            self._webhooks.schedule(WebhookEvent.for_status(
-                job.status, job_id=job.id, tenant=job.tenant, url=url, data=data,
-                occurred_at=job.completed_at or int(datetime.now(timezone.utc).timestamp())))
-
-
-async def reconcile_limits(store: JobStore, ledger: UsageLedger, limiter: Limiter, now: float) -> None:
-    """Rebuild the shared limiter from S3 (active jobs, today's usage): after a restart, or to repair drift."""
-    active: dict[str, set[str]] = {}
-    for job_id in await asyncio.to_thread(store.list_active_ids):
-        job = await asyncio.to_thread(store.get, job_id)
-        if job is not None and not job.is_terminal:
-            active.setdefault(job.tenant, set()).add(job.id)
-    today = datetime.fromtimestamp(now, timezone.utc).date().isoformat()
-    usage = {(t, today): s for t, s in (await asyncio.to_thread(ledger.load_day_totals, today)).items()}
-    await limiter.reconcile(active, usage, as_of=now)

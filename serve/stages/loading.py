@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from serve.accel import AccelConfig
 from serve.config import AppConfig, ModelConfig, S3Config
+from serve.config.accel import AccelConfig
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-
-from serve.api.errors import ApiError
 from serve.config import IdempotencyConfig  # noqa: F401 - defined with the other config models (import order)
-from serve.jobs.record import TENANT_PATTERN
+from serve.config.tenancy import TENANT_PATTERN
+from serve.errors import ServiceError
 from serve.storage import NotFound, PreconditionFailed, Storage
 
 HEADER = "Idempotency-Key"
@@ -69,7 +68,7 @@ def validate_key(key: str) -> str:
     """1..255 printable ASCII characters, else a 400 naming the header."""
     if not 1 <= len(key) <= MAX_KEY_CHARS or not all(" " <= c <= "~" for c in key):
         shown = key if len(key) <= 40 else key[:40] + "..."
-        raise ApiError(400, f"{HEADER} must be 1 to {MAX_KEY_CHARS} printable ASCII characters, got {shown!r} "
+        raise ServiceError(400, f"{HEADER} must be 1 to {MAX_KEY_CHARS} printable ASCII characters, got {shown!r} "
                             f"({len(key)} characters)", param=HEADER, code="invalid_idempotency_key")
     return key
 
@@ -121,7 +120,7 @@ class IdempotencyStore:
         """Claim `key` for `new_job_id`, or learn who holds it.
 
         Returns `Claim("created", new_job_id)` for the one winner (also when an expired claim was replaced) and
-        `Claim("replay", <winner's job id>)` for the others. Raises ApiError 422 `idempotency_key_reused` if the key
+        `Claim("replay", <winner's job id>)` for the others. Raises ServiceError 422 `idempotency_key_reused` if the key
         holds a different body, 400 for a malformed key.
         """
         return self._claim(tenant, key, body, new_job_id, read_first=False)
@@ -151,7 +150,7 @@ class IdempotencyStore:
                 except (PreconditionFailed, NotFound):
                     continue  # another request replaced it first: read theirs
             if rec["body_hash"] != body:
-                raise ApiError(422, f"this {HEADER} was already used with a different request body; send a new key "
+                raise ServiceError(422, f"this {HEADER} was already used with a different request body; send a new key "
                                     "for a new request", param=HEADER, code="idempotency_key_reused")
             return Claim("replay", rec["job_id"], etag, created_at)
         raise self._in_use()
@@ -219,6 +218,6 @@ class IdempotencyStore:
         return Claim("created", new_job_id, etag, json.loads(data)["created_at"])
 
     @staticmethod
-    def _in_use() -> ApiError:
-        return ApiError(409, f"a request with this {HEADER} is still being processed; retry shortly",
+    def _in_use() -> ServiceError:
+        return ServiceError(409, f"a request with this {HEADER} is still being processed; retry shortly",
                         param=HEADER, code="idempotency_key_in_use", headers={"Retry-After": "1"})

@@ -1,6 +1,7 @@
 """Turn a `CreateVideoRequest` into complete, valid generation parameters, or a 400 naming the field.
 
-Checks what CogVideoX can actually do: frames 8N+1 (16N+1 for CogVideoX1.5), sides multiples of 16,
+The job layer's first step (`VideoService.create`), and the way back from a stored job record to the stages'
+`SamplingParams` (`sampling_params`). Checks what CogVideoX can actually do: frames 8N+1 (16N+1 for CogVideoX1.5), sides multiples of 16,
 the family's limits, prompt length, known model names. Nothing here touches a GPU or S3.
 """
 
@@ -10,16 +11,16 @@ import math
 import secrets
 from typing import Any
 
-from serve.api.errors import ApiError
 from serve.api.wire import CreateVideoRequest
 from serve.config import ApiConfig, ModelConfig
+from serve.errors import ServiceError
 from serve.stages.types import SamplingParams
 
 MAX_SEED = 2**32 - 1
 
 
-def _bad(param: str, message: str) -> ApiError:
-    return ApiError(400, message, param=param, code="invalid_value")
+def _bad(param: str, message: str) -> ServiceError:
+    return ServiceError(400, message, param=param, code="invalid_value")
 
 
 def _parse_size(size: str) -> tuple[int, int]:
@@ -52,7 +53,7 @@ def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig)
     if req.negative_prompt is not None and len(req.negative_prompt) > api.max_prompt_chars:
         raise _bad("negative_prompt", f"negative_prompt is longer than {api.max_prompt_chars} characters")
     if req.model is not None and req.model not in model.names:
-        raise ApiError(400, f"unknown model {req.model!r}; this deployment serves {model.names}",
+        raise ServiceError(400, f"unknown model {req.model!r}; this deployment serves {model.names}",
                        param="model", code="model_not_found")
     if req.input_reference is not None:
         raise _bad("input_reference", "input_reference is not supported: this service is text-to-video only")

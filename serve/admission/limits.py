@@ -1,98 +1,24 @@
-"""Admission limits that protect the GPUs: per-tenant request rate, concurrent jobs, daily GPU-seconds, and the
-service's own overload. Pure logic, no I/O, no Ray.
+"""Rate, concurrency, daily GPU quota and service overload: the shared limiter's state and decisions.
 
-Where it sits: `POST /v1/videos` asks `admit` after auth and validation and before the job record is written; the job
-runner calls `release` when a job ends and `charge_gpu_seconds` with what it used; the runner takes accepted jobs for
-its pipeline slots from a `FairQueue`, so one tenant's backlog does not delay another tenant's single job.
-
-Several ingress replicas must see one state (limits hold across replicas): `deployments/limiter.py` hosts one
-`LimiterState` in a named, detached Ray actor; `LocalLimiter` here offers the same async interface in-process (unit
-tests, single-process runs). The state lives in memory: after a restart it is rebuilt from S3 by `reconcile`
-(active markers + usage records) — the caller does that, `needs_reconcile()` says when.
-
-Answers:
-- 429 `rate_limited`        — the tenant's request rate (GCRA token bucket: `burst` at once, refilled at
-                              `requests_per_minute`); `X-RateLimit-Limit/Remaining/Reset` on every decision.
-- 429 `concurrency_limited` — the tenant already has `max_concurrent_jobs` queued or running.
-- 429 `quota_exceeded`      — the tenant used its `daily_gpu_seconds` for this UTC day (Retry-After: next midnight).
-- 503 `overloaded`          — the service holds `max_outstanding_jobs` (all tenants), or is nearly full and this
-                              tenant holds more than its share of it. Not the tenant's limit: no rate token charged.
+One `LimiterState` per cluster (in-process here; a detached Ray actor in deployments/limiter.py, shared by
+every ingress replica), rebuilt from S3 after a restart (`serve.admission.reconcile`).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from serve.config.limits import LimitsConfig, TenantLimits
 
 Code = Literal["rate_limited", "concurrency_limited", "quota_exceeded", "overloaded"]
 _EPS = 1e-9
 _KEEP_DAYS = 2  # usage of older UTC days is dropped from memory (billing reads the usage records, not this)
 _KEEP_RELEASED_S = 3600.0  # how long a release is remembered, so a slower S3 scan cannot bring the job back
-
-
-# ---- config ---------------------------------------------------------------------------------------------------
-
-
-class TenantLimits(BaseModel):
-    """A tenant's limits (plans fill these in). `None` means unlimited."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    requests_per_minute: float | None = Field(
-        default=60.0, gt=0, description="Sustained request rate; the bucket refills at this rate.")
-    burst: int | None = Field(
-        default=None, ge=1, description="Requests allowed at once from a full bucket; default: one minute's worth.")
-    max_concurrent_jobs: int | None = Field(default=4, ge=1, description="Queued + running jobs at once.")
-    daily_gpu_seconds: float | None = Field(
-        default=None, gt=0, description="GPU-seconds a tenant may use per UTC day.")
-
-    @classmethod
-    def from_plan(cls, plan: Any) -> TenantLimits:
-        """The four limits of any object that has them as attributes (e.g. `serve.tenancy.plans.Plan`)."""
-        return cls(requests_per_minute=plan.requests_per_minute, burst=plan.burst,
-                   max_concurrent_jobs=plan.max_concurrent_jobs, daily_gpu_seconds=plan.daily_gpu_seconds)
-
-    @property
-    def bucket_size(self) -> int | None:
-        if self.requests_per_minute is None:
-            return None
-        return self.burst if self.burst is not None else max(1, math.ceil(self.requests_per_minute))
-
-
-class LimitsConfig(BaseModel):
-    """Service-wide limits and the shared limiter's settings (tenant plans give the per-tenant numbers)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = Field(default=True, description="Off: every request is admitted (local runs, benchmarks).")
-    default: TenantLimits = Field(default_factory=TenantLimits, description="Limits of a tenant without a plan.")
-    max_outstanding_jobs: int | None = Field(
-        default=256, ge=1, description="Queued + running jobs of all tenants above which POST gets 503.")
-    fair_share_above: float = Field(
-        default=0.8, gt=0, le=1,
-        description="Above this fraction of max_outstanding_jobs a tenant holding at least an equal share of it "
-                    "(among the tenants with jobs plus one newcomer) gets 503: a tenant alone stops here, so one "
-                    "tenant's burst cannot fill the service.")
-    overload_retry_after_s: int = Field(default=5, ge=1, description="Retry-After of a 503 `overloaded`.")
-    concurrency_retry_after_s: int = Field(
-        default=5, ge=1, description="Retry-After of a 429 `concurrency_limited` (when a running job may end).")
-    reconcile_grace_s: float = Field(
-        default=60.0, ge=0,
-        description="`reconcile` keeps jobs admitted this recently even if S3 does not show them yet "
-                    "(admitted, record not yet written).")
-    reconcile_interval_s: float = Field(
-        default=300.0, gt=0, description="How often an ingress rebuilds the shared state from S3 (drift repair).")
-    actor_name: str = Field(default="videogen-limiter", description="Name of the shared limiter actor.")
-    actor_namespace: str = Field(default="videogen", description="Ray namespace of the limiter actor.")
-    call_timeout_s: float = Field(
-        default=2.0, gt=0, description="Longest wait for the limiter actor; past it POST answers 503.")
 
 
 # ---- decisions ------------------------------------------------------------------------------------------------
@@ -109,11 +35,11 @@ class Decision:
     retry_after_s: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
-    def as_api_error(self) -> Exception:
-        """The `ApiError` a route raises for a refusal (imported here lazily: the limiter actor needs no FastAPI)."""
-        from serve.api.errors import ApiError
+    def as_error(self) -> Exception:
+        """The `ServiceError` a route raises for a refusal (imported here lazily: the limiter actor needs no FastAPI)."""
+        from serve.errors import ServiceError
 
-        return ApiError(self.status, self.message, code=self.code, headers=dict(self.headers))
+        return ServiceError(self.status, self.message, code=self.code, headers=dict(self.headers))
 
 
 def retry_after(seconds: float) -> int:
@@ -380,9 +306,9 @@ class LimiterUnavailable(Exception):
 
 
 def unavailable_error() -> Exception:
-    from serve.api.errors import ApiError
+    from serve.errors import ServiceError
 
-    return ApiError(503, "admission control is unavailable; retry shortly", code="limiter_unavailable",
+    return ServiceError(503, "admission control is unavailable; retry shortly", code="limiter_unavailable",
                     headers={"Retry-After": "1"})
 
 
@@ -434,73 +360,3 @@ class LocalLimiter:
         return self.state.snapshot()
 
 
-# ---- fair dispatch --------------------------------------------------------------------------------------------
-
-
-class FairQueue:
-    """Accepted jobs waiting for a pipeline slot: a FIFO per tenant, served by (weighted) round robin.
-
-    With weights 1 every tenant with waiting jobs gets one slot per round, so a tenant's single job waits for at most
-    one job of each other tenant, however many they queued. `weight(tenant)` lets a plan take several per round.
-    """
-
-    def __init__(self, weight: Callable[[str], int] | None = None) -> None:
-        self._weight = weight or (lambda _t: 1)
-        self._queues: dict[str, deque[str]] = {}
-        self._rotation: deque[str] = deque()  # tenants with waiting jobs, next to serve first
-        self._credit = 0  # pops left for the tenant at the head of the rotation in this round
-        self._tenant_of: dict[str, str] = {}
-
-    def push(self, tenant: str, job_id: str) -> bool:
-        """Queue a job; False if it is already queued."""
-        if job_id in self._tenant_of:
-            return False
-        q = self._queues.get(tenant)
-        if q is None:
-            q = self._queues[tenant] = deque()
-            self._rotation.append(tenant)
-        q.append(job_id)
-        self._tenant_of[job_id] = tenant
-        return True
-
-    def pop(self) -> str | None:
-        """The next job to run, or None if nothing waits."""
-        if not self._rotation:
-            return None
-        tenant = self._rotation[0]
-        if self._credit <= 0:
-            self._credit = max(1, int(self._weight(tenant)))
-        q = self._queues[tenant]
-        job_id = q.popleft()
-        del self._tenant_of[job_id]
-        self._credit -= 1
-        if not q:
-            del self._queues[tenant]
-            self._rotation.popleft()
-            self._credit = 0
-        elif self._credit <= 0:
-            self._rotation.rotate(-1)
-        return job_id
-
-    def remove(self, job_id: str) -> bool:
-        """Drop a waiting job (cancelled or deleted before it started); False if it was not waiting."""
-        tenant = self._tenant_of.pop(job_id, None)
-        if tenant is None:
-            return False
-        q = self._queues[tenant]
-        q.remove(job_id)
-        if not q:
-            del self._queues[tenant]
-            if self._rotation[0] == tenant:
-                self._credit = 0
-            self._rotation.remove(tenant)
-        return True
-
-    def __len__(self) -> int:
-        return len(self._tenant_of)
-
-    def __contains__(self, job_id: object) -> bool:
-        return job_id in self._tenant_of
-
-    def waiting(self, tenant: str) -> int:
-        return len(self._queues.get(tenant, ()))

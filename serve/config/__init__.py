@@ -1,0 +1,35 @@
+"""The service's configuration: `AppConfig` and its sections, each a leaf module of this package.
+
+Sections import only pydantic, the presets and each other (safety also the pure-text term matcher, to refuse
+a blocked term that can never match). Nothing here imports the web stack, torch or Ray, so every replica and
+tool can validate a config cheaply.
+"""
+
+from serve.config.accel import AccelConfig
+from serve.config.app import (
+    ApiConfig,
+    AppConfig,
+    IdempotencyConfig,
+    JobsConfig,
+    ModelConfig,
+    PresetOverrides,
+    S3Config,
+    UsageConfig,
+)
+from serve.config.deploy import (
+    AutoscalingConfig,
+    DeploymentOptions,
+    DeploymentsConfig,
+    RayActorOptions,
+)
+from serve.config.limits import LimitsConfig, TenantLimits
+from serve.config.safety import SafetyConfig
+from serve.config.tenancy import KeysConfig, Plan, PlansConfig
+from serve.config.webhooks import WebhookConfig
+
+__all__ = [
+    "AccelConfig", "ApiConfig", "AppConfig", "AutoscalingConfig", "DeploymentOptions", "DeploymentsConfig",
+    "IdempotencyConfig", "JobsConfig", "KeysConfig", "LimitsConfig", "ModelConfig", "Plan", "PlansConfig",
+    "PresetOverrides", "RayActorOptions", "S3Config", "SafetyConfig", "TenantLimits", "UsageConfig",
+    "WebhookConfig",
+]

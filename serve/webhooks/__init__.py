@@ -1,0 +1,1 @@
+"""Signed `video.*` webhooks: signatures, the SSRF guard for URLs, and background delivery."""
