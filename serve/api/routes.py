@@ -119,7 +119,7 @@ def create_app(service: VideoService, config: AppConfig, readiness: Callable[[],
                           limit: Annotated[int | None, Query(description="1..100; default from config")] = None,
                           order: Literal["asc", "desc"] = "desc") -> VideoList:
         return await service.list(after, config.api.default_page_limit if limit is None else limit, order,
-                                  caller.tenant)
+                                  tenant=caller.tenant)
 
     @app.get("/v1/videos/{video_id}", response_model=Video, responses=_ERRORS)
     async def get_video(video_id: str, caller: Caller, response: Response) -> Video:

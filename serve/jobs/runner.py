@@ -123,7 +123,7 @@ class JobRunner:
     def running(self) -> set[str]:
         return set(self._tasks)
 
-    def submit(self, job_id: str, tenant: str = "default") -> None:
+    def submit(self, job_id: str, tenant: str) -> None:
         """Queue `job_id` to be driven here (fairly among tenants) unless this replica already has it."""
         if job_id in self._tasks or job_id in self._queue:
             return

@@ -69,7 +69,7 @@ class VideoService:
         return Principal(tenant=tenant, plan=self._config.keys.legacy_plan, key_id="internal")
 
     # -- create ----------------------------------------------------------------------------------
-    async def create(self, req: CreateVideoRequest, principal: Principal | str = "default",
+    async def create(self, req: CreateVideoRequest, principal: Principal | str,
                      idempotency_key: str | None = None, headers: dict[str, str] | None = None) -> Video:
         """Validate and admit, write the job record (queued), start driving it; returns at once.
 
@@ -117,13 +117,13 @@ class VideoService:
             raise ServiceError(404, f"no video with id {job_id!r}", param="video_id", code="not_found")
         return job
 
-    async def get(self, job_id: str, tenant: str = "default") -> Video:
+    async def get(self, job_id: str, tenant: str) -> Video:
         job = await self._load(job_id, tenant)
         if job.status == "in_progress":
             job = await asyncio.to_thread(self._store.merge_progress, job)
         return self.to_wire(job)
 
-    async def list(self, after: str | None, limit: int, order: str = "desc", tenant: str = "default") -> VideoList:
+    async def list(self, after: str | None, limit: int, order: str = "desc", *, tenant: str) -> VideoList:
         if not 1 <= limit <= 100:
             raise ServiceError(400, f"limit must be 1..100, got {limit}", param="limit", code="invalid_value")
         if order != "desc":
@@ -132,12 +132,12 @@ class VideoService:
         if after is not None and not is_job_id(after):
             raise ServiceError(400, f"after must be a video id from a previous page, got {after!r}", param="after",
                            code="invalid_value")
-        jobs, has_more = await asyncio.to_thread(self._store.list, limit, after, tenant)
+        jobs, has_more = await asyncio.to_thread(self._store.list, limit, after, tenant=tenant)
         data = await asyncio.to_thread(lambda: [self.to_wire(j) for j in jobs])  # presigning is CPU work
         return VideoList(data=data, has_more=has_more, first_id=data[0].id if data else None,
                          last_id=data[-1].id if data else None)
 
-    async def content(self, job_id: str, variant: str, tenant: str = "default") -> tuple[bytes, str]:
+    async def content(self, job_id: str, variant: str, tenant: str) -> tuple[bytes, str]:
         job = await self._load(job_id, tenant)
         if variant not in ("video", "thumbnail"):
             raise ServiceError(400, f"variant must be 'video' or 'thumbnail', got {variant!r}", param="variant",
@@ -157,7 +157,7 @@ class VideoService:
         return data, "video/mp4" if variant == "video" else "image/jpeg"
 
     # -- cancel ----------------------------------------------------------------------------------
-    async def cancel(self, job_id: str, tenant: str = "default") -> Video:
+    async def cancel(self, job_id: str, tenant: str) -> Video:
         """Stop the job at the next stage boundary or denoising step; it ends `cancelled`."""
         job = await self._load(job_id, tenant)
         if job.is_terminal:
@@ -179,7 +179,7 @@ class VideoService:
         return await self.get(job_id, tenant)
 
     # -- delete ----------------------------------------------------------------------------------
-    async def delete(self, job_id: str, tenant: str = "default") -> VideoDeleted:
+    async def delete(self, job_id: str, tenant: str) -> VideoDeleted:
         """Delete the job and its objects; a running chain is cancelled (its owner loses the lease)."""
         await self._load(job_id, tenant)
         # objects first, record last: a DELETE that fails half-way can be retried (the record still answers)

@@ -283,7 +283,7 @@ class JobStore:
     # ---- listing ------------------------------------------------------------------------------------------------
 
     def list(
-        self, limit: int = 20, after: str | None = None, tenant: str = "default"
+        self, limit: int = 20, after: str | None = None, *, tenant: str
     ) -> tuple[list[JobRecord], bool]:
         """A page of the tenant's jobs, newest first, starting after job id `after`; returns (records, has_more)."""
         if limit < 1:

@@ -209,13 +209,13 @@ def test_list_newest_first_with_pagination(store: JobStore) -> None:
     store.create(make_record(created_ms=base + 10, tenant="acme"))
     newest_first = ids[::-1]
 
-    page1, more1 = store.list(limit=2)
+    page1, more1 = store.list(limit=2, tenant="default")
     assert [r.id for r in page1] == newest_first[:2] and more1
-    page2, more2 = store.list(limit=2, after=page1[-1].id)
+    page2, more2 = store.list(limit=2, after=page1[-1].id, tenant="default")
     assert [r.id for r in page2] == newest_first[2:4] and more2
-    page3, more3 = store.list(limit=2, after=page2[-1].id)
+    page3, more3 = store.list(limit=2, after=page2[-1].id, tenant="default")
     assert [r.id for r in page3] == newest_first[4:] and not more3
-    exact, more = store.list(limit=5)
+    exact, more = store.list(limit=5, tenant="default")
     assert [r.id for r in exact] == newest_first and not more
 
     acme, _ = store.list(tenant="acme")
@@ -223,11 +223,11 @@ def test_list_newest_first_with_pagination(store: JobStore) -> None:
 
     # Deleted jobs are gone from the listing, and has_more stays exact around them.
     store.delete(ids[3])
-    page, more = store.list(limit=3)
+    page, more = store.list(limit=3, tenant="default")
     assert [r.id for r in page] == [ids[4], ids[2], ids[1]] and more
     # A marker whose record is gone (crash mid-delete) is skipped too.
     store.storage.delete(store.record_key(ids[0]))
-    page, more = store.list(limit=3)
+    page, more = store.list(limit=3, tenant="default")
     assert [r.id for r in page] == [ids[4], ids[2], ids[1]] and not more
 
 

@@ -233,7 +233,7 @@ async def drive_to_end(store: JobStore, pipeline, cfg: JobsConfig) -> JobRecord:
     job = make_job(store)
     runner = JobRunner(store, pipeline, cfg, owner="ingress-a")
     try:
-        runner.submit(job.id)
+        runner.submit(job.id, job.tenant)
         return await until_ended(store, job.id, runner)
     finally:
         await runner.stop()
@@ -266,7 +266,7 @@ def test_queued_job_is_driven_to_completed(store: JobStore) -> None:
         pipeline = Succeeds()
         runner = JobRunner(store, pipeline, jobs_config(), owner="ingress-a")
         try:
-            runner.submit(job.id)
+            runner.submit(job.id, job.tenant)
             rec = await until_ended(store, job.id, runner)
         finally:
             await runner.stop()
@@ -336,7 +336,7 @@ def test_cancel_requested_elsewhere_is_seen_at_the_heartbeat(store: JobStore) ->
         pipeline = Hangs()
         runner = JobRunner(store, pipeline, jobs_config(), owner="ingress-a")
         try:
-            runner.submit(job.id)
+            runner.submit(job.id, job.tenant)
             await wait_for(pipeline.started.is_set, "the chain to start")
 
             def request_cancel(rec: JobRecord) -> JobRecord:
@@ -363,7 +363,7 @@ def test_delete_while_running_cancels_the_chain_and_does_not_retry(store: JobSto
         runner = JobRunner(store, pipeline, cfg, owner="ingress-a")
         service = VideoService(AppConfig(s3=s3_config, jobs=cfg), store, store.storage, runner)
         try:
-            runner.submit(job.id)
+            runner.submit(job.id, job.tenant)
             await wait_for(pipeline.started.is_set, "the chain to start")
             deleted = await service.delete(job.id)
             assert deleted.id == job.id and deleted.deleted
@@ -439,7 +439,7 @@ def test_stopped_ingress_hands_its_job_over_at_once(store: JobStore) -> None:
         runner_a = JobRunner(store, hang, cfg, owner="ingress-a")
         runner_b = JobRunner(store, finish, cfg, owner="ingress-b")
         try:
-            runner_a.submit(job.id)
+            runner_a.submit(job.id, job.tenant)
             await wait_for(hang.started.is_set, "A's chain to start")
             assert await runner_b.reclaim_once() == []  # A holds it
             await runner_a.stop()  # graceful shutdown: the chain is cancelled and the lease given back
@@ -468,7 +468,7 @@ def test_replica_that_lost_its_lease_starts_no_new_attempt(store: JobStore) -> N
         b_clock = Clock(time.time())
         runner_b = JobRunner(store, b_pipeline, jobs_config(), owner="ingress-b", clock=b_clock)
         try:
-            runner_a.submit(job.id)
+            runner_a.submit(job.id, job.tenant)
             await wait_for(a_pipeline.started.is_set, "A's chain to start")
             held = await read(store, job.id)
             assert held is not None and held.lease_expires_at is not None
@@ -538,7 +538,7 @@ def test_two_runners_racing_for_a_job_run_it_once(store: JobStore) -> None:
         try:
             for i, job in enumerate(jobs):
                 for r in runners[i % 2:] + runners[: i % 2]:  # alternate who submits first
-                    r.submit(job.id)
+                    r.submit(job.id, job.tenant)
             records = [await until_ended(store, job.id, *runners) for job in jobs]
         finally:
             for r in runners:
