@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("API at %s/v1 (key %s)", base, key)
 
     # 4. One sample video through the public HTTP API, with the project's own client
-    from serve.client.api import VideogenClient
+    from videogen_client.api import VideogenClient
 
     with VideogenClient(f"{base}/v1", key, timeout=60) as client:
         video = client.create(args.prompt)

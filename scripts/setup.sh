@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the project with its test extras. Idempotent.
+# Creates .venv (if missing) and installs the project with its test extras, and the client (client/). Idempotent.
 # --test-tools also installs the system tools the tests need (kubectl, Prometheus).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +23,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-if [ ! -f .venv/.videogen-installed ] || [ pyproject.toml -nt .venv/.videogen-installed ]; then
+if [ ! -f .venv/.videogen-installed ] || [ pyproject.toml -nt .venv/.videogen-installed ] \
+   || [ client/pyproject.toml -nt .venv/.videogen-installed ]; then
   python -m pip install -q --upgrade pip
   # torch first, pinned: the CPU build here (a bare `torch` pulls a multi-GB CUDA build)
   python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
   python -m pip install -q -e ".[dev]"
+  # the client is its own distribution (httpx only); the quick start and the tests use it
+  python -m pip install -q -e ./client
   touch .venv/.videogen-installed
 fi

@@ -1,6 +1,6 @@
 """The `videogen` client: `VideogenClient` over the public HTTP API and the `videogen` CLI (httpx only)."""
 
-from serve.client.api import (
+from videogen_client.api import (
     ClientError,
     JobError,
     ServerUnreachable,

@@ -1,4 +1,4 @@
-"""`videogen`: the command line for people, over the public HTTP API (through `serve.client.api` only).
+"""`videogen`: the command line for people, over the public HTTP API (through `videogen_client.api` only).
 
     videogen generate "a red fox in the snow" --out fox.mp4 --seed 7
     videogen jobs list | show ID | cancel ID | delete ID | download ID --out f.mp4
@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from serve.client.api import (
+from videogen_client.api import (
     DEFAULT_BASE_URL,
     ClientError,
     ServerUnreachable,

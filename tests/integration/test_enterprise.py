@@ -206,7 +206,7 @@ def test_blocked_and_obfuscated_prompts_are_refused_with_no_job(cluster, prompt)
 
 
 def test_cli_generates_a_video_end_to_end(cluster, tmp_path, capsys):
-    from serve.client.cli import main
+    from videogen_client.cli import main
 
     out = tmp_path / "fox.mp4"
     code = main(["--base-url", f"{cluster.base}/v1", "--api-key", cluster.keys["acme"], "generate",

@@ -21,9 +21,8 @@ from urllib.parse import parse_qs
 
 import httpx
 import pytest
-
-from serve.client.api import ClientError, ServerUnreachable, Video, VideogenClient
-from serve.client.cli import ProgressView, main
+from videogen_client.api import ClientError, ServerUnreachable, Video, VideogenClient
+from videogen_client.cli import ProgressView, main
 
 KEY = "sk-cli-test"
 BASE = "http://videogen.test/v1"
