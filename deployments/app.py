@@ -15,17 +15,20 @@ from deployments.ingress import Ingress
 from deployments.text_encoder import TextEncoder
 from deployments.vae_decoder import VaeDecoder
 from serve.config import AppConfig
+from serve.stages.stage import DENOISER, STAGES, TEXT_ENCODER, VAE_DECODER
 
 
 def build_app(args: AppConfig) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     d = config.deployments
+    classes = {TEXT_ENCODER: TextEncoder, DENOISER: Denoiser, VAE_DECODER: VaeDecoder}
     stages = {}
     for model in config.all_models():
         suffix = config.stage_suffix(model)
         stages[model.name] = [
-            serve.deployment(cls, name=f"{cls.__name__}{suffix}", **opts.to_serve_options()).bind(config, model.name)
-            for cls, opts in ((TextEncoder, d.text_encoder), (Denoiser, d.denoiser), (VaeDecoder, d.vae_decoder))
+            serve.deployment(classes[stage], name=f"{stage.deployment}{suffix}",
+                             **getattr(d, stage.key).to_serve_options()).bind(config, model.name)
+            for stage in STAGES
         ]
     ingress = serve.deployment(Ingress, name="Ingress", **d.ingress.to_serve_options())
     return ingress.bind(config, stages)

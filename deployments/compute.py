@@ -1,4 +1,5 @@
-"""Blocking stage work (torch) run off the replica's event loop, and never abandoned mid-GPU-call.
+"""Blocking stage work (torch) run off the replica's event loop, and never abandoned mid-GPU-call; and the
+typed errors a stage call leaves its replica with.
 
 A cancelled request (job cancelled or deleted, caller gone) must not release the stage's lock while its
 thread is still computing: the next request would then share the GPU with it. So the caller waits for
@@ -8,10 +9,15 @@ the thread to end (after `on_cancel`, e.g. the Denoiser's stop-at-next-step flag
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import functools
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from serve.stages.stage import Stage, StageError, StageFailed, StageRefused
+
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 async def run_to_end(fn: Callable[..., T], *args: Any, on_cancel: Callable[[], None] | None = None,
@@ -24,3 +30,31 @@ async def run_to_end(fn: Callable[..., T], *args: Any, on_cancel: Callable[[], N
             on_cancel()
         await asyncio.gather(work, return_exceptions=True)
         raise
+
+
+def stage_call(stage: Stage):
+    """Decorate a stage replica's request method: its failures leave the replica as typed stage errors.
+
+    A `ValueError` is the request being invalid for the model (`StageRefused`, never retried); anything else
+    is `StageFailed`, named by its type only (the full error, which may name hosts and ids, is logged here).
+    Ray keeps the type across the call: its task error subclasses the exception it carries.
+    """
+
+    def wrap(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(method)
+        async def call(*args: Any, **kwargs: Any) -> T:
+            try:
+                return await method(*args, **kwargs)
+            except StageError:
+                raise
+            except ValueError as exc:
+                log.warning("%s refused a request: %s", stage.deployment, exc)
+                raise StageRefused(stage.deployment, str(exc).splitlines()[0][:300] if str(exc) else "invalid") \
+                    from None
+            except Exception as exc:
+                log.exception("%s failed", stage.deployment)
+                raise StageFailed(stage.deployment, type(exc).__name__) from None
+
+        return call
+
+    return wrap

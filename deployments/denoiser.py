@@ -10,8 +10,9 @@ import asyncio
 import threading
 import time
 
-from deployments.compute import run_to_end
+from deployments.compute import run_to_end, stage_call
 from serve.config import AppConfig
+from serve.stages.stage import DENOISER
 from serve.stages.types import GenerationRequest, Handoff
 
 
@@ -35,10 +36,11 @@ class Denoiser:
         self._lock = asyncio.Lock()
         self._metrics = StageMetrics()
 
+    @stage_call(DENOISER)
     async def denoise(self, req: GenerationRequest, encoded: Handoff) -> Handoff:
         from serve.jobs.progress import ProgressReporter
 
-        progress = ProgressReporter(self._store, req.job_id, "denoising", self._config.jobs.progress_interval_s,
+        progress = ProgressReporter(self._store, req.job_id, DENOISER.phase, self._config.jobs.progress_interval_s,
                                     req.attempt)
         cancel = threading.Event()
         waiting = time.perf_counter()
@@ -57,6 +59,6 @@ class Denoiser:
             await asyncio.to_thread(progress.flush)
             self._metrics.processed(time.perf_counter() - t0)
             self._metrics.count_uncompiled_runs(self._stage)
-            info = {**encoded.info, "denoiser": self._stage.last_run_info()}
-        return Handoff(value=latents, timings={**encoded.timings, "denoiser_s": time.perf_counter() - t0},
+            info = {**encoded.info, DENOISER.key: self._stage.last_run_info()}
+        return Handoff(value=latents, timings={**encoded.timings, DENOISER.timing_key: time.perf_counter() - t0},
                        info=info)

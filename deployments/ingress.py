@@ -18,11 +18,21 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.config import AppConfig
 from serve.jobs.record import JobRecord
+from serve.jobs.runner import NonRetryableError
+from serve.stages.stage import (
+    DENOISER,
+    STAGES,
+    TEXT_ENCODER,
+    VAE_DECODER,
+    StageError,
+    StageRefused,
+    StageUnavailable,
+    first_failed,
+)
 from serve.stages.types import GenerationRequest
 
 log = logging.getLogger(__name__)
 
-STAGES = ("TextEncoder", "Denoiser", "VaeDecoder")
 
 
 class RayPipeline:
@@ -48,12 +58,13 @@ class RayPipeline:
             for response in (encoded, denoised, result):
                 response.cancel()
             raise
-        except ValueError as exc:
-            # a stage refused the request itself (Ray's task error subclasses the cause): retrying cannot help
-            from serve.jobs.runner import NonRetryableError
-
-            cause = getattr(exc, "cause", exc)
-            raise NonRetryableError("invalid_request", str(cause).splitlines()[0][:300]) from None
+        except StageRefused as exc:  # the request itself is bad for the model: retrying cannot help
+            raise NonRetryableError("invalid_request", exc.message) from None
+        except StageError:  # a stage's own failure, typed in its replica (Ray's task error subclasses it)
+            raise
+        except Exception as exc:  # Ray's own: a replica died or could not be reached; which one?
+            stage = await first_failed([(TEXT_ENCODER, encoded), (DENOISER, denoised), (VAE_DECODER, result)])
+            raise StageUnavailable((stage or VAE_DECODER).deployment, type(exc).__name__) from None
 
 
 class ModelRouter:
@@ -63,8 +74,6 @@ class ModelRouter:
         self._pipelines = pipelines
 
     async def run(self, job: JobRecord) -> dict[str, Any]:
-        from serve.jobs.runner import NonRetryableError
-
         pipeline = self._pipelines.get(job.model)
         if pipeline is None:  # e.g. a job accepted before the model was removed from the config
             raise NonRetryableError("model_not_found", f"model {job.model!r} is no longer served")
@@ -77,15 +86,9 @@ class Ingress:
         """`stages`: model name -> [TextEncoder, Denoiser, VaeDecoder] handles of that model."""
         from deployments.limiter import RayLimiter
         from deployments.metrics import RayJobEvents, S3Metrics
-        from serve.admission.gate import Admission
-        from serve.admission.idempotency import IdempotencyStore
         from serve.admission.limits import LocalLimiter
-        from serve.admission.safety import PromptPolicy
-        from serve.billing.usage import UsageLedger, gpus_per_stage
-        from serve.jobs.hooks import JobEnd
-        from serve.jobs.runner import JobRunner
-        from serve.jobs.service import VideoService
-        from serve.jobs.store import JobStore
+        from serve.billing.usage import gpus_per_stage
+        from serve.jobs.wiring import build_ingress
         from serve.storage import Storage
         from serve.tenancy.keys import keyring_from_config
         from serve.webhooks.sender import WebhookSender
@@ -95,30 +98,26 @@ class Ingress:
         self._storage = Storage.from_config(config.s3, observer=S3Metrics())
         if config.s3.create_bucket:
             await asyncio.to_thread(self._storage.ensure_bucket)
-        self._store = store = JobStore.from_config(self._storage, config.jobs)
         # fail the deployment, not every request, on a keys file naming plans the config lacks
         self._keyring = keyring_from_config(config.keys, [k.get_secret_value() for k in config.api.api_keys])
         missing = self._keyring.plans_in_use() - set(config.plans.plans)
         if missing:
             raise ValueError(f"API keys use plans missing from `plans`: {sorted(missing)}")
-        # one limiter state for every ingress replica (a detached actor), rebuilt from S3 when it restarts
-        self._limiter = RayLimiter.connect(config.limits) if config.limits.enabled else LocalLimiter(config.limits)
-        self._ledger = UsageLedger(self._storage, config.usage.read_concurrency)
-        self._policy = PromptPolicy(config.safety)
         self._webhooks = (WebhookSender(config.webhooks, WebhookSecrets.from_config(config.webhooks))
                           if config.webhooks.enabled else None)
-        admission = Admission(config, store, self._limiter, self._policy,
-                              IdempotencyStore.from_config(self._storage, config.idempotency), self._webhooks)
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a replica (tests)
             replica = "local"
-        owner = f"ingress-{replica}-{uuid.uuid4().hex[:8]}"
-        pipelines = {name: RayPipeline(*handles) for name, handles in stages.items()}
-        self._runner = JobRunner(store, ModelRouter(pipelines), config.jobs, owner,
-                                 events=RayJobEvents(gpus_per_stage(config.deployments, config.usage.gpus_per_stage)))
-        self.service = VideoService(config, store, self._storage, self._runner, admission, self._ledger)
-        self._runner.on_finished = JobEnd(config, self._limiter, self._ledger, self._webhooks, self.service.to_wire)
+        graph = build_ingress(
+            config, storage=self._storage, owner=f"ingress-{replica}-{uuid.uuid4().hex[:8]}",
+            pipeline=ModelRouter({name: RayPipeline(*handles) for name, handles in stages.items()}),
+            # one limiter state for every ingress replica (a detached actor), rebuilt from S3 when it restarts
+            limiter=RayLimiter.connect(config.limits) if config.limits.enabled else LocalLimiter(config.limits),
+            webhooks=self._webhooks,
+            events=RayJobEvents(gpus_per_stage(config.deployments, config.usage.gpus_per_stage)))
+        self._store, self._limiter, self._ledger = graph.store, graph.limiter, graph.ledger
+        self._policy, self._runner, self.service = graph.policy, graph.runner, graph.service
         self._runner.start()
         # the runner's first reclaim scan (at start) resumes what a previous incarnation left behind
         self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
@@ -145,7 +144,8 @@ class Ingress:
         return create_app(self.service, self._config, self.readiness, self._keyring)
 
     def _stage_names(self) -> list[str]:
-        return [f"{stage}{self._config.stage_suffix(m)}" for m in self._config.all_models() for stage in STAGES]
+        return [f"{stage.deployment}{self._config.stage_suffix(m)}" for m in self._config.all_models()
+                for stage in STAGES]
 
     async def readiness(self) -> dict[str, Any]:
         checks: dict[str, Any] = {}

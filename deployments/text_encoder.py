@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from deployments.compute import run_to_end
+from deployments.compute import run_to_end, stage_call
 from serve.config import AppConfig
+from serve.stages.stage import TEXT_ENCODER
 from serve.stages.types import GenerationRequest, Handoff
 
 
@@ -27,14 +28,15 @@ class TextEncoder:
         self._lock = asyncio.Lock()
         self._metrics = StageMetrics()
 
+    @stage_call(TEXT_ENCODER)
     async def encode(self, req: GenerationRequest) -> Handoff:
         waiting = time.perf_counter()
         async with self._lock:  # one forward at a time; the next request's arguments arrive meanwhile
             self._metrics.lock_acquired(waiting)
-            await asyncio.to_thread(self._store.put_progress, req.job_id, "encoding", 0,
+            await asyncio.to_thread(self._store.put_progress, req.job_id, TEXT_ENCODER.phase, 0,
                                     req.params.num_inference_steps, attempt=req.attempt)
             t0 = time.perf_counter()
             emb = await run_to_end(self._stage.encode, req.prompt, req.negative_prompt,
                                    req.params.do_classifier_free_guidance)
             self._metrics.processed(time.perf_counter() - t0)
-        return Handoff(value=emb, timings={"text_encoder_s": time.perf_counter() - t0})
+        return Handoff(value=emb, timings={TEXT_ENCODER.timing_key: time.perf_counter() - t0})

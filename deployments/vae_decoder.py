@@ -6,8 +6,9 @@ import asyncio
 import time
 from typing import Any
 
-from deployments.compute import run_to_end
+from deployments.compute import run_to_end, stage_call
 from serve.config import AppConfig
+from serve.stages.stage import UPLOADING, VAE_DECODER
 from serve.stages.types import GenerationRequest, Handoff
 
 
@@ -28,6 +29,7 @@ class VaeDecoder:
         self._lock = asyncio.Lock()
         self._metrics = StageMetrics()
 
+    @stage_call(VAE_DECODER)
     async def decode(self, req: GenerationRequest, denoised: Handoff) -> dict[str, Any]:
         from serve.media.publishing import publish_video, video_keys
 
@@ -35,16 +37,16 @@ class VaeDecoder:
         waiting = time.perf_counter()
         async with self._lock:
             self._metrics.lock_acquired(waiting)
-            await asyncio.to_thread(self._store.put_progress, req.job_id, "decoding", 0, total,
+            await asyncio.to_thread(self._store.put_progress, req.job_id, VAE_DECODER.phase, 0, total,
                                     attempt=req.attempt)
             t0 = time.perf_counter()
             frames = await run_to_end(self._stage.decode_uint8, denoised.value)
-            timings = {**denoised.timings, "vae_decoder_s": time.perf_counter() - t0}
-            self._metrics.processed(timings["vae_decoder_s"])
+            timings = {**denoised.timings, VAE_DECODER.timing_key: time.perf_counter() - t0}
+            self._metrics.processed(timings[VAE_DECODER.timing_key])
             self._metrics.count_tiled_fallbacks(self._stage)
-            info = {**denoised.info, "vae_decoder": {"tiled": bool(self._stage.last_decode_tiled)}}
+            info = {**denoised.info, VAE_DECODER.key: {"tiled": bool(self._stage.last_decode_tiled)}}
         # encoding and upload run outside the lock: they use the CPU, not the GPU
-        await asyncio.to_thread(self._store.put_progress, req.job_id, "uploading", 0, total,
+        await asyncio.to_thread(self._store.put_progress, req.job_id, UPLOADING, 0, total,
                                 attempt=req.attempt)
         keys = video_keys(self._storage, req.job_id)
         if not await asyncio.to_thread(self._still_wanted, req.job_id):

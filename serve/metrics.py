@@ -23,6 +23,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from serve.stages.stage import DENOISER, VAE_DECODER
+from serve.stages.stage import STAGES as PIPELINE_STAGES
+
 if TYPE_CHECKING:
     from serve.jobs.record import JobRecord
 
@@ -65,7 +68,7 @@ class Metric:
         return (self.exported,)
 
 
-STAGES = ("TextEncoder", "Denoiser", "VaeDecoder")
+STAGES = tuple(stage.deployment for stage in PIPELINE_STAGES)
 ALL = ("Ingress", *STAGES)
 
 # ---- stage replicas (TextEncoder, Denoiser, VaeDecoder) -----------------------------------------------------------
@@ -82,26 +85,26 @@ STAGE_LOCK_WAIT = Metric(
 DENOISE_STEP = Metric(
     "videogen_denoise_step_seconds", "histogram",
     "Seconds per denoising step (one DiT forward, two with CFG, plus the scheduler step).",
-    buckets=STEP_BUCKETS_S, recorded_by=("Denoiser",))
+    buckets=STEP_BUCKETS_S, recorded_by=(DENOISER.deployment,))
 DENOISE_CANCELLED = Metric(
     "videogen_denoise_cancelled_total", "counter",
     "Denoising loops stopped between two steps because their job was cancelled, deleted or timed out.",
-    recorded_by=("Denoiser",))
+    recorded_by=(DENOISER.deployment,))
 DENOISE_UNCOMPILED = Metric(
     "videogen_denoise_uncompiled_runs_total", "counter",
     "Denoising loops that ran eagerly under accel.compile because their shape is no compiled bucket "
     "(accel.warmup_shapes, warmup_without_cfg); DenoisingStage.uncompiled_runs.",
-    recorded_by=("Denoiser",),
+    recorded_by=(DENOISER.deployment,),
     no_panel="no series unless accel.compile is on (never in the CPU test cluster, which runs eagerly), so no "
              "dashboard panel can be checked against it: it is used in an alert only.")
 VIDEO_ENCODE = Metric(
     "videogen_video_encode_seconds", "histogram",
     "Seconds the VAE replica spent encoding frames to mp4 + cover JPEG (CPU, outside the compute lock).",
-    buckets=ENCODE_BUCKETS_S, recorded_by=("VaeDecoder",))
+    buckets=ENCODE_BUCKETS_S, recorded_by=(VAE_DECODER.deployment,))
 TILED_DECODE_FALLBACKS = Metric(
     "videogen_tiled_decode_fallbacks_total", "counter",
     "VAE decodes that ran out of GPU memory untiled and were retried in tiles (DecodingStage.fallbacks).",
-    recorded_by=("VaeDecoder",),
+    recorded_by=(VAE_DECODER.deployment,),
     no_panel="no series until a real out-of-memory on a GPU (never on CPU), so no dashboard panel can be checked "
             "against a CPU cluster: it is used in an alert only.")
 GPU_MEMORY_ALLOCATED = Metric(
@@ -186,7 +189,7 @@ JOB_STATUSES = ("completed", "failed", "cancelled")
 JOB_REASONS = ("none", "cancelled", "deadline_exceeded", "internal_error", "stage_timeout", "replica_died",
                "stage_error", "prompt_too_long", "other")
 ATTEMPT_KINDS = ("first", "retry")
-GPU_STAGE_LABELS = ("text_encoder", "denoiser", "vae_decoder")
+GPU_STAGE_LABELS = tuple(stage.key for stage in PIPELINE_STAGES)
 S3_OPERATIONS = ("put", "conditional_put", "get", "head", "head_bucket", "list", "delete", "create_bucket")
 S3_ERROR_CODES = (
     "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "NoSuchBucket", "SlowDown",

@@ -30,10 +30,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.errors import ServiceError
 from serve.jobs.record import JobRecord
+from serve.stages.stage import STAGES
 from serve.storage import PreconditionFailed, Storage
 
-GPU_STAGES: tuple[str, ...] = ("text_encoder", "denoiser", "vae_decoder")
-_TIMING_KEY = {stage: f"{stage}_s" for stage in GPU_STAGES}  # JobRecord.timings keys written by the stages
+GPU_STAGES: tuple[str, ...] = tuple(stage.key for stage in STAGES)
+_TIMING_KEY = {stage.key: stage.timing_key for stage in STAGES}  # JobRecord.timings keys written by the stages
 _DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _DAYS_DIR = "_days"
 

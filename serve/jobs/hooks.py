@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from serve.admission.limits import Limiter
+from serve.api.wire import Video
 from serve.billing.usage import UsageLedger, UsageRecord, gpus_per_stage
 from serve.config import AppConfig
 from serve.jobs.record import JobRecord
@@ -22,12 +24,12 @@ class JobEnd:
     """What happens once when a job's terminal transition lands (`JobRunner(on_finished=...)`)."""
 
     def __init__(self, config: AppConfig, limiter: Limiter, ledger: UsageLedger,
-                 webhooks: Notifier | None, to_wire) -> None:
+                 webhooks: Notifier | None, view: Callable[[JobRecord], Video]) -> None:
         self._config = config
         self._limiter = limiter
         self._ledger = ledger
         self._webhooks = webhooks
-        self._to_wire = to_wire
+        self._view = view
         self._gpus = gpus_per_stage(config.deployments, config.usage.gpus_per_stage)
 
     async def __call__(self, job: JobRecord) -> None:
@@ -44,7 +46,7 @@ class JobEnd:
                 log.exception("job %s: usage not recorded", job.id)
         url = self._webhooks.url_for(job.tenant, job.webhook_url) if self._webhooks is not None else None
         if url:
-            data = self._to_wire(job).model_dump(mode="json")
+            data = self._view(job).model_dump(mode="json")
             self._webhooks.schedule(WebhookEvent.for_status(
                 job.status, job_id=job.id, tenant=job.tenant, url=url, data=data,
                 occurred_at=job.completed_at or int(datetime.now(timezone.utc).timestamp())))

@@ -15,19 +15,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.config.tenancy import TENANT_PATTERN
+from serve.stages.stage import DENOISER, PHASES, TEXT_ENCODER, UPLOADING, VAE_DECODER
 
 JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 # Pipeline stages in the order a job passes them; progress only moves forward along this list.
-STAGES: tuple[str, ...] = ("queued", "encoding", "denoising", "decoding", "uploading")
+STAGES: tuple[str, ...] = PHASES
 # Share of the 0..100 progress bar each stage spans: denoising dominates wall time (tens of DiT steps).
 _STAGE_BANDS: dict[str, tuple[int, int]] = {
     "queued": (0, 0),
-    "encoding": (0, 5),
-    "denoising": (5, 90),
-    "decoding": (90, 97),
-    "uploading": (97, 99),
+    TEXT_ENCODER.phase: (0, 5),
+    DENOISER.phase: (5, 90),
+    VAE_DECODER.phase: (90, 97),
+    UPLOADING: (97, 99),
 }
 
 JOB_ID_PREFIX = "video_"

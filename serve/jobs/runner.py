@@ -25,6 +25,7 @@ from serve.jobs.queue import FairQueue
 from serve.jobs.record import JobError, JobRecord, JobResult, job_created_ms
 from serve.jobs.store import JobStore
 from serve.metrics import JobEvents
+from serve.stages.stage import TEXT_ENCODER, StageError, StageUnavailable
 from serve.storage import NotFound, PreconditionFailed, StorageError
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,10 @@ def describe_failure(exc: BaseException) -> tuple[str, str]:
         return exc.code, exc.message
     if isinstance(exc, asyncio.TimeoutError):
         return "stage_timeout", "a pipeline stage did not answer within the attempt timeout"
-    text = f"{type(exc).__name__}: {exc}"
-    for stage in ("TextEncoder", "Denoiser", "VaeDecoder"):
-        if stage in text:
-            if "died" in text.lower() or "unavailable" in text.lower() or "ActorError" in text:
-                return "replica_died", f"the {stage} replica running this job stopped before it finished"
-            return "stage_error", f"the {stage} stage failed ({type(exc).__name__})"
+    if isinstance(exc, StageUnavailable):
+        return "replica_died", f"the {exc.stage} replica running this job stopped before it finished"
+    if isinstance(exc, StageError):
+        return "stage_error", f"the {exc.stage} stage failed ({exc.message})"
     return "internal_error", f"generation failed ({type(exc).__name__})"
 
 
@@ -84,7 +83,7 @@ class JobRunner:
         # accepted jobs wait here, per tenant, for one of `max_concurrent_per_replica` chain slots:
         # round-robin across tenants, so one tenant's burst does not delay another's single job
         self._queue = FairQueue()
-        self.on_finished = on_finished
+        self._on_finished = on_finished
         self._stopping = False
         self._events = events or JobEvents()  # metrics (deployments/metrics.py); the default records nothing
 
@@ -148,10 +147,10 @@ class JobRunner:
     async def finished(self, job: JobRecord) -> None:
         """A terminal transition landed (here or by the service): release, bill, notify — never raises."""
         self._events.job_finished(job, self._clock())
-        if self.on_finished is None:
+        if self._on_finished is None:
             return
         try:
-            await self.on_finished(job)
+            await self._on_finished(job)
         except Exception:  # noqa: BLE001
             log.exception("job %s: end-of-job hook failed", job.id)
 
@@ -271,7 +270,7 @@ class JobRunner:
             return None  # nothing to start; the loop reads the record again and ends it
         now = self._clock()
         return job.model_copy(update={
-            "status": "in_progress", "attempts": job.attempts + 1, "stage": "encoding", "step": 0,
+            "status": "in_progress", "attempts": job.attempts + 1, "stage": TEXT_ENCODER.phase, "step": 0,
             "started_at": job.started_at or int(now), "updated_at": now,
         })
 

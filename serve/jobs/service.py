@@ -10,27 +10,22 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Any
 
 from serve.admission.gate import Admission, Admitted
-from serve.admission.idempotency import IdempotencyStore
-from serve.admission.limits import LocalLimiter
-from serve.admission.safety import PromptPolicy
-from serve.jobs.params import resolve_request
 from serve.api.wire import (
     CreateVideoRequest,
     Video,
     VideoDeleted,
-    VideoError,
     VideoList,
 )
 from serve.billing.usage import UsageLedger, UsageResponse, parse_usage_period
 from serve.config import AppConfig
 from serve.errors import ServiceError
-from serve.jobs.hooks import JobEnd
-from serve.jobs.record import JobError, JobRecord, is_job_id, new_job_id, stage_progress
+from serve.jobs.params import resolve_request
+from serve.jobs.record import JobError, JobRecord, is_job_id, new_job_id
 from serve.jobs.runner import JobRunner
 from serve.jobs.store import JobStore
+from serve.jobs.view import VideoView
 from serve.media.publishing import video_keys
 from serve.storage import NotFound, Storage
 from serve.tenancy.keys import Principal
@@ -38,30 +33,18 @@ from serve.tenancy.keys import Principal
 log = logging.getLogger(__name__)
 
 
-def progress_of(job: JobRecord) -> int:
-    if job.status == "completed":
-        return 100
-    if job.status != "in_progress":
-        return 0
-    return stage_progress(job.stage, job.step, job.total_steps)
-
-
 class VideoService:
+    """Built by `serve.jobs.wiring.build_ingress` (the ingress and the tests alike)."""
+
     def __init__(self, config: AppConfig, store: JobStore, storage: Storage, runner: JobRunner,
-                 admission: Admission | None = None, ledger: UsageLedger | None = None, clock=time.time) -> None:
+                 admission: Admission, ledger: UsageLedger, view: VideoView, clock=time.time) -> None:
         self._config = config
         self._store = store
         self._storage = storage
         self._runner = runner
         self._clock = clock
-        self.ledger = ledger or UsageLedger(storage, config.usage.read_concurrency)
-        if admission is None:
-            # in-process defaults (unit tests, one process); the ingress injects the cluster-wide limiter
-            limiter = LocalLimiter(config.limits)
-            admission = Admission(config, store, limiter, PromptPolicy(config.safety),
-                                  IdempotencyStore.from_config(storage, config.idempotency), webhooks=None)
-            if runner.on_finished is None:
-                runner.on_finished = JobEnd(config, limiter, self.ledger, None, self.to_wire)
+        self._view = view
+        self.ledger = ledger
         self.admission = admission
 
     def principal(self, tenant: str) -> Principal:
@@ -197,28 +180,5 @@ class VideoService:
         summary = await asyncio.to_thread(self.ledger.summarize, tenant, first, last)
         return summary.to_wire()
 
-    # -- wire ------------------------------------------------------------------------------------
     def to_wire(self, job: JobRecord) -> Video:
-        p: dict[str, Any] = job.params
-        urls: dict[str, Any] = {}
-        if job.status == "completed" and job.result:
-            ttl = self._config.s3.presign_expires_s
-            urls = {
-                "video_url": self._storage.presign_get(job.result.video_key, filename=f"{job.id}.mp4",
-                                                       content_type="video/mp4"),
-                "thumbnail_url": (self._storage.presign_get(job.result.cover_key, content_type="image/jpeg")
-                                  if job.result.cover_key else None),
-                "url_expires_at": int(self._clock()) + ttl,
-            }
-        return Video(
-            id=job.id, created_at=job.created_at, completed_at=job.completed_at, expires_at=job.expires_at,
-            status=job.status, progress=progress_of(job), model=job.model, prompt=job.prompt,
-            seconds=p["seconds"], size=p["size"],
-            error=VideoError(**job.error.model_dump()) if job.error else None,
-            stage=job.stage if job.status == "in_progress" else None, step=job.step,
-            total_steps=job.total_steps, num_frames=p["num_frames"], fps=p["fps"], seed=p["seed"],
-            num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"],
-            use_dynamic_cfg=p["use_dynamic_cfg"], quality=p.get("quality", "quality"),
-            negative_prompt=p.get("negative_prompt"),
-            attempts=job.attempts, deadline_at=int(job.deadline_at) if job.deadline_at else None, **urls,
-        )
+        return self._view(job)

@@ -11,9 +11,9 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from serve.jobs.params import resolve_request, sampling_params
 from serve.api.wire import CreateVideoRequest
 from serve.config import ApiConfig, ModelConfig, S3Config
+from serve.jobs.params import resolve_request, sampling_params
 from serve.jobs.record import new_job_id
 from serve.media.publishing import publish_video, video_keys
 from serve.stages.types import GenerationRequest

@@ -447,9 +447,8 @@ def real_server(storage) -> Iterator[str]:
 
     from serve.api.routes import create_app
     from serve.config import ApiConfig, AppConfig, JobsConfig
-    from serve.jobs.runner import JobRunner
-    from serve.jobs.service import VideoService, video_keys
-    from serve.jobs.store import JobStore
+    from serve.jobs.service import video_keys
+    from serve.jobs.wiring import build_ingress
 
     class Chain:
         async def run(self, job: Any) -> dict[str, Any]:
@@ -464,9 +463,9 @@ def real_server(storage) -> Iterator[str]:
 
     jobs = JobsConfig(max_attempts=1, lease_s=5, heartbeat_s=0.5, reclaim_interval_s=1, retry_backoff_s=0)
     config = AppConfig(s3=storage.cfg, jobs=jobs, api=ApiConfig(api_keys=[KEY]), keys={"legacy_plan": "enterprise"})
-    store = JobStore.from_config(storage, config.jobs)
-    runner = JobRunner(store, Chain(), config.jobs, owner="ingress-cli-test")
-    app = create_app(VideoService(config, store, storage, runner), config, ready)
+    graph = build_ingress(config, storage=storage, pipeline=Chain(), owner="ingress-cli-test")
+    runner = graph.runner
+    app = create_app(graph.service, config, ready)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))

@@ -133,3 +133,20 @@ def test_config_and_job_layer_import_no_web_stack_torch_or_ray():
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_one_composition_root_builds_the_ingress_graph():
+    """Only serve/jobs/wiring.py constructs the job layer's objects; deployments/ and serve/ call it."""
+    built_here = {"VideoService", "JobRunner", "Admission", "JobEnd", "VideoView"}
+    offenders = []
+    for path in [*(ROOT / "serve").rglob("*.py"), *(ROOT / "deployments").rglob("*.py")]:
+        if path == ROOT / "serve" / "jobs" / "wiring.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in built_here:
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.func.id}(...)")
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr == "on_finished"
+                                                    for t in node.targets):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} patches on_finished")
+    assert offenders == []
+    assert "build_ingress(" in (ROOT / "deployments" / "ingress.py").read_text()

@@ -270,6 +270,7 @@ def test_runner_reports_attempts_and_terminal_statuses(storage: Storage):
     from serve.jobs.record import JobRecord, new_job_id
     from serve.jobs.runner import JobRunner
     from serve.jobs.store import JobStore
+    from serve.stages.stage import StageUnavailable
 
     class Recorder(m.JobEvents):
         def __init__(self) -> None:
@@ -294,7 +295,7 @@ def test_runner_reports_attempts_and_terminal_statuses(storage: Storage):
         async def run(self, job: JobRecord) -> dict[str, Any]:
             self.calls += 1
             if self.calls == 1:
-                raise RuntimeError("Denoiser actor died unexpectedly")
+                raise StageUnavailable("Denoiser", "ActorDiedError")
             return {"result": {"video_key": f"videos/{job.id}.mp4"}, "timings": {"denoiser_s": 1.0}}
 
     async def scenario() -> list[tuple[Any, ...]]:

@@ -21,8 +21,10 @@ from serve.errors import ServiceError
 from serve.jobs.hooks import JobEnd
 from serve.jobs.record import STAGES, JobRecord, new_job_id, stage_progress
 from serve.jobs.runner import JobRunner
-from serve.jobs.service import VideoService, progress_of, video_keys
+from serve.jobs.service import VideoService, video_keys
 from serve.jobs.store import JobStore
+from serve.jobs.view import progress_of
+from serve.jobs.wiring import build_ingress
 from serve.storage import Storage
 from serve.tenancy.plans import check_cost, cost_of
 from tests.unit.test_routes import SMALL, WritesVideo, video_bytes
@@ -52,9 +54,8 @@ def raised(excinfo: pytest.ExceptionInfo[ServiceError]) -> tuple[int, str | None
 
 def _service(storage: Storage, pipeline) -> tuple[VideoService, JobStore, JobRunner]:
     config = AppConfig(s3=storage.cfg, jobs=jobs_config())
-    store = JobStore.from_config(storage, config.jobs)
-    runner = JobRunner(store, pipeline, config.jobs, owner="ingress-unit")
-    return VideoService(config, store, storage, runner), store, runner
+    graph = build_ingress(config, storage=storage, pipeline=pipeline, owner="ingress-unit")
+    return graph.service, graph.store, graph.runner
 
 
 async def _refused_like_an_unknown_id(service: VideoService, job_id: str, tenant: str) -> None:
@@ -123,7 +124,7 @@ def test_end_of_job_hook_run_twice_records_and_charges_once(storage: Storage, ov
         config = AppConfig(s3=storage.cfg, jobs=jobs_config(), usage=UsageConfig(gpus_per_stage=GPUS))
         limiter = LocalLimiter(config.limits)
         ledger = UsageLedger(storage)
-        hook = JobEnd(config, limiter, ledger, None, to_wire=None)
+        hook = JobEnd(config, limiter, ledger, None, view=None)
         store = JobStore.from_config(storage, config.jobs)
         job = make_job(store, tenant="acme")
         runner = JobRunner(store, Succeeds(), config.jobs, owner="ingress-a", on_finished=hook)

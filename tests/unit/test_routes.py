@@ -22,8 +22,10 @@ from serve.api.routes import create_app
 from serve.config import ApiConfig, AppConfig, JobsConfig, S3Config
 from serve.jobs.record import JobRecord, new_job_id
 from serve.jobs.runner import JobRunner
-from serve.jobs.service import VideoService, video_keys
+from serve.jobs.service import video_keys
 from serve.jobs.store import JobStore
+from serve.jobs.wiring import build_ingress
+from serve.stages.stage import StageFailed
 from serve.storage import Storage
 
 API_KEY = "sk-unit-test"
@@ -60,7 +62,7 @@ class WritesVideo:
             self.cancelled += 1
             raise
         if self.fail:
-            raise RuntimeError("VaeDecoder: CUDA error: out of memory on 10.0.0.7")
+            raise StageFailed("VaeDecoder", "OutOfMemoryError")  # what a replica leaves of "CUDA error ... on 10.0.0.7"
         keys = video_keys(self.storage, job.id)
         await asyncio.to_thread(self.storage.put_bytes, keys["video_key"], video_bytes(job.id), "video/mp4")
         await asyncio.to_thread(self.storage.put_bytes, keys["cover_key"], cover_bytes(job.id), "image/jpeg")
@@ -92,10 +94,10 @@ async def serving(storage: Storage, *, fail: bool = False, max_concurrent: int =
                       max_concurrent_per_replica=max_concurrent)
     config = AppConfig(s3=storage.cfg, jobs=jobs, api=ApiConfig(api_keys=[API_KEY], default_page_limit=page_limit),
                        keys={"legacy_plan": "enterprise"})
-    store = JobStore.from_config(storage, config.jobs)
     pipeline = WritesVideo(storage, fail=fail)
-    runner = JobRunner(store, pipeline, config.jobs, owner="ingress-unit")
-    app = create_app(VideoService(config, store, storage, runner), config, readiness)
+    graph = build_ingress(config, storage=storage, pipeline=pipeline, owner="ingress-unit")
+    store, runner = graph.store, graph.runner
+    app = create_app(graph.service, config, readiness)
     # raise_app_exceptions=False shows what a client gets from a 500 (Starlette re-raises it after answering)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
     try:

@@ -19,8 +19,10 @@ import pytest
 from serve.config import AppConfig, JobsConfig, S3Config
 from serve.jobs.record import JobRecord, new_job_id
 from serve.jobs.runner import JobRunner, NonRetryableError, describe_failure
-from serve.jobs.service import VideoService, video_keys
+from serve.jobs.service import video_keys
 from serve.jobs.store import JobStore
+from serve.jobs.wiring import build_ingress
+from serve.stages.stage import StageFailed, StageUnavailable
 from serve.storage import Storage
 
 TIMEOUT_S = 20.0  # generous: another process may be loading the CPUs
@@ -81,13 +83,15 @@ class FailsThenSucceeds(Succeeds):
 
 class AlwaysFails:
     MESSAGE = "ActorDiedError: the Denoiser replica died unexpectedly (actor 3f2a, node 10.0.0.7)"
+    # what the chain raises for it: typed, client-safe (the Ray error's text stays in the logs)
+    ERROR = StageUnavailable("Denoiser", "ActorDiedError")
 
     def __init__(self) -> None:
         self.calls = 0
 
     async def run(self, job: JobRecord) -> dict[str, Any]:
         self.calls += 1
-        raise RuntimeError(self.MESSAGE)
+        raise self.ERROR
 
 
 class RejectsRequest:
@@ -247,10 +251,12 @@ def run(coro: Awaitable[None]) -> None:
 
 
 def test_describe_failure_is_client_safe() -> None:
-    assert describe_failure(RuntimeError(AlwaysFails.MESSAGE)) == (
+    assert describe_failure(AlwaysFails.ERROR) == (
         "replica_died", "the Denoiser replica running this job stopped before it finished")
-    code, message = describe_failure(ValueError("VaeDecoder: shape mismatch at 10.0.0.7"))
+    code, message = describe_failure(StageFailed("VaeDecoder", "ValueError"))
     assert code == "stage_error" and "10.0.0.7" not in message and "VaeDecoder" in message
+    # classified by type, never by text: an untyped error that names a stage is still an internal one
+    assert describe_failure(RuntimeError(AlwaysFails.MESSAGE)) == ("internal_error", "generation failed (RuntimeError)")
     assert describe_failure(asyncio.TimeoutError())[0] == "stage_timeout"
     assert describe_failure(KeyError("x")) == ("internal_error", "generation failed (KeyError)")
     assert describe_failure(NonRetryableError("prompt_too_long", "too long")) == ("prompt_too_long", "too long")
@@ -360,12 +366,13 @@ def test_delete_while_running_cancels_the_chain_and_does_not_retry(store: JobSto
         cfg = jobs_config()
         job = make_job(store)
         pipeline = Hangs()
-        runner = JobRunner(store, pipeline, cfg, owner="ingress-a")
-        service = VideoService(AppConfig(s3=s3_config, jobs=cfg), store, store.storage, runner)
+        graph = build_ingress(AppConfig(s3=s3_config, jobs=cfg), storage=store.storage, pipeline=pipeline,
+                              owner="ingress-a")
+        runner, service = graph.runner, graph.service
         try:
             runner.submit(job.id, job.tenant)
             await wait_for(pipeline.started.is_set, "the chain to start")
-            deleted = await service.delete(job.id)
+            deleted = await service.delete(job.id, job.tenant)
             assert deleted.id == job.id and deleted.deleted
             await wait_for(lambda: job.id not in runner.running, "the runner to let go")
             # a few heartbeats later: still one call, nothing was retried or resurrected
@@ -396,7 +403,7 @@ def test_dead_ingress_job_is_taken_over_after_its_lease_expires(store: JobStore)
         b_clock = Clock(time.time())
         runner_b = JobRunner(store, finish, cfg, owner="ingress-b", clock=b_clock)
         try:
-            ingress_a.call(runner_a.submit, job.id)
+            ingress_a.call(runner_a.submit, job.id, job.tenant)
             await wait_for(hang.started.is_set, "A's chain to start")
             first = await read(store, job.id)
             assert first is not None and first.lease_owner == "ingress-a" and first.attempts == 1

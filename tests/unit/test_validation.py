@@ -2,10 +2,10 @@
 
 import pytest
 
-from serve.jobs.params import resolve_request
 from serve.api.wire import CreateVideoRequest
 from serve.config import ApiConfig, AppConfig, ModelConfig
 from serve.errors import ServiceError
+from serve.jobs.params import resolve_request
 from serve.presets import FAMILIES
 
 API = ApiConfig(max_prompt_chars=50)

@@ -1,0 +1,68 @@
+"""The pipeline's stages, named once: deployment name, config key, timing key, progress phase; and their errors.
+
+Every other module spells a stage through these objects (`DENOISER.deployment`, `DENOISER.key`, ...). Stage
+replicas raise the typed errors below (serve/stages/errors are plain-argument exceptions, so they pickle
+across Ray and keep their type inside Ray's task errors), and the job runner classifies a failed attempt by
+type, never by message text. No torch, no Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Stage:
+    deployment: str  # Ray Serve deployment name (suffixed per model: `Denoiser-<model>`)
+    key: str  # config section (`deployments.<key>`), usage billing and metadata key
+    phase: str  # the job's progress phase while this stage works on it
+
+    @property
+    def timing_key(self) -> str:
+        """Seconds this stage spent on a job, in its timings and metadata."""
+        return f"{self.key}_s"
+
+
+TEXT_ENCODER = Stage("TextEncoder", "text_encoder", "encoding")
+DENOISER = Stage("Denoiser", "denoiser", "denoising")
+VAE_DECODER = Stage("VaeDecoder", "vae_decoder", "decoding")
+STAGES: tuple[Stage, ...] = (TEXT_ENCODER, DENOISER, VAE_DECODER)
+# A job's phases in order: waiting, one per stage, then the VAE replica's upload.
+QUEUED, UPLOADING = "queued", "uploading"
+PHASES: tuple[str, ...] = (QUEUED, *(s.phase for s in STAGES), UPLOADING)
+
+
+class StageError(Exception):
+    """A stage call did not produce its result. `message` is client-safe (no addresses, ids or tracebacks)."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(stage, message)
+        self.stage = stage  # the Stage's deployment name
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.stage}: {self.message}"
+
+
+class StageFailed(StageError):
+    """The stage's own code raised; `message` names the exception type. Another attempt may succeed."""
+
+
+class StageUnavailable(StageError):
+    """The replica running the call died or could not be reached. Another attempt goes to another replica."""
+
+
+class StageRefused(StageError):
+    """The request itself is invalid for this model (e.g. a shape the checkpoint cannot take): never retried."""
+
+
+async def first_failed(calls: Sequence[tuple[Stage, Awaitable[object]]]) -> Stage | None:
+    """The first stage, in chain order, whose call raised; None if none did. For a chain that failed
+    as a whole (a replica died and the error names no stage), the calls are done: awaiting is cheap."""
+    for stage, call in calls:
+        try:
+            await call
+        except BaseException:  # noqa: BLE001 - which one raised is all we ask
+            return stage
+    return None
