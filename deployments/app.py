@@ -32,3 +32,9 @@ def build_app(args: AppConfig) -> Application:
         ]
     ingress = serve.deployment(Ingress, name="Ingress", **d.ingress.to_serve_options())
     return ingress.bind(config, stages)
+
+
+# `serve build deployments.app:app -o serve.yaml` writes a Serve config file (its per-deployment sections
+# included) from the defaults: `serve build` accepts only an `Application` and no `args`. Deploy with the
+# `build_app` builder and your `args` (configs/*.yaml).
+app = build_app(AppConfig())

@@ -2,26 +2,58 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-)
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AutoscalingPolicyConfig(_Strict):
+    """`autoscaling_config.policy`: a custom policy function (Ray Serve's `AutoscalingPolicy`). Serve hashes
+    it into the application's code version: changing it restarts the application's replicas."""
+
+    policy_function: str = Field(
+        default="ray.serve.autoscaling_policy:default_autoscaling_policy",
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description="'module:function' returning the target replicas.")
+    policy_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the policy.")
+
+
 class AutoscalingConfig(_Strict):
+    """Every field of Ray Serve's `AutoscalingConfig` (2.60); unset ones take Ray's defaults. All but `policy`
+    are applied by Serve without restarting replicas (a lightweight config update)."""
+
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=1, ge=1)
     initial_replicas: int | None = Field(default=None, ge=0)
     target_ongoing_requests: float = Field(default=1.0, gt=0)
     upscale_delay_s: float = Field(default=30.0, ge=0)
     downscale_delay_s: float = Field(default=600.0, ge=0)
+    downscale_to_zero_delay_s: float | None = Field(
+        default=None, ge=0, description="Delay before the last replica goes (min_replicas 0); default downscale_delay_s.")
+    look_back_period_s: float | None = Field(default=None, gt=0, description="Window the metrics are averaged over.")
+    metrics_interval_s: float | None = Field(default=None, gt=0, description="Deprecated by Ray; accepted as is.")
+    smoothing_factor: float | None = Field(default=None, gt=0, description="Multiplies every scaling decision.")
+    upscale_smoothing_factor: float | None = Field(default=None, gt=0)
+    downscale_smoothing_factor: float | None = Field(default=None, gt=0)
+    upscaling_factor: float | None = Field(default=None, gt=0)
+    downscaling_factor: float | None = Field(default=None, gt=0)
+    aggregation_function: Literal["mean", "max", "min"] | None = Field(
+        default=None, description="How replicas' metrics over the look-back window are combined.")
+    policy: AutoscalingPolicyConfig | None = Field(
+        default=None, description="A custom autoscaling policy (restarts the application's replicas when changed).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"autoscaling_config.max_replicas ({self.max_replicas}) must be >= min_replicas "
+                             f"({self.min_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"autoscaling_config.initial_replicas ({self.initial_replicas}) must lie between "
+                             f"min_replicas and max_replicas")
+        return self
 
 
 class RayActorOptions(_Strict):
