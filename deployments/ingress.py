@@ -45,10 +45,8 @@ class RayPipeline:
         self._vae = vae_decoder
 
     async def run(self, job: JobRecord) -> dict[str, Any]:
-        from serve.jobs.params import sampling_params
-
-        req = GenerationRequest(job_id=job.id, prompt=job.prompt, negative_prompt=job.params.get("negative_prompt"),
-                                params=sampling_params(job.params), model=job.model, attempt=job.attempts)
+        req = GenerationRequest(job_id=job.id, prompt=job.prompt, negative_prompt=job.params.negative_prompt,
+                                params=job.params.sampling, model=job.model, attempt=job.attempts)
         encoded = self._te.encode.remote(req)
         denoised = self._den.denoise.remote(req, encoded)
         result = self._vae.decode.remote(req, denoised)

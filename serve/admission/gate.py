@@ -27,6 +27,7 @@ from serve.config.limits import TenantLimits
 from serve.errors import ServiceError
 from serve.jobs.record import JobRecord
 from serve.jobs.store import JobStore
+from serve.stages.types import GenerationParams
 from serve.tenancy.keys import Principal
 from serve.tenancy.plans import check_cost, resolve_plan
 from serve.webhooks.events import Notifier
@@ -65,7 +66,7 @@ class Admission:
             raise decision.as_error()
         return decision
 
-    async def check(self, req: CreateVideoRequest, params: dict[str, Any], principal: Principal,
+    async def check(self, req: CreateVideoRequest, params: GenerationParams, principal: Principal,
                     job_id: str, idempotency_key: str | None) -> Admitted:
         """Run the gates in order; raises the first refusal as an `ServiceError`."""
         plan = resolve_plan(self._config.plans, principal.plan)

@@ -103,9 +103,8 @@ class UsageRecord(BaseModel):
             job_id=job.id, tenant=job.tenant, model=job.model, completed_at=job.completed_at,
             day=day_of(job.completed_at), gpu_seconds=per_stage,
             gpu_seconds_total=sum(_ms(v) for v in per_stage.values()) / 1000,
-            output_seconds=float(p.get("seconds", 0.0)), width=int(p.get("width", 0)),
-            height=int(p.get("height", 0)), num_frames=int(p.get("num_frames", 0)), fps=int(p.get("fps", 0)),
-            steps=int(p.get("num_inference_steps", p.get("steps", 0))),
+            output_seconds=float(p.seconds), width=p.width, height=p.height, num_frames=p.num_frames, fps=p.fps,
+            steps=p.num_inference_steps,
         )
 
 

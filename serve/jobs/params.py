@@ -1,7 +1,7 @@
 """Turn a `CreateVideoRequest` into complete, valid generation parameters, or a 400 naming the field.
 
 The job layer's first step (`VideoService.create`), and the way back from a stored job record to the stages'
-`SamplingParams` (`sampling_params`). Checks what CogVideoX can actually do: frames 8N+1 (16N+1 for CogVideoX1.5), sides multiples of 16,
+`SamplingParams` (`GenerationParams.sampling`). Checks what CogVideoX can actually do: frames 8N+1 (16N+1 for CogVideoX1.5), sides multiples of 16,
 the family's limits, prompt length, known model names. Nothing here touches a GPU or S3.
 """
 
@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Any
 
 from serve.api.wire import CreateVideoRequest
 from serve.config import ApiConfig, ModelConfig
 from serve.errors import ServiceError
-from serve.stages.types import SamplingParams
+from serve.stages.types import GenerationParams
 
 MAX_SEED = 2**32 - 1
 
@@ -41,7 +40,7 @@ def _parse_seconds(seconds: str) -> float:
     return value
 
 
-def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig) -> dict[str, Any]:
+def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig) -> GenerationParams:
     """Validated parameters with every default filled in; stored in the job record as `params`."""
     preset = model.preset()
     # 1. Prompt and model
@@ -98,30 +97,11 @@ def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig)
                                                  and 1 <= req.deadline_seconds <= 7 * 24 * 3600):
         raise _bad("deadline_seconds", f"deadline_seconds must be 1..604800, got {req.deadline_seconds}")
 
-    return {
-        "negative_prompt": req.negative_prompt,
-        "width": width,
-        "height": height,
-        "size": f"{width}x{height}",
-        "num_frames": num_frames,
-        "fps": fps,
-        "seconds": _format_seconds((num_frames - 1) / fps),
-        "num_inference_steps": steps,
-        "guidance_scale": float(guidance),
-        "use_dynamic_cfg": bool(dynamic),
-        "seed": seed,
-        "quality": req.quality or "quality",
-    }
+    return GenerationParams(
+        negative_prompt=req.negative_prompt, width=width, height=height, size=f"{width}x{height}",
+        num_frames=num_frames, fps=fps, seconds=_format_seconds((num_frames - 1) / fps), num_inference_steps=steps,
+        guidance_scale=float(guidance), use_dynamic_cfg=bool(dynamic), seed=seed, quality=req.quality or "quality")
 
 
 def _format_seconds(value: float) -> str:
     return str(int(value)) if value == int(value) else f"{value:.2f}".rstrip("0")
-
-
-def sampling_params(params: dict[str, Any]) -> SamplingParams:
-    return SamplingParams(
-        num_frames=params["num_frames"], height=params["height"], width=params["width"],
-        num_inference_steps=params["num_inference_steps"], guidance_scale=params["guidance_scale"],
-        use_dynamic_cfg=params["use_dynamic_cfg"], seed=params["seed"], fps=params["fps"],
-        quality=params.get("quality", "quality"),
-    )

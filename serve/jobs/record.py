@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.config.tenancy import TENANT_PATTERN
 from serve.stages.stage import DENOISER, PHASES, TEXT_ENCODER, UPLOADING, VAE_DECODER
+from serve.stages.types import GenerationParams
 
 JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
@@ -103,11 +104,7 @@ class JobRecord(BaseModel):
     expires_at: int | None = Field(default=None, description="Unix seconds after which the video may be removed.")
     model: str
     prompt: str
-    params: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Resolved sampling params: num_frames, height, width, fps, seconds, size, steps, guidance, "
-        "dynamic_cfg, seed, negative_prompt.",
-    )
+    params: GenerationParams = Field(description="What the video is generated with, resolved once at create.")
     attempts: int = Field(default=0, ge=0, description="Chain attempts started.")
     error: JobError | None = None
     result: JobResult | None = None

@@ -75,7 +75,7 @@ class VideoService:
             return self.to_wire(admitted.replay)
         job = JobRecord(
             id=admitted.job_id, tenant=principal.tenant, status="queued", progress=0, stage="queued",
-            step=0, total_steps=params["num_inference_steps"], created_at=int(now), model=model.name,
+            step=0, total_steps=params.num_inference_steps, created_at=int(now), model=model.name,
             prompt=req.prompt, params=params, updated_at=now,
             deadline_at=now + req.deadline_seconds if req.deadline_seconds else None, webhook_url=req.webhook_url,
         )

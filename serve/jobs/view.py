@@ -33,7 +33,7 @@ class VideoView:
         self._clock = clock
 
     def __call__(self, job: JobRecord) -> Video:
-        p: dict[str, Any] = job.params
+        p = job.params
         urls: dict[str, Any] = {}
         if job.status == "completed" and job.result:
             ttl = self._config.s3.presign_expires_s
@@ -47,12 +47,12 @@ class VideoView:
         return Video(
             id=job.id, created_at=job.created_at, completed_at=job.completed_at, expires_at=job.expires_at,
             status=job.status, progress=progress_of(job), model=job.model, prompt=job.prompt,
-            seconds=p["seconds"], size=p["size"],
+            seconds=p.seconds, size=p.size,
             error=VideoError(**job.error.model_dump()) if job.error else None,
             stage=job.stage if job.status == "in_progress" else None, step=job.step,
-            total_steps=job.total_steps, num_frames=p["num_frames"], fps=p["fps"], seed=p["seed"],
-            num_inference_steps=p["num_inference_steps"], guidance_scale=p["guidance_scale"],
-            use_dynamic_cfg=p["use_dynamic_cfg"], quality=p.get("quality", "quality"),
-            negative_prompt=p.get("negative_prompt"),
+            total_steps=job.total_steps, num_frames=p.num_frames, fps=p.fps, seed=p.seed,
+            num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
+            use_dynamic_cfg=p.use_dynamic_cfg, quality=p.quality,
+            negative_prompt=p.negative_prompt,
             attempts=job.attempts, deadline_at=int(job.deadline_at) if job.deadline_at else None, **urls,
         )

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class AccelUnavailable(RuntimeError):
@@ -37,6 +38,39 @@ class SamplingParams:
     @property
     def do_classifier_free_guidance(self) -> bool:
         return self.guidance_scale > 1.0
+
+
+class GenerationParams(BaseModel):
+    """Everything one video is generated with, resolved once from the request (serve/jobs/params.py), stored
+    in its job record and given to the stages (as `sampling`): frozen, never re-derived."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    negative_prompt: str | None = None
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    size: str = Field(description="WIDTHxHEIGHT, as the API shows it.")
+    num_frames: int = Field(ge=1)
+    fps: int = Field(ge=1)
+    seconds: str = Field(description="(num_frames - 1) / fps, as the API shows it.")
+    num_inference_steps: int = Field(ge=1)
+    guidance_scale: float = Field(ge=0)
+    use_dynamic_cfg: bool
+    seed: int = Field(ge=0)
+    quality: Quality = "quality"
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """What the denoiser and decoder need of it."""
+        return SamplingParams(
+            num_frames=self.num_frames, height=self.height, width=self.width,
+            num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+            use_dynamic_cfg=self.use_dynamic_cfg, seed=self.seed, fps=self.fps, quality=self.quality)
+
+    @property
+    def cost(self) -> int:
+        """frames x width x height x steps: how much DiT work it asks for (plans cap it)."""
+        return self.num_frames * self.width * self.height * self.num_inference_steps
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,9 @@ grows with every one of those factors, so it is a fair single number for "how mu
 
 from __future__ import annotations
 
-from typing import Any
-
 from serve.config.tenancy import Plan, PlansConfig
 from serve.errors import ServiceError
+from serve.stages.types import GenerationParams
 
 
 def resolve_plan(plans: PlansConfig, name: str) -> Plan:
@@ -23,23 +22,22 @@ def resolve_plan(plans: PlansConfig, name: str) -> Plan:
                            code="plan_not_found") from None
 
 
-def cost_of(params: dict[str, Any]) -> int:
+def cost_of(params: GenerationParams) -> int:
     """frames x width x height x steps of resolved parameters."""
-    return (int(params["num_frames"]) * int(params["width"]) * int(params["height"])
-            * int(params["num_inference_steps"]))
+    return params.cost
 
 
-def check_cost(plan: Plan, params: dict[str, Any], plan_name: str | None = None) -> None:
+def check_cost(plan: Plan, params: GenerationParams, plan_name: str | None = None) -> None:
     """400 when the request is over the plan's per-request ceilings, saying what to reduce and by how much."""
     which = f"plan {plan_name!r}" if plan_name else "your plan"
-    steps = int(params["num_inference_steps"])
+    steps = params.num_inference_steps
     if steps > plan.max_steps:
         raise ServiceError(400, f"num_inference_steps is {steps}; {which} allows at most {plan.max_steps}",
                        param="num_inference_steps", code="max_steps_exceeded")
     cost = cost_of(params)
     if cost <= plan.max_cost:
         return
-    frames, width, height = int(params["num_frames"]), int(params["width"]), int(params["height"])
+    frames, width, height = params.num_frames, params.width, params.height
     per_step = frames * width * height
     fitting_steps = plan.max_cost // per_step
     if fitting_steps >= 1:

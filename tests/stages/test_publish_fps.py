@@ -13,7 +13,7 @@ import pytest
 
 from serve.api.wire import CreateVideoRequest
 from serve.config import ApiConfig, ModelConfig, S3Config
-from serve.jobs.params import resolve_request, sampling_params
+from serve.jobs.params import resolve_request
 from serve.jobs.record import new_job_id
 from serve.media.publishing import publish_video, video_keys
 from serve.stages.types import GenerationRequest
@@ -34,7 +34,7 @@ def published(storage: Storage, fps: int) -> tuple[bytes, dict]:
     req = CreateVideoRequest(prompt="a cat", size=f"{WIDTH}x{HEIGHT}", num_frames=FRAMES, fps=fps)
     params = resolve_request(req, ModelConfig(), ApiConfig())
     gen = GenerationRequest(job_id=new_job_id(), prompt=req.prompt, negative_prompt=None,
-                            params=sampling_params(params), model="cogvideox-tiny-2b")
+                            params=params.sampling, model="cogvideox-tiny-2b")
     frames = (np.random.default_rng(fps).random((FRAMES, HEIGHT, WIDTH, 3)) * 255).astype(np.uint8)
     keys = video_keys(storage, gen.job_id)
     publish_video(storage, keys, gen, frames, timings={})

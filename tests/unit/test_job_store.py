@@ -12,6 +12,7 @@ from serve.jobs.record import JobError, JobRecord, JobResult, job_created_ms, ne
 from serve.jobs.store import JobExists, JobNotFound, JobStore
 from serve.storage import PreconditionFailed, Storage
 from tests.clock import T0, Clock
+from tests.params import example_params
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def store(s3_config: S3Config, clock: Clock) -> JobStore:
 
 def make_record(created_ms: int | None = None, tenant: str = "default", **kw: object) -> JobRecord:
     ms = int(T0 * 1000) if created_ms is None else created_ms
-    fields = {"model": "cogvideox-tiny-2b", "prompt": "a cat", "params": {"steps": 50, "seed": 1}, **kw}
+    fields = {"model": "cogvideox-tiny-2b", "prompt": "a cat", "params": example_params(num_inference_steps=50, seed=1), **kw}
     return JobRecord(id=new_job_id(ms), tenant=tenant, created_at=ms // 1000, **fields)
 
 

@@ -271,6 +271,7 @@ def test_runner_reports_attempts_and_terminal_statuses(storage: Storage):
     from serve.jobs.runner import JobRunner
     from serve.jobs.store import JobStore
     from serve.stages.stage import StageUnavailable
+    from tests.params import example_params
 
     class Recorder(m.JobEvents):
         def __init__(self) -> None:
@@ -304,7 +305,7 @@ def test_runner_reports_attempts_and_terminal_statuses(storage: Storage):
         cfg = JobsConfig(max_attempts=3, lease_s=5, heartbeat_s=0.2, reclaim_interval_s=60, retry_backoff_s=0)
         runner = JobRunner(store, FailsOnce(), cfg, "owner-a", events=events)
         job = JobRecord(id=new_job_id(), status="queued", created_at=0, model="m", prompt="p",
-                        params={"num_inference_steps": 2})
+                        params=example_params(num_inference_steps=2))
         store.create(job)
         runner.submit(job.id, job.tenant)
         for _ in range(400):

@@ -27,6 +27,7 @@ from serve.jobs.view import progress_of
 from serve.jobs.wiring import build_ingress
 from serve.storage import Storage
 from serve.tenancy.plans import check_cost, cost_of
+from tests.params import example_params
 from tests.unit.test_routes import SMALL, WritesVideo, video_bytes
 from tests.unit.test_runner import (
     TIMINGS,
@@ -178,7 +179,7 @@ def test_progress_moves_forward_through_the_stages_and_never_overlaps_the_next()
 @pytest.mark.parametrize("stage", STAGES)
 def test_video_progress_is_0_to_99_in_progress_and_100_only_when_completed(stage: str, step: int,
                                                                            total: int) -> None:
-    job = JobRecord(id=new_job_id(), created_at=0, model="m", prompt="p", status="in_progress", stage=stage,
+    job = JobRecord(id=new_job_id(), created_at=0, model="m", prompt="p", params=example_params(), status="in_progress", stage=stage,
                     step=step, total_steps=total)
     assert 0 <= progress_of(job) <= 99
     assert progress_of(job.model_copy(update={"status": "queued"})) == 0
@@ -187,7 +188,7 @@ def test_video_progress_is_0_to_99_in_progress_and_100_only_when_completed(stage
 
 def test_a_side_channel_step_past_the_total_shows_at_most_99(storage: Storage) -> None:
     store = JobStore(storage)
-    rec = store.create(JobRecord(id=new_job_id(), created_at=0, model="m", prompt="p", total_steps=4))
+    rec = store.create(JobRecord(id=new_job_id(), created_at=0, model="m", prompt="p", params=example_params(), total_steps=4))
     running = store.update(rec.id, lambda r: r.model_copy(update={"status": "in_progress", "stage": "encoding",
                                                                    "attempts": 1}))
     for stage, step in (("denoising", 9), ("uploading", 9)):
@@ -202,14 +203,18 @@ def test_a_side_channel_step_past_the_total_shows_at_most_99(storage: Storage) -
 TINY = {"num_frames": 9, "width": 64, "height": 48}
 
 
+def params_with(params, **changes):
+    return params.model_copy(update=changes)
+
+
 @pytest.mark.parametrize("name", list(PlansConfig().plans))
 def test_plan_max_steps_exact_boundary(name: str) -> None:
     plan = PlansConfig().get(name)
-    at = {**TINY, "num_inference_steps": plan.max_steps}
-    assert cost_of({**at, "num_inference_steps": plan.max_steps + 1}) < plan.max_cost  # only the steps are over
+    at = example_params(**TINY, num_inference_steps=plan.max_steps)
+    assert cost_of(params_with(at, num_inference_steps=plan.max_steps + 1)) < plan.max_cost  # only the steps are over
     check_cost(plan, at, plan_name=name)
     with pytest.raises(ServiceError) as err:
-        check_cost(plan, {**at, "num_inference_steps": plan.max_steps + 1}, plan_name=name)
+        check_cost(plan, params_with(at, num_inference_steps=plan.max_steps + 1), plan_name=name)
     assert raised(err) == (400, "max_steps_exceeded", "num_inference_steps")
     assert f"num_inference_steps is {plan.max_steps + 1}" in err.value.message
     assert f"at most {plan.max_steps}" in err.value.message and f"plan {name!r}" in err.value.message
@@ -218,7 +223,7 @@ def test_plan_max_steps_exact_boundary(name: str) -> None:
 @pytest.mark.parametrize("name", list(PlansConfig().plans))
 def test_plan_max_cost_exact_boundary(name: str) -> None:
     base = PlansConfig().get(name)
-    params = {**TINY, "num_inference_steps": base.max_steps}
+    params = example_params(**TINY, num_inference_steps=base.max_steps)
     cost = cost_of(params)
     check_cost(base.model_copy(update={"max_cost": cost}), params, plan_name=name)  # exactly at the ceiling
     one_under = base.model_copy(update={"max_cost": cost - 1})  # the request is max_cost + 1
@@ -231,8 +236,8 @@ def test_plan_max_cost_exact_boundary(name: str) -> None:
 
 def test_plan_max_steps_boundary_holds_for_a_custom_plan_too() -> None:
     plan = Plan(max_steps=7, max_cost=10**12)
-    check_cost(plan, {**TINY, "num_inference_steps": 7})
-    check_cost(plan, {**TINY, "num_inference_steps": 1})
+    check_cost(plan, example_params(**TINY, num_inference_steps=7))
+    check_cost(plan, example_params(**TINY, num_inference_steps=1))
     with pytest.raises(ServiceError) as err:
-        check_cost(plan, {**TINY, "num_inference_steps": 8})
+        check_cost(plan, example_params(**TINY, num_inference_steps=8))
     assert raised(err) == (400, "max_steps_exceeded", "num_inference_steps") and "your plan" in err.value.message

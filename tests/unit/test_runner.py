@@ -24,6 +24,7 @@ from serve.jobs.store import JobStore
 from serve.jobs.wiring import build_ingress
 from serve.stages.stage import StageFailed, StageUnavailable
 from serve.storage import Storage
+from tests.params import example_params
 
 TIMEOUT_S = 20.0  # generous: another process may be loading the CPUs
 
@@ -196,7 +197,7 @@ def store(storage: Storage) -> JobStore:
 def make_job(store: JobStore, **fields: Any) -> JobRecord:
     now = time.time()
     record = JobRecord(id=new_job_id(int(now * 1000)), created_at=int(now), model="cogvideox-tiny-2b",
-                       prompt="a cat on a skateboard", params={"num_inference_steps": 4, "seed": 1},
+                       prompt="a cat on a skateboard", params=example_params(num_inference_steps=4, seed=1),
                        total_steps=4, **fields)
     return store.create(record)
 

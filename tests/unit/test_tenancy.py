@@ -25,6 +25,7 @@ from serve.tenancy.keys import (
     read_keys_file,
 )
 from serve.tenancy.plans import check_cost, cost_of, resolve_plan
+from tests.params import example_params
 
 KEY_RE = re.compile(r"^vg_([0-9a-f]{12})_[A-Za-z0-9_-]{32,}$")
 
@@ -289,7 +290,7 @@ def test_keyring_from_config_never_mixes_in_dev_keys_unless_asked(capsys, keys_p
 
 
 # -- plans ---------------------------------------------------------------------------------------
-PARAMS = {"num_frames": 49, "width": 720, "height": 480, "num_inference_steps": 50}
+PARAMS = example_params(num_frames=49, width=720, height=480, num_inference_steps=50)
 
 
 def test_default_plans_grow_from_dev_to_enterprise():

@@ -18,6 +18,7 @@ from serve.billing.usage import (
 from serve.config import DeploymentsConfig
 from serve.errors import ServiceError
 from serve.jobs.record import JobRecord, new_job_id
+from tests.params import example_params
 
 GPUS = {"text_encoder": 0.25, "denoiser": 2.0, "vae_decoder": 0.5}
 
@@ -32,8 +33,7 @@ def job(tenant: str = "acme", day: str = "2025-03-10", status: str = "completed"
     return JobRecord(
         id=new_job_id((completed_at - 60) * 1000), tenant=tenant, status=status, created_at=completed_at - 60,
         completed_at=completed_at, model="cogvideox-2b", prompt="a cat",
-        params={"width": 720, "height": 480, "num_frames": 49, "fps": 8, "seconds": "6",
-                "num_inference_steps": 50, "size": "720x480"},
+        params=example_params(width=720, height=480, num_frames=49, fps=8, seconds="6", num_inference_steps=50),
         timings=timings if timings is not None else {"text_encoder_s": 0.1, "denoiser_s": 0.2,
                                                      "vae_decoder_s": 0.7, "encode_s": 3.0, "upload_s": 1.0},
     )

@@ -28,21 +28,21 @@ def error(family="cogvideox-2b", **fields) -> ServiceError:
 
 def test_family_defaults_fill_every_field():
     p = resolve("cogvideox-2b")
-    assert (p["width"], p["height"], p["num_frames"], p["fps"]) == (720, 480, 49, 8)
-    assert p["seconds"] == "6" and p["size"] == "720x480"
-    assert p["num_inference_steps"] == 50 and p["guidance_scale"] == 6.0 and p["use_dynamic_cfg"] is False
-    assert 0 <= p["seed"] < 2**32
+    assert (p.width, p.height, p.num_frames, p.fps) == (720, 480, 49, 8)
+    assert p.seconds == "6" and p.size == "720x480"
+    assert p.num_inference_steps == 50 and p.guidance_scale == 6.0 and p.use_dynamic_cfg is False
+    assert 0 <= p.seed < 2**32
     p5 = resolve("cogvideox-5b")
-    assert p5["use_dynamic_cfg"] is True
+    assert p5.use_dynamic_cfg is True
     p15 = resolve("cogvideox1.5-5b")
-    assert (p15["width"], p15["height"], p15["num_frames"], p15["fps"]) == (1360, 768, 81, 16)
+    assert (p15.width, p15.height, p15.num_frames, p15.fps) == (1360, 768, 81, 16)
 
 
 def test_seconds_map_to_allowed_frame_counts():
-    assert resolve(seconds="4")["num_frames"] == 33  # 4 s * 8 fps = 32 -> 8N+1
-    assert resolve(seconds="6")["num_frames"] == 49
-    assert resolve("cogvideox1.5-5b", seconds="10")["num_frames"] == 161
-    assert resolve(seconds="5", num_frames=17)["num_frames"] == 17  # explicit frames win
+    assert resolve(seconds="4").num_frames == 33  # 4 s * 8 fps = 32 -> 8N+1
+    assert resolve(seconds="6").num_frames == 49
+    assert resolve("cogvideox1.5-5b", seconds="10").num_frames == 161
+    assert resolve(seconds="5", num_frames=17).num_frames == 17  # explicit frames win
 
 
 @pytest.mark.parametrize("frames", [0, 8, 10, 48, 57])
@@ -52,7 +52,7 @@ def test_frames_must_be_8n_plus_1_within_limit(frames):
 
 
 def test_cogvideox15_needs_16n_plus_1():
-    assert resolve("cogvideox1.5-5b", num_frames=17)["num_frames"] == 17
+    assert resolve("cogvideox1.5-5b", num_frames=17).num_frames == 17
     e = error("cogvideox1.5-5b", num_frames=25)
     assert "16N+1" in e.message
 
@@ -78,14 +78,14 @@ def test_prompt_rules_and_model_names():
     assert error(prompt="   ").param == "prompt"
     assert error(prompt="x" * 51).param == "prompt"
     assert error(model="sora-2").code == "model_not_found"
-    assert resolve(model="alias")["width"] == 720
+    assert resolve(model="alias").width == 720
     assert error(input_reference="file").param == "input_reference"
 
 
 def test_overrides_change_defaults_and_limits():
     m = model(width=64, height=48, num_frames=9, max_side=128)
     p = resolve_request(CreateVideoRequest(prompt="x"), m, API)
-    assert (p["width"], p["height"], p["num_frames"]) == (64, 48, 9)
+    assert (p.width, p.height, p.num_frames) == (64, 48, 9)
     with pytest.raises(ServiceError):
         resolve_request(CreateVideoRequest(prompt="x", size="720x480"), m, API)
 
