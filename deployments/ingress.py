@@ -17,7 +17,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve.config import AppConfig
-from serve.jobs.record import JobRecord
+from serve.jobs.record import ChainResult, JobRecord
 from serve.jobs.runner import NonRetryableError
 from serve.stages.stage import (
     DENOISER,
@@ -44,7 +44,7 @@ class RayPipeline:
         self._den = denoiser
         self._vae = vae_decoder
 
-    async def run(self, job: JobRecord) -> dict[str, Any]:
+    async def run(self, job: JobRecord) -> ChainResult:
         req = GenerationRequest(job_id=job.id, prompt=job.prompt, negative_prompt=job.params.negative_prompt,
                                 params=job.params.sampling, model=job.model, attempt=job.attempts)
         encoded = self._te.encode.remote(req)
@@ -71,7 +71,7 @@ class ModelRouter:
     def __init__(self, pipelines: dict[str, RayPipeline]) -> None:
         self._pipelines = pipelines
 
-    async def run(self, job: JobRecord) -> dict[str, Any]:
+    async def run(self, job: JobRecord) -> ChainResult:
         pipeline = self._pipelines.get(job.model)
         if pipeline is None:  # e.g. a job accepted before the model was removed from the config
             raise NonRetryableError("model_not_found", f"model {job.model!r} is no longer served")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -80,6 +81,15 @@ class JobResult(BaseModel):
     video_key: str = Field(description="S3 key of the mp4.")
     cover_key: str | None = Field(default=None, description="S3 key of the cover image.")
     metadata_key: str | None = Field(default=None, description="S3 key of the metadata JSON.")
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    """What one successful pass of the stage chain gives back to the runner (the last stage returns it):
+    the video's object keys and the seconds each step took."""
+
+    result: JobResult
+    timings: dict[str, float]
 
 
 class JobRecord(BaseModel):

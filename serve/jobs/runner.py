@@ -22,7 +22,13 @@ from typing import Any, Protocol
 
 from serve.config import JobsConfig
 from serve.jobs.queue import FairQueue
-from serve.jobs.record import JobError, JobRecord, JobResult, job_created_ms
+from serve.jobs.record import (
+    ChainResult,
+    JobError,
+    JobRecord,
+    JobResult,
+    job_created_ms,
+)
 from serve.jobs.store import JobStore
 from serve.metrics import JobEvents
 from serve.stages.stage import TEXT_ENCODER, StageError, StageUnavailable
@@ -34,8 +40,8 @@ log = logging.getLogger(__name__)
 class Pipeline(Protocol):
     """The stage chain for one job (Ray Serve handles in production, a fake in unit tests)."""
 
-    async def run(self, job: JobRecord) -> dict[str, Any]:
-        """Run the chain once; return `{"result": {...object keys}, "timings": {...}}`."""
+    async def run(self, job: JobRecord) -> ChainResult:
+        """Run the chain once: the video's object keys and per-stage seconds."""
         ...
 
 
@@ -76,7 +82,7 @@ class JobRunner:
         self.owner = owner
         self._clock = clock
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._attempts: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._attempts: dict[str, asyncio.Task[ChainResult]] = {}
         self._reclaimer: asyncio.Task[None] | None = None
         self._finishing: set[str] = set()  # terminal S3 writes in flight (threads)
         self._ending: set[str] = set()  # terminal write + end-of-job hook in progress
@@ -238,7 +244,7 @@ class JobRunner:
                 self._events.attempt_failed(job, error[0])
                 log.warning("job %s attempt %d failed: %s: %s", job_id, job.attempts, type(exc).__name__, exc)
             else:
-                await self._finish(job_id, "completed", result=out.get("result"), timings=out.get("timings"))
+                await self._finish(job_id, "completed", result=out.result, timings=out.timings)
                 return
             finally:
                 self._attempts.pop(job_id, None)
@@ -275,14 +281,14 @@ class JobRunner:
         })
 
     async def _finish(self, job_id: str, status: str, *, error: dict[str, str] | None = None,
-                      result: dict[str, Any] | None = None, timings: dict[str, float] | None = None) -> None:
+                      result: JobResult | None = None, timings: dict[str, float] | None = None) -> None:
         # a finish already under way must land before `stop` may hand the lease back (else it is skipped)
         def finish() -> JobRecord | None:
             self._finishing.add(job_id)
             try:
                 return self._store.finish(
                     job_id, self.owner, status, error=JobError(**error) if error else None,
-                    result=JobResult(**result) if result else None, timings=timings)
+                    result=result, timings=timings)
             finally:  # in the thread: also when the awaiting task was cancelled meanwhile
                 self._finishing.discard(job_id)
 

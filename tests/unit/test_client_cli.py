@@ -447,6 +447,7 @@ def real_server(storage) -> Iterator[str]:
 
     from serve.api.routes import create_app
     from serve.config import ApiConfig, AppConfig, JobsConfig
+    from serve.jobs.record import ChainResult, JobResult
     from serve.jobs.service import video_keys
     from serve.jobs.wiring import build_ingress
 
@@ -456,7 +457,7 @@ def real_server(storage) -> Iterator[str]:
             await asyncio.to_thread(storage.put_bytes, keys["video_key"], b"mp4:" + job.id.encode(), "video/mp4")
             await asyncio.to_thread(storage.put_bytes, keys["cover_key"], b"jpg:" + job.id.encode(), "image/jpeg")
             await asyncio.to_thread(storage.put_json, keys["metadata_key"], {"job_id": job.id})
-            return {"result": keys, "timings": {}}
+            return ChainResult(JobResult(**keys), {})
 
     async def ready() -> dict[str, Any]:
         return {"s3": True}

@@ -267,7 +267,7 @@ def test_storage_reports_each_s3_call_to_its_observer(s3_server: str):
 
 def test_runner_reports_attempts_and_terminal_statuses(storage: Storage):
     from serve.config import JobsConfig
-    from serve.jobs.record import JobRecord, new_job_id
+    from serve.jobs.record import ChainResult, JobRecord, JobResult, new_job_id
     from serve.jobs.runner import JobRunner
     from serve.jobs.store import JobStore
     from serve.stages.stage import StageUnavailable
@@ -297,7 +297,7 @@ def test_runner_reports_attempts_and_terminal_statuses(storage: Storage):
             self.calls += 1
             if self.calls == 1:
                 raise StageUnavailable("Denoiser", "ActorDiedError")
-            return {"result": {"video_key": f"videos/{job.id}.mp4"}, "timings": {"denoiser_s": 1.0}}
+            return ChainResult(JobResult(video_key=f"videos/{job.id}.mp4"), {"denoiser_s": 1.0})
 
     async def scenario() -> list[tuple[Any, ...]]:
         store = JobStore(storage)

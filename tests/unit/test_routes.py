@@ -20,7 +20,7 @@ import httpx
 
 from serve.api.routes import create_app
 from serve.config import ApiConfig, AppConfig, JobsConfig, S3Config
-from serve.jobs.record import JobRecord, new_job_id
+from serve.jobs.record import ChainResult, JobRecord, JobResult, new_job_id
 from serve.jobs.runner import JobRunner
 from serve.jobs.service import video_keys
 from serve.jobs.store import JobStore
@@ -54,7 +54,7 @@ class WritesVideo:
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def run(self, job: JobRecord) -> dict[str, Any]:
+    async def run(self, job: JobRecord) -> ChainResult:
         self.calls += 1
         try:
             await self.gate.wait()
@@ -67,7 +67,7 @@ class WritesVideo:
         await asyncio.to_thread(self.storage.put_bytes, keys["video_key"], video_bytes(job.id), "video/mp4")
         await asyncio.to_thread(self.storage.put_bytes, keys["cover_key"], cover_bytes(job.id), "image/jpeg")
         await asyncio.to_thread(self.storage.put_json, keys["metadata_key"], {"job_id": job.id})
-        return {"result": keys, "timings": {"text_encoder_s": 0.01, "denoiser_s": 0.02, "vae_decoder_s": 0.01}}
+        return ChainResult(JobResult(**keys), {"text_encoder_s": 0.01, "denoiser_s": 0.02, "vae_decoder_s": 0.01})
 
 
 async def all_ready() -> dict[str, Any]:

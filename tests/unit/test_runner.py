@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from serve.config import AppConfig, JobsConfig, S3Config
-from serve.jobs.record import JobRecord, new_job_id
+from serve.jobs.record import ChainResult, JobRecord, JobResult, new_job_id
 from serve.jobs.runner import JobRunner, NonRetryableError, describe_failure
 from serve.jobs.service import video_keys
 from serve.jobs.store import JobStore
@@ -52,9 +52,9 @@ class Succeeds:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def run(self, job: JobRecord) -> dict[str, Any]:
+    async def run(self, job: JobRecord) -> ChainResult:
         self.calls += 1
-        return {"result": result_of(job.id), "timings": dict(TIMINGS)}
+        return ChainResult(JobResult(**result_of(job.id)), dict(TIMINGS))
 
 
 class SlowSucceeds(Succeeds):
@@ -64,10 +64,10 @@ class SlowSucceeds(Succeeds):
         super().__init__()
         self.delay_s = delay_s
 
-    async def run(self, job: JobRecord) -> dict[str, Any]:
+    async def run(self, job: JobRecord) -> ChainResult:
         self.calls += 1
         await asyncio.sleep(self.delay_s)
-        return {"result": result_of(job.id), "timings": dict(TIMINGS)}
+        return ChainResult(JobResult(**result_of(job.id)), dict(TIMINGS))
 
 
 class FailsThenSucceeds(Succeeds):
@@ -75,7 +75,7 @@ class FailsThenSucceeds(Succeeds):
         super().__init__()
         self.failures = failures
 
-    async def run(self, job: JobRecord) -> dict[str, Any]:
+    async def run(self, job: JobRecord) -> ChainResult:
         if self.calls < self.failures:
             self.calls += 1
             raise RuntimeError("TextEncoder request failed: connection reset")
@@ -90,7 +90,7 @@ class AlwaysFails:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def run(self, job: JobRecord) -> dict[str, Any]:
+    async def run(self, job: JobRecord) -> ChainResult:
         self.calls += 1
         raise self.ERROR
 
@@ -99,7 +99,7 @@ class RejectsRequest:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def run(self, job: JobRecord) -> dict[str, Any]:
+    async def run(self, job: JobRecord) -> ChainResult:
         self.calls += 1
         raise NonRetryableError("prompt_too_long", "the prompt encodes to more than 226 tokens")
 
@@ -113,7 +113,7 @@ class Hangs:
         self.started = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def run(self, job: JobRecord) -> dict[str, Any]:
+    async def run(self, job: JobRecord) -> ChainResult:
         self.calls += 1
         self.started.set()
         try:
@@ -121,7 +121,7 @@ class Hangs:
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
-        return {"result": result_of(job.id), "timings": dict(TIMINGS)}
+        return ChainResult(JobResult(**result_of(job.id)), dict(TIMINGS))
 
 
 class FailsOnSignalThenHangs(Hangs):
@@ -131,7 +131,7 @@ class FailsOnSignalThenHangs(Hangs):
         super().__init__()
         self.fail_now = asyncio.Event()
 
-    async def run(self, job: JobRecord) -> dict[str, Any]:
+    async def run(self, job: JobRecord) -> ChainResult:
         if self.calls == 0:
             self.calls += 1
             self.started.set()
@@ -569,7 +569,7 @@ class RecordsOrder(SlowSucceeds):
         super().__init__(delay_s)
         self.started: list[str] = []
 
-    async def run(self, job: JobRecord) -> dict[str, Any]:
+    async def run(self, job: JobRecord) -> ChainResult:
         self.started.append(job.tenant)
         return await super().run(job)
 
