@@ -57,11 +57,13 @@ TEST_RC=0
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   PER_TEST=()
   if python3 -c "import pytest_timeout" 2>/dev/null; then
-    PER_TEST=(-p pytest_timeout --timeout "$TEST_TIMEOUT_S")
+    PER_TEST=(--timeout "$TEST_TIMEOUT_S")  # the plugin loads through its entry point
   else
     echo "pytest-timeout missing (carry .whl from benchmarks/fetch_wheels.sh): no per-test limit" | tee "$OUT/pytest-gpu.log"
   fi
-  timeout "$TESTS_S" python3 -m pytest tests/gpu -q -rs --confcutdir=tests/gpu -p no:cacheprovider --durations=0 \
+  # the cheap files first: the inductor-compile tests may use most of TESTS_S
+  timeout "$TESTS_S" python3 -m pytest tests/gpu/test_stages_cuda.py tests/gpu/test_decode_cuda.py \
+    tests/gpu/test_accel_cuda.py -q -rs --confcutdir=tests/gpu -p no:cacheprovider --durations=0 \
     "${PER_TEST[@]}" 2>&1 | tee -a "$OUT/pytest-gpu.log"
   TEST_RC=${PIPESTATUS[0]}
 fi

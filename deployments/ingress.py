@@ -61,7 +61,11 @@ class RayPipeline:
         except StageError:  # a stage's own failure, typed in its replica (Ray's task error subclasses it)
             raise
         except Exception as exc:  # Ray's own: a replica died or could not be reached; which one?
-            stage = await first_failed([(TEXT_ENCODER, encoded), (DENOISER, denoised), (VAE_DECODER, result)])
+            try:
+                stage = await first_failed([(TEXT_ENCODER, encoded), (DENOISER, denoised), (VAE_DECODER, result)])
+            finally:  # an upstream stage may still be computing for this attempt: stop it (also when cancelled)
+                for response in (encoded, denoised, result):
+                    response.cancel()
             raise StageUnavailable((stage or VAE_DECODER).deployment, type(exc).__name__) from None
 
 

@@ -244,6 +244,8 @@ class JobRunner:
                 self._events.attempt_failed(job, error[0])
                 log.warning("job %s attempt %d failed: %s: %s", job_id, job.attempts, type(exc).__name__, exc)
             else:
+                if isinstance(out, dict):  # a VaeDecoder replica of the previous release (rolling upgrade)
+                    out = ChainResult(JobResult(**out["result"]), dict(out.get("timings") or {}))
                 await self._finish(job_id, "completed", result=out.result, timings=out.timings)
                 return
             finally:

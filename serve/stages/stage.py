@@ -8,6 +8,7 @@ type, never by message text. No torch, no Ray.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
@@ -57,12 +58,15 @@ class StageRefused(StageError):
     """The request itself is invalid for this model (e.g. a shape the checkpoint cannot take): never retried."""
 
 
-async def first_failed(calls: Sequence[tuple[Stage, Awaitable[object]]]) -> Stage | None:
-    """The first stage, in chain order, whose call raised; None if none did. For a chain that failed
-    as a whole (a replica died and the error names no stage), the calls are done: awaiting is cheap."""
+async def first_failed(calls: Sequence[tuple[Stage, Awaitable[object]]], wait_s: float = 0.5) -> Stage | None:
+    """The first stage, in chain order, whose call raised within `wait_s`; None if none did. A call still
+    running (an upstream stage computing while a downstream replica died) counts as not failed: it is not
+    waited for. Cancellation of the caller propagates."""
     for stage, call in calls:
         try:
-            await call
-        except BaseException:  # noqa: BLE001 - which one raised is all we ask
+            await asyncio.wait_for(call, wait_s)
+        except asyncio.TimeoutError:
+            continue
+        except Exception:  # noqa: BLE001 - which one raised is all we ask
             return stage
     return None

@@ -44,7 +44,9 @@ class GenerationParams(BaseModel):
     """Everything one video is generated with, resolved once from the request (serve/jobs/params.py), stored
     in its job record and given to the stages (as `sampling`): frozen, never re-derived."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    # extra="allow", a plain-str quality: a record written by a newer replica (a field or a quality value this
+    # version does not know) survives this version's read-modify-write during a rolling upgrade
+    model_config = ConfigDict(frozen=True, extra="allow")
 
     negative_prompt: str | None = None
     width: int = Field(ge=1)
@@ -57,7 +59,7 @@ class GenerationParams(BaseModel):
     guidance_scale: float = Field(ge=0)
     use_dynamic_cfg: bool
     seed: int = Field(ge=0)
-    quality: Quality = "quality"
+    quality: str = Field(default="quality", description="'quality' or 'speed' (validated at the API).")
 
     @property
     def sampling(self) -> SamplingParams:
@@ -65,7 +67,8 @@ class GenerationParams(BaseModel):
         return SamplingParams(
             num_frames=self.num_frames, height=self.height, width=self.width,
             num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
-            use_dynamic_cfg=self.use_dynamic_cfg, seed=self.seed, fps=self.fps, quality=self.quality)
+            use_dynamic_cfg=self.use_dynamic_cfg, seed=self.seed, fps=self.fps,
+            quality="speed" if self.quality == "speed" else "quality")
 
     @property
     def cost(self) -> int:

@@ -595,3 +595,19 @@ def test_one_tenants_burst_does_not_delay_another_tenants_job(store: JobStore) -
         assert pipeline.started.index("quiet") <= 2 and pipeline.started.count("bursty") == 5
 
     run(main())
+
+
+def test_a_previous_release_stage_chain_result_still_completes_the_job(store: JobStore) -> None:
+    """During a rolling upgrade a VaeDecoder replica of the previous release answers with a dict."""
+
+    class OldVaeDecoder(Succeeds):
+        async def run(self, job: JobRecord) -> dict[str, Any]:  # type: ignore[override]
+            self.calls += 1
+            return {"result": result_of(job.id), "timings": dict(TIMINGS)}
+
+    async def main() -> None:
+        rec = await drive_to_end(store, OldVaeDecoder(), jobs_config())
+        assert rec.status == "completed" and rec.result is not None
+        assert rec.result.video_key == result_of(rec.id)["video_key"] and rec.timings == TIMINGS
+
+    run(main())

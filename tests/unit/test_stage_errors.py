@@ -79,3 +79,37 @@ def test_first_failed_names_the_first_stage_whose_call_raised():
         assert await first_failed([(TEXT_ENCODER, ok()), (DENOISER, ok())]) is None
 
     asyncio.run(main())
+
+
+def test_first_failed_does_not_wait_for_a_stage_still_computing_and_passes_cancellation_on():
+    async def ok() -> str:
+        return "done"
+
+    async def dies() -> None:
+        raise RuntimeError("ActorDiedError")
+
+    async def main() -> None:
+        computing = asyncio.Event()  # never set: the upstream stage is still at work
+        found = await first_failed([(TEXT_ENCODER, ok()), (DENOISER, computing.wait()), (VAE_DECODER, dies())],
+                                   wait_s=0.05)
+        assert found is VAE_DECODER  # the replica that died, not the one still computing
+        blocked = asyncio.ensure_future(first_failed([(DENOISER, asyncio.Event().wait())], wait_s=30))
+        await asyncio.sleep(0.05)
+        blocked.cancel()
+        with pytest.raises(asyncio.CancelledError):  # a cancelled attempt stays cancelled
+            await blocked
+
+    asyncio.run(main())
+
+
+def test_generation_params_keep_what_a_newer_release_wrote():
+    """A record written by a newer replica (a field or quality value unknown here) survives this version's
+    read-modify-write during a rolling upgrade."""
+    from serve.jobs.record import JobRecord, new_job_id
+    from tests.params import example_params
+
+    stored = JobRecord(id=new_job_id(), created_at=0, model="m", prompt="p", params=example_params()).model_dump()
+    stored["params"].update(future_field={"x": 1}, quality="ultra")
+    again = JobRecord.model_validate(stored).model_dump()
+    assert again["params"]["future_field"] == {"x": 1} and again["params"]["quality"] == "ultra"
+    assert JobRecord.model_validate(stored).params.sampling.quality == "quality"  # unknown: the exact model
