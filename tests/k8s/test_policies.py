@@ -324,6 +324,10 @@ def test_webhooks_leave_from_the_ingress_group_only(objects: tuple[dict[str, Any
             continue  # an S3/STS endpoint the overlay allows on purpose
         assert not allows(policies, source, External(ip), 443), f"{ingress_group} -> {ip}:443"
     assert not allows(policies, source, PUBLIC[0], 80), "plain HTTP webhooks are refused"
+    # the app refuses at registration what the policy would silently drop: ports other than the policy's
+    assert app_config.webhooks.allowed_ports, "webhooks.allowed_ports must be set to what the egress policy opens"
+    for port in app_config.webhooks.allowed_ports:
+        assert allows(policies, source, PUBLIC[0], port), f"webhooks.allowed_ports has {port}, the policy drops it"
 
 
 def test_only_the_head_side_reaches_redis(rayservice: dict[str, Any], policies: list[dict[str, Any]],
