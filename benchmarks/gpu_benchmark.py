@@ -400,8 +400,7 @@ def measure_attention(model: str, c: dict, geometry, clock: Clock, device: torch
     tokens = config.max_text_seq_length + ((frames - 1) // 4 + 1) * (height // 8 // p) * (width // 8 // p)
     result = AttentionTimes(model=model, tokens=tokens)
     dtype = c["transformer"].dtype
-    gen = torch.Generator("cpu").manual_seed(0)
-    gen = torch.Generator(device).manual_seed(0) if device.type == "cuda" else gen
+    gen = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(2, config.num_attention_heads, tokens, config.attention_head_dim, generator=gen,
                            device=device) for _ in range(3))
     reference_kernel = "efficient" if device.type == "cuda" else "math"  # fp32 math at 17,776 tokens: 120 GB

@@ -34,7 +34,10 @@ def build_app(args: AppConfig) -> Application:
     return ingress.bind(config, stages)
 
 
-# `serve build deployments.app:app -o serve.yaml` writes a Serve config file (its per-deployment sections
-# included) from the defaults: `serve build` accepts only an `Application` and no `args`. Deploy with the
-# `build_app` builder and your `args` (configs/*.yaml).
-app = build_app(AppConfig())
+def __getattr__(name: str) -> Application:
+    """`app`: the application built from the defaults, for `serve build deployments.app:app -o serve.yaml`
+    (it accepts only an `Application`, no `args`); built on first use, not by every import of this module.
+    Deploy with the `build_app` builder and your `args` (configs/*.yaml)."""
+    if name == "app":
+        return build_app(AppConfig())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,10 +8,8 @@ from serve.stages.types import GenerationParams
 
 
 def example_params(**overrides: Any) -> GenerationParams:
-    values: dict[str, Any] = dict(width=720, height=480, size="720x480", num_frames=49, fps=8, seconds="6",
-                                  num_inference_steps=50, guidance_scale=6.0, use_dynamic_cfg=False, seed=1)
+    values: dict[str, Any] = dict(width=720, height=480, num_frames=49, fps=8, seconds="6", num_inference_steps=50,
+                                  guidance_scale=6.0, use_dynamic_cfg=False, seed=1)
     values.update(overrides)
-    if "width" in overrides or "height" in overrides:
-        values.setdefault("size", f"{values['width']}x{values['height']}")
-        values["size"] = f"{values['width']}x{values['height']}"
+    values.setdefault("size", f"{values['width']}x{values['height']}")
     return GenerationParams(**values)

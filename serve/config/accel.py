@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from serve.config.base import Strict
 
 AttentionBackend = Literal["sdpa", "flash", "cudnn", "efficient", "math"]
 CacheKind = Literal["none", "first_block", "pab", "faster"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def _check_range(value: tuple[int, int]) -> tuple[int, int]:
@@ -21,14 +19,14 @@ def _check_range(value: tuple[int, int]) -> tuple[int, int]:
     return value
 
 
-class FirstBlockCacheParams(_Strict):
+class FirstBlockCacheParams(Strict):
     threshold: float = Field(
         default=0.05, gt=0,
         description="Skip the remaining blocks when the first block's residual changed by less than this "
                     "(mean absolute difference relative to the cached one). Higher: faster, lossier.")
 
 
-class PyramidAttentionBroadcastParams(_Strict):
+class PyramidAttentionBroadcastParams(Strict):
     spatial_attention_block_skip_range: int = Field(
         default=2, ge=2, description="Recompute the attention every N-th step; reuse it in between.")
     spatial_attention_timestep_skip_range: tuple[int, int] = Field(
@@ -37,7 +35,7 @@ class PyramidAttentionBroadcastParams(_Strict):
     _range = field_validator("spatial_attention_timestep_skip_range")(_check_range)
 
 
-class FasterCacheParams(_Strict):
+class FasterCacheParams(Strict):
     spatial_attention_block_skip_range: int = Field(
         default=2, ge=2, description="Recompute the attention every N-th step; extrapolate it in between.")
     spatial_attention_timestep_skip_range: tuple[int, int] = Field(
@@ -54,7 +52,7 @@ class FasterCacheParams(_Strict):
         "spatial_attention_timestep_skip_range", "unconditional_batch_timestep_skip_range")(_check_range)
 
 
-class AccelConfig(_Strict):
+class AccelConfig(Strict):
     """`model.accel`: how the denoiser's transformer is sped up on its replica."""
 
     attention_backend: AttentionBackend = Field(

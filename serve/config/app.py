@@ -13,8 +13,6 @@ from typing import Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     field_validator,
@@ -22,6 +20,7 @@ from pydantic import (
 )
 
 from serve.config.accel import AccelConfig
+from serve.config.base import Strict
 from serve.config.deploy import DeploymentsConfig
 from serve.config.limits import LimitsConfig
 from serve.config.safety import SafetyConfig
@@ -32,11 +31,7 @@ from serve.presets import FAMILIES, Family, Preset, preset_for
 Dtype = Literal["float32", "float16", "bfloat16"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PresetOverrides(_Strict):
+class PresetOverrides(Strict):
     """Per-deployment changes to a family's defaults (a tiny local model wants small, fast videos)."""
 
     width: int | None = Field(default=None, ge=16)
@@ -51,7 +46,7 @@ class PresetOverrides(_Strict):
     max_steps: int | None = Field(default=None, ge=1)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     name: str = Field(default="cogvideox-tiny-2b", description="Name clients pass as `model`.")
     source: str = Field(
         default="./models/tiny-2b",
@@ -112,7 +107,7 @@ class ModelConfig(_Strict):
         return [self.name, *self.aliases]
 
 
-class S3Config(_Strict):
+class S3Config(Strict):
     bucket: str = Field(default="videogen-local", description="Bucket for videos and job records.")
     prefix: str = Field(default="", description="Key prefix inside the bucket (e.g. 'prod/').")
     endpoint_url: str | None = Field(
@@ -127,7 +122,7 @@ class S3Config(_Strict):
     read_timeout_s: float = Field(default=30.0, gt=0)
 
 
-class JobsConfig(_Strict):
+class JobsConfig(Strict):
     max_attempts: int = Field(default=3, ge=1, le=10, description="Whole-chain attempts before a job fails.")
     lease_s: float = Field(default=30.0, gt=0, description="A job's lease; an expired lease is reclaimed.")
     heartbeat_s: float = Field(default=5.0, gt=0, description="How often the owner renews the lease.")
@@ -145,7 +140,7 @@ class JobsConfig(_Strict):
         return self
 
 
-class ApiConfig(_Strict):
+class ApiConfig(Strict):
     api_keys: list[SecretStr] = Field(
         default_factory=lambda: [SecretStr("sk-local-dev")], description="Accepted bearer keys."
     )
@@ -153,7 +148,7 @@ class ApiConfig(_Strict):
     default_page_limit: int = Field(default=20, ge=1, le=100)
 
 
-class IdempotencyConfig(_Strict):
+class IdempotencyConfig(Strict):
     """`idempotency:` — how long an Idempotency-Key maps to its job (records in S3, per tenant)."""
 
     ttl_s: int = Field(default=24 * 3600, gt=0, description="How long a key maps to its job; then it may be reused.")
@@ -168,7 +163,7 @@ class IdempotencyConfig(_Strict):
     poll_s: float = Field(default=0.1, gt=0, description="Poll interval while a retry waits for the job record.")
 
 
-class UsageConfig(_Strict):
+class UsageConfig(Strict):
     """`usage:` — usage records for billing (GPU-seconds per stage of completed jobs)."""
 
     enabled: bool = Field(default=True, description="Write usage records and serve GET /v1/usage.")
@@ -180,7 +175,7 @@ class UsageConfig(_Strict):
     read_concurrency: int = Field(default=16, ge=1, le=128, description="Parallel S3 GETs while summarising.")
 
 
-class AppConfig(_Strict):
+class AppConfig(Strict):
     """`args` of the Serve application (see configs/*.yaml)."""
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="The default model (requests without `model`).")

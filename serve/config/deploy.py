@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from serve.config.base import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AutoscalingPolicyConfig(_Strict):
+class AutoscalingPolicyConfig(Strict):
     """`autoscaling_config.policy`: a custom policy function (Ray Serve's `AutoscalingPolicy`). Serve hashes
     it into the application's code version: changing it restarts the application's replicas."""
 
@@ -21,7 +19,7 @@ class AutoscalingPolicyConfig(_Strict):
     policy_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the policy.")
 
 
-class AutoscalingConfig(_Strict):
+class AutoscalingConfig(Strict):
     """Every field of Ray Serve's `AutoscalingConfig` (2.60); unset ones take Ray's defaults. All but `policy`
     are applied by Serve without restarting replicas (a lightweight config update)."""
 
@@ -56,7 +54,7 @@ class AutoscalingConfig(_Strict):
         return self
 
 
-class RayActorOptions(_Strict):
+class RayActorOptions(Strict):
     num_cpus: float = Field(default=0.0, ge=0, description="Logical CPUs per replica.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs (or a fraction) per replica.")
     memory: int | None = Field(default=None, ge=0, description="Bytes of RAM reserved per replica.")
@@ -67,7 +65,7 @@ class RayActorOptions(_Strict):
     runtime_env: dict[str, Any] | None = None
 
 
-class DeploymentOptions(_Strict):
+class DeploymentOptions(Strict):
     num_replicas: int | None = Field(default=1, ge=0, description="Fixed replicas; ignored with autoscaling.")
     autoscaling_config: AutoscalingConfig | None = None
     ray_actor_options: RayActorOptions = Field(default_factory=RayActorOptions)
@@ -100,7 +98,7 @@ def _ingress_defaults() -> DeploymentOptions:
     return DeploymentOptions(max_ongoing_requests=256, graceful_shutdown_timeout_s=30.0)
 
 
-class DeploymentsConfig(_Strict):
+class DeploymentsConfig(Strict):
     ingress: DeploymentOptions = Field(default_factory=_ingress_defaults)
     text_encoder: DeploymentOptions = Field(default_factory=DeploymentOptions)
     denoiser: DeploymentOptions = Field(default_factory=DeploymentOptions)
