@@ -37,7 +37,7 @@ RULES = MONITORING / "alerts.rules.yaml"
 SETUP_HINT = "run scripts/setup.sh --test-tools (it installs Debian's `prometheus` package: the server and promtool)"
 # Grafana's variables as a dashboard with everything selected expands them
 VARIABLES = {"__rate_interval": "1m", "__range": "5m", "__interval": "15s", "__range_s": "300",
-             "application": ".*", "deployment": ".*"}
+             "application": ".*", "model": "model-.*", "deployment": ".*"}
 # panels whose every target reads GPU-only series (see serve.metrics.GPU_ONLY_SERIES): empty on a CPU node
 GPU_ONLY_PANELS = {
     ("videogen-overview.json", "GPU utilisation per worker group and GPU (NVML)"),

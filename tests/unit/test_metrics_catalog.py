@@ -172,6 +172,45 @@ def test_no_query_filters_or_groups_on_unbounded_labels():
         assert not labels & FORBIDDEN_LABELS, (f, title, labels & FORBIDDEN_LABELS)
 
 
+# ---- Serve applications: the ingress (`videogen`) and one per model (`model-<name>`) -------------------------------
+def recorded_in(name: str) -> str | None:
+    """Where a catalog series comes from: "ingress" if only the Ingress records it (application="videogen"),
+    "stages" if only stage deployments do (application="model-<name>"); None if both do, or for a Ray built-in."""
+    spec = m.exported_names().get(name)
+    if spec is None or not spec.recorded_by:
+        return None
+    if set(spec.recorded_by) == {"Ingress"}:
+        return "ingress"
+    return None if "Ingress" in spec.recorded_by else "stages"
+
+
+def test_panels_filter_each_metric_on_the_applications_that_record_it():
+    wanted = {"ingress": "$application", "stages": "$model"}
+    for f, title, expr in dashboard_exprs():
+        for name, matchers in re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}", expr):
+            where = recorded_in(name)
+            if where is not None:
+                app = re.search(r'\bapplication=~"([^"]*)"', matchers)
+                assert app and app.group(1) == wanted[where], (f, title, name, app and app.group(1))
+
+
+def test_per_deployment_groupings_keep_the_application():
+    # every model application names its stages TextEncoder, Denoiser, VaeDecoder: by deployment alone merges models
+    exprs = dashboard_exprs() + [(RULES.name, r["alert"], r["expr"]) for r in rules()]
+    for f, title, expr in exprs:
+        for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+            labels = {x.strip() for x in group.split(",")}
+            assert "deployment" not in labels or "application" in labels, (f, title, group)
+
+
+def test_alerts_joining_ingress_and_stage_metrics_do_not_match_on_the_application():
+    for rule in rules():
+        where = {recorded_in(n) for n in metric_names(rule["expr"])}
+        if {"ingress", "stages"} <= where:
+            assert not re.search(r"\b(?:on|group_left|group_right)\s*\([^)]*\bapplication\b", rule["expr"]), \
+                (rule["alert"], "ingress series carry application=videogen, stage series application=model-<name>")
+
+
 # ---- dashboard structure -------------------------------------------------------------------------------------------
 def test_dashboards_exist_and_are_grafana_dashboards():
     assert {p.name for p in DASHBOARDS} >= {"videogen-overview.json", "videogen-stages.json"}
