@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.serve import metrics as serve_metrics
 
-from serve.billing.usage import gpu_seconds_from_timings
+from serve.billing.usage import gpu_seconds_from_timings, gpus_per_stage
 from serve.jobs.record import JobRecord
 from serve.metrics import (
     ATTEMPT_KINDS,
@@ -236,11 +236,13 @@ class StageMetrics:
 class RayJobEvents(JobEvents):
     """The job runner's events as Serve metrics (`JobRunner(events=RayJobEvents(gpus))`).
 
-    `gpus` is GPUs per replica of each stage (`serve.billing.usage.gpus_per_stage`), as billing uses it.
+    GPU-seconds are counted as billing counts them (`serve.billing.usage.gpus_per_stage`): the GPUs the job's
+    replicas held, or the `usage.gpus_per_stage` override that `gpus_override()` returns (it is read per job, so
+    a change through the Ingress's user_config applies to the next job).
     """
 
-    def __init__(self, gpus: Mapping[str, float]) -> None:
-        self._gpus = dict(gpus)
+    def __init__(self, gpus_override: Callable[[], Mapping[str, float] | None] = lambda: None) -> None:
+        self._gpus_override = gpus_override
         self._queue_wait = create(JOB_QUEUE_WAIT)
         self._duration = create(JOB_DURATION)
         self._finished = create(JOBS_FINISHED)
@@ -285,6 +287,7 @@ class RayJobEvents(JobEvents):
         self._finished.inc(tags={"status": job.status, "reason": job_reason(job)})
         self._duration.observe(job_age_seconds(job, now), tags={"status": job.status})
         if job.status == "completed":
-            for stage, seconds in gpu_seconds_from_timings(job.timings, self._gpus).items():
+            for stage, seconds in gpu_seconds_from_timings(job.timings,
+                                                              gpus_per_stage(job, self._gpus_override())).items():
                 if seconds > 0 and stage in GPU_STAGE_LABELS:
                     self._gpu_seconds.inc(seconds, tags={"tenant": job.tenant, "stage": stage})

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime, timedelta, timezone
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,11 +41,11 @@ _DAYS_DIR = "_days"
 
 
 
-def gpus_per_stage(deployments: Any, override: Mapping[str, float] | None = None) -> dict[str, float]:
-    """GPUs per stage from a `DeploymentsConfig` (its `ray_actor_options.num_gpus`), or `override`."""
-    if override is not None:
-        return {s: float(override.get(s, 0.0)) for s in GPU_STAGES}
-    return {s: float(getattr(deployments, s).ray_actor_options.num_gpus) for s in GPU_STAGES}
+def gpus_per_stage(job: JobRecord, override: Mapping[str, float] | None = None) -> dict[str, float]:
+    """GPUs billed per stage for `job`: those its stage replicas reported holding (Ray's assignment, in the
+    job record), or `override` (`usage.gpus_per_stage`, e.g. a CPU run billed as if each stage held one)."""
+    held = job.gpus if override is None else override
+    return {s: float(held.get(s, 0.0)) for s in GPU_STAGES}
 
 
 def _ms(seconds: float) -> int:

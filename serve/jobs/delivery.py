@@ -28,7 +28,7 @@ def still_wanted(store: JobStore, job_id: str) -> bool:
 
 
 def publish_if_wanted(store: JobStore, storage: Storage, req: GenerationRequest, frames: np.ndarray,
-                      timings: dict[str, float], computed: dict | None = None, *,
+                      timings: dict[str, float], computed: dict | None = None, *, gpus: dict[str, float] | None = None,
                       publish: Callable[..., dict[str, float]] = publish_video) -> ChainResult:
     """Encode and upload `frames` for `req`'s job unless the job is no longer wanted; the chain's result.
     `publish` is `publish_video` (tests wrap it to land a delete mid-upload)."""
@@ -39,4 +39,4 @@ def publish_if_wanted(store: JobStore, storage: Storage, req: GenerationRequest,
     if not still_wanted(store, req.job_id):
         storage.delete_many(list(keys.values()))
         raise NoLongerWanted(f"job {req.job_id} was deleted while its video was uploaded")
-    return ChainResult(result=JobResult(**keys), timings={**timings, **added})
+    return ChainResult(result=JobResult(**keys), timings={**timings, **added}, gpus=dict(gpus or {}))

@@ -30,7 +30,6 @@ class JobEnd:
         self._ledger = ledger
         self._webhooks = webhooks
         self._view = view
-        self._gpus = gpus_per_stage(config.deployments, config.usage.gpus_per_stage)
 
     async def __call__(self, job: JobRecord) -> None:
         try:
@@ -39,7 +38,7 @@ class JobEnd:
             log.warning("job %s: concurrency slot not released", job.id, exc_info=True)
         if job.status == "completed" and self._config.usage.enabled:
             try:
-                rec = UsageRecord.from_job(job, self._gpus)
+                rec = UsageRecord.from_job(job, gpus_per_stage(job, self._config.usage.gpus_per_stage))
                 if await asyncio.to_thread(self._ledger.record, rec):  # first time only: never billed twice
                     await self._limiter.charge_gpu_seconds(job.tenant, rec.gpu_seconds_total, day=rec.day)
             except Exception:  # noqa: BLE001 - a later sweep can re-record (records are idempotent)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -86,10 +86,12 @@ class JobResult(BaseModel):
 @dataclass(frozen=True)
 class ChainResult:
     """What one successful pass of the stage chain gives back to the runner (the last stage returns it):
-    the video's object keys and the seconds each step took."""
+    the video's object keys, the seconds each step took and the GPUs each stage's replica held (as Ray
+    assigned them: what the job is billed by)."""
 
     result: JobResult
     timings: dict[str, float]
+    gpus: dict[str, float] = field(default_factory=dict)
 
 
 class JobRecord(BaseModel):
@@ -125,6 +127,9 @@ class JobRecord(BaseModel):
     deadline_at: float | None = Field(default=None, description="Unix seconds; the job fails past it.")
     webhook_url: str | None = Field(default=None, description="Where video.* events for this job are sent.")
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
+    gpus: dict[str, float] = Field(
+        default_factory=dict, description="GPUs each stage's replica held for this job (text_encoder, ...), as "
+                                          "Ray assigned them; usage bills timings x these.")
     version: int = Field(default=0, ge=0, description="Bumped by the store on every write.")
     updated_at: float = Field(default=0.0, description="Unix seconds of the last write.")
 

@@ -125,3 +125,4 @@ class Handoff:
     value: object
     timings: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
+    gpus: dict[str, float] = field(default_factory=dict)  # per stage key: GPUs its replica held

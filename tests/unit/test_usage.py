@@ -15,7 +15,6 @@ from serve.billing.usage import (
     gpus_per_stage,
     parse_usage_period,
 )
-from serve.config import DeploymentsConfig
 from serve.errors import ServiceError
 from serve.jobs.record import JobRecord, new_job_id
 from tests.params import example_params
@@ -28,7 +27,7 @@ def ts(day: str, hour: int = 12) -> int:
 
 
 def job(tenant: str = "acme", day: str = "2025-03-10", status: str = "completed", hour: int = 12,
-        timings: dict[str, float] | None = None) -> JobRecord:
+        timings: dict[str, float] | None = None, gpus: dict[str, float] | None = None) -> JobRecord:
     completed_at = ts(day, hour)
     return JobRecord(
         id=new_job_id((completed_at - 60) * 1000), tenant=tenant, status=status, created_at=completed_at - 60,
@@ -36,6 +35,7 @@ def job(tenant: str = "acme", day: str = "2025-03-10", status: str = "completed"
         params=example_params(width=720, height=480, num_frames=49, fps=8, seconds="6", num_inference_steps=50),
         timings=timings if timings is not None else {"text_encoder_s": 0.1, "denoiser_s": 0.2,
                                                      "vae_decoder_s": 0.7, "encode_s": 3.0, "upload_s": 1.0},
+        gpus=gpus or {},
     )
 
 
@@ -56,15 +56,11 @@ def test_gpu_seconds_are_wall_seconds_times_gpus_with_fractions():
         gpu_seconds_from_timings(timings, {"denoiser": -1})
 
 
-def test_gpus_per_stage_come_from_the_deployments_or_an_override():
-    deployments = DeploymentsConfig.model_validate({
-        "text_encoder": {"ray_actor_options": {"num_gpus": 0.25}},
-        "denoiser": {"ray_actor_options": {"num_gpus": 2}},
-        "vae_decoder": {"ray_actor_options": {"num_gpus": 0.5}},
-    })
-    assert gpus_per_stage(deployments) == GPUS
-    assert gpus_per_stage(deployments, {"denoiser": 1}) == {"text_encoder": 0.0, "denoiser": 1.0,
-                                                            "vae_decoder": 0.0}
+def test_gpus_per_stage_come_from_the_job_or_an_override():
+    held = job(gpus={"text_encoder": 0.25, "denoiser": 2, "vae_decoder": 0.5})  # what its replicas reported
+    assert gpus_per_stage(held) == GPUS
+    assert gpus_per_stage(held, {"denoiser": 1}) == {"text_encoder": 0.0, "denoiser": 1.0, "vae_decoder": 0.0}
+    assert gpus_per_stage(job()) == {"text_encoder": 0.0, "denoiser": 0.0, "vae_decoder": 0.0}
 
 
 def test_record_from_a_completed_job_and_only_from_one():
