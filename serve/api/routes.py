@@ -3,14 +3,14 @@
 (No `from __future__ import annotations` here: FastAPI resolves the `Caller` dependency alias, local to
 `create_app`, from the evaluated annotations.)
 
-`create_app` is a factory so each ingress replica builds its own app around its own service (no
+`create_app` is a factory so each ingress replica builds its own app around its own object graph (no
 module-global app), and unit tests build one around a fake pipeline.
 """
 
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -22,7 +22,7 @@ from serve.billing.usage import UsageResponse
 from serve.config import AppConfig
 from serve.errors import ServiceError
 from serve.jobs.service import VideoService
-from serve.tenancy.keys import KeyRing, Principal, keyring_from_config
+from serve.tenancy.keys import KeyRing, Principal
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 409, 415, 422, 429, 500, 503)
@@ -30,7 +30,15 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 POLL_AFTER_MS = "1000"
 
 
-def _auth_dependency(keyring: KeyRing) -> Callable[[Request], Principal]:
+class Live(Protocol):
+    """What the routes read per request (`serve.jobs.wiring.IngressGraph`)."""
+
+    service: VideoService
+    config: AppConfig
+    keyring: KeyRing
+
+
+def _auth_dependency(current: Callable[[], KeyRing]) -> Callable[[Request], Principal]:
     # a plain `def`: the key ring's once-a-second reload check stats a file, so FastAPI runs it in a thread
     def authenticate(request: Request) -> Principal:
         header = request.headers.get("authorization", "")
@@ -38,7 +46,7 @@ def _auth_dependency(keyring: KeyRing) -> Callable[[Request], Principal]:
         if scheme.lower() != "bearer" or not token.strip():
             raise ServiceError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
-        principal = keyring.authenticate(token.strip())
+        principal = current().authenticate(token.strip())
         if principal is None:
             raise ServiceError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         return principal
@@ -84,15 +92,13 @@ async def _parse_create(request: Request) -> CreateVideoRequest:
         raise ServiceError(400, msg, param=param, code="invalid_value") from None
 
 
-def create_app(service: VideoService, config: AppConfig, readiness: Callable[[], Awaitable[dict[str, Any]]],
-               keyring: KeyRing | None = None) -> FastAPI:
-    """The HTTP app of one ingress replica. `keyring` defaults to the one `config.keys` describes."""
-    if keyring is None:
-        keyring = keyring_from_config(config.keys, [k.get_secret_value() for k in config.api.api_keys])
+def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -> FastAPI:
+    """The HTTP app of one ingress replica around `live` (the replica's `IngressGraph`). Its service, config
+    and keyring are read per request, so settings applied by a reconfigure reach the next request."""
     app = FastAPI(title="videogen-serve", version="0.1.0",
                   description="Text to video with CogVideoX; OpenAI Videos API shape.")
     install_error_handlers(app)
-    Caller = Annotated[Principal, Depends(_auth_dependency(keyring))]
+    Caller = Annotated[Principal, Depends(_auth_dependency(lambda: live.keyring))]
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -109,7 +115,7 @@ def create_app(service: VideoService, config: AppConfig, readiness: Callable[[],
     async def create_video(request: Request, caller: Caller, response: Response) -> Video:
         req = await _parse_create(request)
         headers: dict[str, str] = {}
-        video = await service.create(req, caller, request.headers.get("idempotency-key"), headers)
+        video = await live.service.create(req, caller, request.headers.get("idempotency-key"), headers)
         response.headers.update(headers)
         response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
         return video
@@ -118,27 +124,27 @@ def create_app(service: VideoService, config: AppConfig, readiness: Callable[[],
     async def list_videos(caller: Caller, after: str | None = None,
                           limit: Annotated[int | None, Query(description="1..100; default from config")] = None,
                           order: Literal["asc", "desc"] = "desc") -> VideoList:
-        return await service.list(after, config.api.default_page_limit if limit is None else limit, order,
+        return await live.service.list(after, live.config.api.default_page_limit if limit is None else limit, order,
                                   tenant=caller.tenant)
 
     @app.get("/v1/videos/{video_id}", response_model=Video, responses=_ERRORS)
     async def get_video(video_id: str, caller: Caller, response: Response) -> Video:
-        video = await service.get(video_id, caller.tenant)
+        video = await live.service.get(video_id, caller.tenant)
         if video.status in ("queued", "in_progress"):
             response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
         return video
 
     @app.post("/v1/videos/{video_id}/cancel", response_model=Video, responses=_ERRORS)
     async def cancel_video(video_id: str, caller: Caller) -> Video:
-        return await service.cancel(video_id, caller.tenant)
+        return await live.service.cancel(video_id, caller.tenant)
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted, responses=_ERRORS)
     async def delete_video(video_id: str, caller: Caller) -> VideoDeleted:
-        return await service.delete(video_id, caller.tenant)
+        return await live.service.delete(video_id, caller.tenant)
 
     @app.get("/v1/videos/{video_id}/content", responses=_ERRORS)
     async def video_content(video_id: str, caller: Caller, variant: str = "video") -> Response:
-        data, media_type = await service.content(video_id, variant, caller.tenant)
+        data, media_type = await live.service.content(video_id, variant, caller.tenant)
         ext = "mp4" if media_type == "video/mp4" else "jpg"
         return Response(content=data, media_type=media_type,
                         headers={"Content-Disposition": f'attachment; filename="{video_id}.{ext}"'})
@@ -146,6 +152,6 @@ def create_app(service: VideoService, config: AppConfig, readiness: Callable[[],
     @app.get("/v1/usage", response_model=UsageResponse, responses=_ERRORS)
     async def usage(caller: Caller, start: str | None = None, end: str | None = None) -> UsageResponse:
         """The caller's own usage: GPU-seconds per stage and output seconds of completed jobs, per UTC day."""
-        return await service.usage(caller.tenant, start, end)
+        return await live.service.usage(caller.tenant, start, end)
 
     return app

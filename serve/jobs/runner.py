@@ -93,6 +93,12 @@ class JobRunner:
         self._stopping = False
         self._events = events or JobEvents()  # metrics (deployments/metrics.py); the default records nothing
 
+    def configure(self, cfg: JobsConfig) -> None:
+        """New job settings (attempts, lease, timeouts, concurrency) for what the runner does next; the chains
+        in flight go on. More chain slots are used at once."""
+        self._cfg = cfg
+        self._dispatch()
+
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         if self._reclaimer is None:
@@ -246,7 +252,7 @@ class JobRunner:
             else:
                 if isinstance(out, dict):  # a VaeDecoder replica of the previous release (rolling upgrade)
                     out = ChainResult(JobResult(**out["result"]), dict(out.get("timings") or {}))
-                await self._finish(job_id, "completed", result=out.result, timings=out.timings)
+                await self._finish(job_id, "completed", result=out.result, timings=out.timings, gpus=out.gpus)
                 return
             finally:
                 self._attempts.pop(job_id, None)
@@ -283,14 +289,15 @@ class JobRunner:
         })
 
     async def _finish(self, job_id: str, status: str, *, error: dict[str, str] | None = None,
-                      result: JobResult | None = None, timings: dict[str, float] | None = None) -> None:
+                      result: JobResult | None = None, timings: dict[str, float] | None = None,
+                      gpus: dict[str, float] | None = None) -> None:
         # a finish already under way must land before `stop` may hand the lease back (else it is skipped)
         def finish() -> JobRecord | None:
             self._finishing.add(job_id)
             try:
                 return self._store.finish(
                     job_id, self.owner, status, error=JobError(**error) if error else None,
-                    result=result, timings=timings)
+                    result=result, timings=timings, gpus=gpus)
             finally:  # in the thread: also when the awaiting task was cancelled meanwhile
                 self._finishing.discard(job_id)
 

@@ -86,6 +86,10 @@ class JobStore:
     def from_config(cls, storage: Storage, jobs: JobsConfig, now: Callable[[], float] = time.time) -> JobStore:
         return cls(storage, retention_s=jobs.retention_s, now=now)
 
+    def configure(self, jobs: JobsConfig) -> None:
+        """New settings (the retention of jobs that end from now on)."""
+        self.retention_s = jobs.retention_s
+
     # ---- keys ---------------------------------------------------------------------------------------------------
 
     def record_key(self, job_id: str) -> str:
@@ -235,6 +239,7 @@ class JobStore:
         error: JobError | None = None,
         result: JobResult | None = None,
         timings: dict[str, float] | None = None,
+        gpus: dict[str, float] | None = None,
     ) -> JobRecord | None:
         """Terminal transition by the lease holder; None if we lost the lease or the job already ended.
 
@@ -267,6 +272,8 @@ class JobStore:
             rec.result = result
             if timings:
                 rec.timings.update(timings)
+            if gpus:
+                rec.gpus.update(gpus)
             rec.lease_owner = None
             rec.lease_expires_at = None
             return rec

@@ -96,6 +96,17 @@ class WebhookSender:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots: asyncio.Semaphore | None = None
 
+    def configure(self, cfg: WebhookConfig, secrets: WebhookSecrets) -> None:
+        """New settings and secrets for the next deliveries (the Ingress's reconfigure); deliveries under way
+        finish as they started. A new connection limit or timeout gets a new client; the old one is closed
+        once nothing uses it (it is left to the garbage collector, its connections time out)."""
+        old = self.cfg
+        self.cfg, self._secrets = cfg, secrets
+        if cfg.max_concurrent_deliveries != old.max_concurrent_deliveries:
+            self._slots = None
+        if (cfg.max_concurrent_deliveries, cfg.timeout_s) != (old.max_concurrent_deliveries, old.timeout_s):
+            self._client = None
+
     # -- registration ----------------------------------------------------------------------------
     def url_for(self, tenant: str, job_url: str | None) -> str | None:
         """The job's own URL, else the tenant's default, else None (no webhook)."""

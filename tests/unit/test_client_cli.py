@@ -466,7 +466,7 @@ def real_server(storage) -> Iterator[str]:
     config = AppConfig(s3=storage.cfg, jobs=jobs, api=ApiConfig(api_keys=[KEY]), keys={"legacy_plan": "enterprise"})
     graph = build_ingress(config, storage=storage, pipeline=Chain(), owner="ingress-cli-test")
     runner = graph.runner
-    app = create_app(graph.service, config, ready)
+    app = create_app(graph, ready)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))

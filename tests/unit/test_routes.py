@@ -97,7 +97,7 @@ async def serving(storage: Storage, *, fail: bool = False, max_concurrent: int =
     pipeline = WritesVideo(storage, fail=fail)
     graph = build_ingress(config, storage=storage, pipeline=pipeline, owner="ingress-unit")
     store, runner = graph.store, graph.runner
-    app = create_app(graph.service, config, readiness)
+    app = create_app(graph, readiness)
     # raise_app_exceptions=False shows what a client gets from a 500 (Starlette re-raises it after answering)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
     try:
