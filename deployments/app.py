@@ -1,43 +1,76 @@
-"""`build_app(config)`: the import path for `serve run`, `serve deploy` and the KubeRay RayService.
+"""The Serve applications: one per model (`build_model_app`) beside the ingress (`build_app`).
 
-Deployment classes stay undecorated; every option (replicas, autoscaling, GPUs, queue limits,
-graceful shutdown) comes from the typed `AppConfig`. Each served model gets its own three stage
-deployments (`TextEncoder`, `Denoiser`, `VaeDecoder` for the default model, `<Stage>-<name>` for others).
+Why this shape: see deployments/serve_config.py. A model's application is its three stage deployments under
+a tiny root (`Model`, which holds their handles so Serve deploys them); its `args` (`ModelAppArgs`) are only
+the model entry and S3. The ingress application's `args` (`IngressArgs`) are only S3; its settings are the
+Ingress deployment's `user_config`. Deployment classes stay undecorated here: the defaults below are
+the code's, and each deployment's section of the Serve config file (`applications[].deployments[]`)
+overrides them.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
 from deployments.denoiser import Denoiser
 from deployments.ingress import Ingress
+from deployments.serve_config import INGRESS_DEPLOYMENT, MODEL_ROOT, settings_json
 from deployments.text_encoder import TextEncoder
 from deployments.vae_decoder import VaeDecoder
-from serve.config import AppConfig
+from serve.config import DeploymentsConfig, IngressArgs, IngressSettings, ModelAppArgs
 from serve.stages.stage import DENOISER, STAGES, TEXT_ENCODER, VAE_DECODER
 
+_CLASSES = {TEXT_ENCODER: TextEncoder, DENOISER: Denoiser, VAE_DECODER: VaeDecoder}
 
-def build_app(args: AppConfig) -> Application:
-    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
-    d = config.deployments
-    classes = {TEXT_ENCODER: TextEncoder, DENOISER: Denoiser, VAE_DECODER: VaeDecoder}
-    stages = {}
-    for model in config.all_models():
-        suffix = config.stage_suffix(model)
-        stages[model.name] = [
-            serve.deployment(classes[stage], name=f"{stage.deployment}{suffix}",
-                             **getattr(d, stage.key).to_serve_options()).bind(config, model.name)
-            for stage in STAGES
-        ]
-    ingress = serve.deployment(Ingress, name="Ingress", **d.ingress.to_serve_options())
-    return ingress.bind(config, stages)
+
+class Model:
+    """Root of a model's application: holds its stage handles (so Serve deploys them) and describes them."""
+
+    def __init__(self, args: dict[str, Any], *stages: Any) -> None:
+        self._args = ModelAppArgs.model_validate(args)
+        self._stages = stages
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self._args.model.name, "stages": [s.deployment for s in STAGES]}
+
+
+def build_model_app(args: ModelAppArgs | dict[str, Any]) -> Application:
+    """One model's application (`serve deploy`: `import_path: deployments.app:build_model_app`, `args`:
+    `ModelAppArgs`). Name it `model-<model name>`: the ingress reaches its stages by that name."""
+    margs = args if isinstance(args, ModelAppArgs) else ModelAppArgs.model_validate(args)
+    data = margs.model_dump(mode="json")
+    defaults = DeploymentsConfig()
+    stages = [serve.deployment(_CLASSES[stage], name=stage.deployment,
+                               **getattr(defaults, stage.key).to_serve_options()).bind(data)
+              for stage in STAGES]
+    root = serve.deployment(Model, name=MODEL_ROOT, num_replicas=1, ray_actor_options={"num_cpus": 0},
+                            max_ongoing_requests=16, graceful_shutdown_timeout_s=5)
+    return root.bind(data, *stages)
+
+
+def build_app(args: IngressArgs | dict[str, Any] | None = None) -> Application:
+    """The ingress application (`import_path: deployments.app:build_app`, `args`: `IngressArgs`); its
+    deployment's `user_config` is the `IngressSettings`."""
+    iargs = args if isinstance(args, IngressArgs) else IngressArgs.model_validate(args or {})
+    ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT, **DeploymentsConfig().ingress.to_serve_options())
+    return ingress.bind(iargs.model_dump(mode="json"))
 
 
 def __getattr__(name: str) -> Application:
-    """`app`: the application built from the defaults, for `serve build deployments.app:app -o serve.yaml`
-    (it accepts only an `Application`, no `args`); built on first use, not by every import of this module.
-    Deploy with the `build_app` builder and your `args` (configs/*.yaml)."""
+    """Applications built from the defaults, for `serve build` (it accepts only `Application`s, no `args`):
+
+        serve build deployments.app:model_app deployments.app:app -o serve.yaml
+
+    then rename `app1` to `model-cogvideox-tiny-2b` (and drop its route_prefix) and `app2` to `videogen`, as
+    `serve build` itself says. `app` carries the default `IngressSettings` as its user_config, so the file
+    shows every run-time setting. Built on first use, not by every import of this module."""
+    if name == "model_app":
+        return build_model_app(ModelAppArgs())
     if name == "app":
-        return build_app(AppConfig())
+        ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT, user_config=settings_json(IngressSettings()),
+                                   **DeploymentsConfig().ingress.to_serve_options())
+        return ingress.bind(IngressArgs().model_dump(mode="json"))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ import threading
 
 from deployments.compute import run_to_end, stage_call
 from deployments.stage import StageReplica
-from serve.config import AppConfig
+from serve.config import ModelAppArgs
 from serve.stages.stage import DENOISER
 from serve.stages.types import GenerationRequest, Handoff
 
@@ -19,13 +19,13 @@ from serve.stages.types import GenerationRequest, Handoff
 class Denoiser(StageReplica):
     stage = DENOISER
 
-    def __init__(self, config: AppConfig, model_name: str | None = None) -> None:
-        super().__init__(config, model_name)
+    def __init__(self, args: ModelAppArgs | dict) -> None:
+        super().__init__(args)
         from serve.stages.denoising import DenoisingStage
         from serve.stages.loading import load_stage, warmup_shapes
 
         accel = self._model.accel
-        self._stage = load_stage(DenoisingStage, config, model=self._model, accel=accel)
+        self._stage = load_stage(DenoisingStage, self._args, accel=accel)
         if accel.warmup_on_start:
             # compile and first-call costs for the configured shapes are paid here, not by a request
             self._stage.warmup(warmup_shapes(self._model, accel), steps=accel.warmup_steps,
@@ -35,7 +35,7 @@ class Denoiser(StageReplica):
     async def denoise(self, req: GenerationRequest, encoded: Handoff) -> Handoff:
         from serve.jobs.progress import ProgressReporter
 
-        progress = ProgressReporter(self._store, req.job_id, DENOISER.phase, self._config.jobs.progress_interval_s,
+        progress = ProgressReporter(self._store, req.job_id, DENOISER.phase, self._settings.progress_interval_s,
                                     req.attempt)
         cancel = threading.Event()
 
@@ -52,4 +52,5 @@ class Denoiser(StageReplica):
             await asyncio.to_thread(progress.flush)
             self._metrics.count_uncompiled_runs(self._stage)
             info = {**encoded.info, DENOISER.key: self._stage.last_run_info()}
-        return Handoff(value=latents, timings={**encoded.timings, DENOISER.timing_key: timer.seconds}, info=info)
+        return Handoff(value=latents, timings={**encoded.timings, DENOISER.timing_key: timer.seconds}, info=info,
+                       gpus={**encoded.gpus, **self._gpus})

@@ -19,9 +19,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-from serve.config import AppConfig
+from deployments.serve_config import check_serve_config, normalised
 
 log = logging.getLogger("videogen.local")
 
@@ -49,6 +50,33 @@ def wait_ready(base: str, timeout_s: float) -> None:
     raise TimeoutError(f"the app did not become ready in {timeout_s:.0f} s: {last}")
 
 
+def deploy(serve_config: dict[str, Any], timeout_s: float = 300) -> None:
+    """Deploy a Serve config file's applications as `serve deploy` does (declaratively, one goal state), on
+    the Serve instance this process started: its `args` decide each application's code version, so
+    deploying a changed file updates running replicas in place wherever Serve can (no dashboard needed).
+    `serve.run` would instead give every call a new code version and restart every replica."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate({"applications": normalised(serve_config)["applications"]})
+    client = _get_global_client()
+    client.deploy_apps(schema)
+    deadline = time.time() + timeout_s
+    names = {a.name for a in schema.applications}
+    while time.time() < deadline:  # the controller builds the applications in the background
+        from ray import serve
+
+        apps = serve.status().applications
+        states = {n: apps[n].status for n in names if n in apps}
+        if any(s == "DEPLOY_FAILED" for s in states.values()):
+            failed = {n: apps[n].message for n, s in states.items() if s == "DEPLOY_FAILED"}
+            raise RuntimeError(f"deploy failed: {failed}")
+        if len(states) == len(names) and all(s == "RUNNING" for s in states.values()):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"applications {sorted(names)} not running after {timeout_s:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/local.yaml")
@@ -60,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     serve_cfg = __import__("yaml").safe_load(Path(args.config).read_text())
-    app_cfg = AppConfig.from_yaml(args.config)
+    app_cfg = check_serve_config(serve_cfg)
     http = serve_cfg.get("http_options", {})
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
     base = f"http://{host}:{port}"
@@ -87,13 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from deployments.app import build_app
-
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, ignore_reinit_error=True,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                        if k.startswith(("AWS_", "HF_")) or k == "VIDEOGEN_MODEL_CACHE"}})
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(app_cfg), name="videogen", route_prefix="/", blocking=False)
+    deploy(serve_cfg)  # one application per model beside the ingress, as on a cluster
     wait_ready(base, 300)
     log.info("API at %s/v1 (key %s)", base, key)
 

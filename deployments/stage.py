@@ -1,7 +1,10 @@
 """The skeleton every stage replica shares, once: the job store for progress, one computation at a time
-(the lock), lock-wait and compute metrics. Each stage module keeps what is its own: loading and warm-up of
-its stage, and its request method (decorated with `stage_call`, its blocking work run through `run_to_end`).
+(the lock), lock-wait and compute metrics, its run-time settings (`reconfigure`, no reload) and the GPUs Ray
+gave it (reported with every result, for billing). Each stage module keeps what is its own: loading and
+warm-up of its stage, and its request method (decorated with `stage_call`, its blocking work run through
+`run_to_end`).
 
+A replica is built from its model application's `args` (`ModelAppArgs`: the model entry and S3) only.
 `max_ongoing_requests: 2` lets the next request's arguments arrive while the lock is held.
 """
 
@@ -11,9 +14,9 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from serve.config import AppConfig, ModelConfig
+from serve.config import ModelAppArgs, ModelConfig, StageSettings
 from serve.stages.stage import Stage
 from serve.stages.types import GenerationRequest
 
@@ -29,21 +32,37 @@ class Timer:
         return time.perf_counter() - self.started
 
 
+def assigned_gpus() -> float:
+    """The GPUs (or fraction) Ray assigned this replica: what its compute time is billed by."""
+    try:
+        import ray
+
+        return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    except Exception:  # noqa: BLE001 - outside Ray (tests)
+        return 0.0
+
+
 class StageReplica:
     stage: ClassVar[Stage]
 
-    def __init__(self, config: AppConfig, model_name: str | None = None) -> None:
+    def __init__(self, args: ModelAppArgs | dict[str, Any]) -> None:
         # heavy imports (torch, through the stages) stay in each subclass's __init__; these are light
         from deployments.metrics import S3Metrics, StageMetrics
         from serve.jobs.store import JobStore
         from serve.storage import Storage
 
-        self._config = config
-        self._model: ModelConfig = config.model_named(model_name) if model_name else config.model
-        self._storage = Storage.from_config(config.s3, observer=S3Metrics())
+        self._args = args if isinstance(args, ModelAppArgs) else ModelAppArgs.model_validate(args)
+        self._model: ModelConfig = self._args.model
+        self._settings = StageSettings()
+        self._storage = Storage.from_config(self._args.s3, observer=S3Metrics())
         self._store = JobStore(self._storage)
         self._lock = asyncio.Lock()
         self._metrics = StageMetrics()
+        self._gpus = {self.stage.key: assigned_gpus()}
+
+    def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """The deployment's `user_config` (`StageSettings`), applied to the running replica."""
+        self._settings = StageSettings.model_validate(user_config or {})
 
     @asynccontextmanager
     async def computing(self, req: GenerationRequest, *, report_phase: bool = True) -> AsyncIterator[Timer]:

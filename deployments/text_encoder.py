@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from deployments.compute import run_to_end, stage_call
 from deployments.stage import StageReplica
-from serve.config import AppConfig
+from serve.config import ModelAppArgs
 from serve.stages.stage import TEXT_ENCODER
 from serve.stages.types import GenerationRequest, Handoff
 
@@ -12,13 +12,13 @@ from serve.stages.types import GenerationRequest, Handoff
 class TextEncoder(StageReplica):
     stage = TEXT_ENCODER
 
-    def __init__(self, config: AppConfig, model_name: str | None = None) -> None:
-        super().__init__(config, model_name)
+    def __init__(self, args: ModelAppArgs | dict) -> None:
+        super().__init__(args)
         # heavy imports here so the ingress never imports torch
         from serve.stages.loading import load_stage
         from serve.stages.text_encoding import TextEncodingStage
 
-        self._stage = load_stage(TextEncodingStage, config, model=self._model, text_encoder=True)
+        self._stage = load_stage(TextEncodingStage, self._args, text_encoder=True)
         if self._model.accel.warmup_on_start:
             self._stage.warmup()  # first-call costs (kernels, allocator) paid here, not by a request
 
@@ -27,4 +27,4 @@ class TextEncoder(StageReplica):
         async with self.computing(req) as timer:  # one forward at a time; the next request's arguments arrive
             emb = await run_to_end(self._stage.encode, req.prompt, req.negative_prompt,
                                    req.params.do_classifier_free_guidance)
-        return Handoff(value=emb, timings={TEXT_ENCODER.timing_key: timer.seconds})
+        return Handoff(value=emb, timings={TEXT_ENCODER.timing_key: timer.seconds}, gpus=dict(self._gpus))

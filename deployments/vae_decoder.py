@@ -6,7 +6,7 @@ import asyncio
 
 from deployments.compute import run_to_end, stage_call
 from deployments.stage import StageReplica
-from serve.config import AppConfig
+from serve.config import ModelAppArgs
 from serve.jobs.record import ChainResult
 from serve.stages.stage import UPLOADING, VAE_DECODER
 from serve.stages.types import GenerationRequest, Handoff
@@ -15,13 +15,12 @@ from serve.stages.types import GenerationRequest, Handoff
 class VaeDecoder(StageReplica):
     stage = VAE_DECODER
 
-    def __init__(self, config: AppConfig, model_name: str | None = None) -> None:
-        super().__init__(config, model_name)
+    def __init__(self, args: ModelAppArgs | dict) -> None:
+        super().__init__(args)
         from serve.stages.decoding import DecodingStage
         from serve.stages.loading import load_stage, warmup_shapes
 
-        self._stage = load_stage(DecodingStage, config, model=self._model,
-                                 cudnn_benchmark=self._model.vae_cudnn_benchmark)
+        self._stage = load_stage(DecodingStage, self._args, cudnn_benchmark=self._model.vae_cudnn_benchmark)
         if self._model.accel.warmup_on_start:
             self._stage.warmup(warmup_shapes(self._model, self._model.accel))
 
@@ -37,6 +36,7 @@ class VaeDecoder(StageReplica):
         # encoding and upload run outside the lock: they use the CPU, not the GPU
         await asyncio.to_thread(self._store.put_progress, req.job_id, UPLOADING, 0, req.params.num_inference_steps,
                                 attempt=req.attempt)
-        out = await asyncio.to_thread(publish_if_wanted, self._store, self._storage, req, frames, timings, info)
+        out = await asyncio.to_thread(publish_if_wanted, self._store, self._storage, req, frames, timings, info,
+                                    gpus={**denoised.gpus, **self._gpus})
         self._metrics.encoded(out.timings["encode_s"])
         return out

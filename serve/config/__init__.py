@@ -10,10 +10,14 @@ from serve.config.app import (
     ApiConfig,
     AppConfig,
     IdempotencyConfig,
+    IngressArgs,
+    IngressSettings,
     JobsConfig,
+    ModelAppArgs,
     ModelConfig,
     PresetOverrides,
     S3Config,
+    StageSettings,
     UsageConfig,
 )
 from serve.config.deploy import (
@@ -29,7 +33,8 @@ from serve.config.webhooks import WebhookConfig
 
 __all__ = [
     "AccelConfig", "ApiConfig", "AppConfig", "AutoscalingConfig", "DeploymentOptions", "DeploymentsConfig",
-    "IdempotencyConfig", "JobsConfig", "KeysConfig", "LimitsConfig", "ModelConfig", "Plan", "PlansConfig",
-    "PresetOverrides", "RayActorOptions", "S3Config", "SafetyConfig", "TenantLimits", "UsageConfig",
+    "IdempotencyConfig", "IngressArgs", "IngressSettings", "JobsConfig", "KeysConfig", "LimitsConfig",
+    "ModelAppArgs", "ModelConfig", "Plan", "PlansConfig", "PresetOverrides", "RayActorOptions", "S3Config",
+    "SafetyConfig", "StageSettings", "TenantLimits", "UsageConfig",
     "WebhookConfig",
 ]

@@ -1,7 +1,8 @@
 """The one typed configuration of the service: models, S3, jobs, API and the sections of every feature.
 
-`deployments/app.py:build_app` takes this (as the `args` of a Serve config file) and nothing else, so the local
-CPU run and a GPU cluster differ only in the YAML they pass. Every section is a leaf module under serve/config/.
+`deployments/serve_config.py` turns an `AppConfig` into the Serve config file (one application per model
+beside the ingress application) and reads one back, so the local CPU run and a GPU cluster differ only in the
+YAML they pass. Every section is a leaf module under serve/config/.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import (
     Field,
     SecretStr,
@@ -49,7 +49,7 @@ class PresetOverrides(Strict):
 class ModelConfig(Strict):
     name: str = Field(default="cogvideox-tiny-2b", description="Name clients pass as `model`.")
     source: str = Field(
-        default="./models/tiny-2b",
+        default="./models/tiny-2b", validate_default=True,
         description="Hugging Face id, local directory or s3://bucket/prefix in the diffusers layout.",
     )
     family: Family = Field(default="cogvideox-2b", description=f"One of {sorted(FAMILIES)}.")
@@ -169,24 +169,55 @@ class UsageConfig(Strict):
     enabled: bool = Field(default=True, description="Write usage records and serve GET /v1/usage.")
     gpus_per_stage: dict[str, float] | None = Field(
         default=None,
-        description="GPUs billed per stage replica (text_encoder/denoiser/vae_decoder); default: each stage "
-        "deployment's ray_actor_options.num_gpus.")
+        description="GPUs billed per stage replica (text_encoder/denoiser/vae_decoder); default: the GPUs Ray "
+        "assigned the replicas that ran the job (each stage reports its own, so every model bills what it holds).")
     max_range_days: int = Field(default=92, ge=1, le=366, description="Longest period GET /v1/usage accepts.")
     read_concurrency: int = Field(default=16, ge=1, le=128, description="Parallel S3 GETs while summarising.")
 
 
-class AppConfig(Strict):
-    """`args` of the Serve application (see configs/*.yaml)."""
+class StageSettings(Strict):
+    """`user_config` of a model's stage deployments: what a stage replica takes at run time (no reload)."""
+
+    progress_interval_s: float = Field(default=0.5, ge=0, description="Min seconds between progress writes.")
+
+
+class ModelAppArgs(Strict):
+    """`args` of one model's Serve application (`deployments.app:build_model_app`): only what decides what is
+    loaded. Serve hashes `args` into the application's code version, so changing them restarts this model's
+    replicas, and only this model's."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    s3: S3Config = Field(default_factory=S3Config)
+
+    @property
+    def app_name(self) -> str:
+        return model_app_name(self.model.name)
+
+
+class IngressArgs(Strict):
+    """`args` of the ingress application (`deployments.app:build_app`): the bucket its job records live in."""
+
+    s3: S3Config = Field(default_factory=S3Config)
+
+
+def model_app_name(model_name: str) -> str:
+    """The Serve application of a model's stage deployments."""
+    return f"model-{model_name}"
+
+
+class IngressSettings(Strict):
+    """`user_config` of the Ingress deployment: everything an operator tunes at run time. Serve applies a
+    change through `Ingress.reconfigure` on the running replicas: no model reloads and no replica restarts,
+    and the chains in flight go on. `model` and `models` are the catalogue requests pick from; each entry's
+    stages are the Serve application `model-<name>` (deployed from the same model entry as its `args`)."""
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="The default model (requests without `model`).")
     models: list[ModelConfig] = Field(
         default_factory=list,
-        description="Further models this app serves, each with its own stage deployments (`<Stage>-<name>`); "
+        description="Further models, each with its own Serve application of stage deployments (`model-<name>`); "
                     "a request picks one by name or alias.")
-    s3: S3Config = Field(default_factory=S3Config)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
-    deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
     keys: KeysConfig = Field(default_factory=KeysConfig, description="Tenant API keys (hashed keys file).")
     plans: PlansConfig = Field(default_factory=PlansConfig, description="Per-plan limits and cost ceilings.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Rate, concurrency, quota, overload.")
@@ -203,7 +234,7 @@ class AppConfig(Strict):
         return model
 
     @model_validator(mode="after")
-    def _unique_model_names(self) -> AppConfig:
+    def _unique_model_names(self) -> IngressSettings:
         seen: set[str] = set()
         for m in self.all_models():
             clash = seen & set(m.names)
@@ -219,14 +250,27 @@ class AppConfig(Strict):
         """The model a request's `model` (a name or alias) picks."""
         return next((m for m in self.all_models() if name in m.names), None)
 
-    def stage_suffix(self, model: ModelConfig) -> str:
-        """Deployment-name suffix of a model's stages: none for the default model."""
-        return "" if model.name == self.model.name else f"-{model.name}"
+
+class AppConfig(IngressSettings):
+    """The whole service in one document: the ingress's settings, the bucket and each stage deployment's Serve
+    options. `serve/config/serving.py` turns it into the Serve config file Ray deploys (one application per
+    model beside the ingress application) and reads one back; configs/*.yaml are such files."""
+
+    s3: S3Config = Field(default_factory=S3Config)
+    deployments: DeploymentsConfig = Field(
+        default_factory=DeploymentsConfig,
+        description="Serve options of each deployment (every model's stages alike); they become the "
+                    "`applications[].deployments[]` sections of the Serve config, never `args`.")
+
+    def settings(self) -> IngressSettings:
+        """The part the Ingress takes as its `user_config`."""
+        return IngressSettings.model_validate({k: getattr(self, k) for k in IngressSettings.model_fields})
+
+    def model_args(self, model: ModelConfig) -> ModelAppArgs:
+        return ModelAppArgs(model=model, s3=self.s3)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> AppConfig:
-        """Load either a bare AppConfig YAML or a Serve config file (takes the first app's `args`)."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if "applications" in data:
-            data = data["applications"][0].get("args", {})
-        return cls.model_validate(data)
+    def from_parts(cls, settings: IngressSettings, s3: S3Config,
+                   deployments: DeploymentsConfig | None = None) -> AppConfig:
+        return cls.model_validate({**{k: getattr(settings, k) for k in IngressSettings.model_fields}, "s3": s3,
+                                   "deployments": deployments or DeploymentsConfig()})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from serve.config import AppConfig, ModelConfig, S3Config
+from serve.config import AppConfig, ModelAppArgs, ModelConfig, S3Config
 from serve.config.accel import AccelConfig
 
 log = logging.getLogger(__name__)
@@ -49,16 +49,16 @@ def local_model_path(model: ModelConfig, s3: S3Config) -> str:
     return resolve_model_source(model.source, model.cache_dir, s3_client=client, revision=model.revision)
 
 
-def load_stage(stage_cls, config: AppConfig, *, model: ModelConfig | None = None, text_encoder: bool = False,
-               **stage_kwargs):
-    """`stage_cls.from_pretrained` on this replica's device, in the stage's dtype, from the configured source.
+def load_stage(stage_cls, args: ModelAppArgs | AppConfig, *, text_encoder: bool = False, **stage_kwargs):
+    """`stage_cls.from_pretrained` of `args.model` on this replica's device, in the stage's dtype.
 
-    `stage_kwargs` go to `from_pretrained` as they are (e.g. `accel=` for the denoiser).
+    `args`: the model application's `args` (or an `AppConfig`, its default model). `stage_kwargs` go to
+    `from_pretrained` as they are (e.g. `accel=` for the denoiser).
     """
-    model = model or config.model
+    model = args.model
     device = resolve_device(model)
     dtype = text_encoder_dtype(model, device) if text_encoder else weights_dtype(model, device)
-    path = local_model_path(model, config.s3)
+    path = local_model_path(model, args.s3)
     log.info("loading %s from %s on %s (%s)", stage_cls.__name__, path, device, dtype)
     return stage_cls.from_pretrained(path, device=device, dtype=dtype, revision=model.revision,
                                      **stage_kwargs)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Stage:
-    deployment: str  # Ray Serve deployment name (suffixed per model: `Denoiser-<model>`)
+    deployment: str  # Ray Serve deployment name, inside each model's application `model-<name>`
     key: str  # config section (`deployments.<key>`), usage billing and metadata key
     phase: str  # the job's progress phase while this stage works on it
 

@@ -94,18 +94,25 @@ class Cluster:
         self.keys = keys
         self.webhooks = webhooks
 
-    def deploy(self) -> None:
-        from ray import serve
+    def serve_config(self, config=None) -> dict:
+        """The Serve config file of `config` (default: the session's): one application per model + ingress."""
+        from deployments.serve_config import serve_config
 
-        from deployments.app import build_app
+        return serve_config(config or self.config)
 
-        serve.run(build_app(self.config), name="videogen", route_prefix="/", blocking=False)
+    def deploy(self, serve_config: dict | None = None) -> None:
+        """Deploy (or redeploy) declaratively, as `serve deploy` and KubeRay do, and wait until ready."""
+        from deployments.local import deploy
+
+        deploy(serve_config or self.serve_config())
         wait_ready(self.base, 180)
 
     def shutdown_app(self) -> None:
+        """Delete every application (the ingress and each model's stages): a full restart follows."""
         from ray import serve
 
-        serve.delete("videogen")
+        for name in list(serve.status().applications):
+            serve.delete(name)
 
     @property
     def storage(self):

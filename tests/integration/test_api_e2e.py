@@ -142,9 +142,9 @@ def test_health_and_readiness(cluster):
     assert httpx.get(f"{cluster.base}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{cluster.base}/readyz").json()
     assert ready["status"] == "ready"
-    assert ready["checks"] == {"s3": True, "TextEncoder": True, "Denoiser": True, "VaeDecoder": True,
-                               "TextEncoder-cogvideox-tiny-5b": True, "Denoiser-cogvideox-tiny-5b": True,
-                               "VaeDecoder-cogvideox-tiny-5b": True}
+    assert ready["checks"] == {"s3": True, **{f"model-{model}/{stage}": True for model in ("cogvideox-tiny-2b",
+                                                                                      "cogvideox-tiny-5b")
+                                              for stage in ("TextEncoder", "Denoiser", "VaeDecoder")}}
 
 
 def test_a_request_names_its_model_and_runs_on_that_models_stages(cluster):

@@ -18,9 +18,11 @@ LONG = {"prompt": "slow pan over a city at night", "size": "128x96", "num_frames
         "num_inference_steps": 200, "seed": 3}
 
 
-def kill_replica(deployment: str) -> str:
+def kill_replica(deployment: str, app: str | None = None) -> str:
+    """Kill one replica of `deployment` (of the default model's application for a stage, else the ingress's)."""
+    app = app or ("videogen" if deployment == "Ingress" else "model-cogvideox-tiny-2b")
     for actor in ray.util.list_named_actors(all_namespaces=True):
-        if f"#{deployment}#" in actor["name"]:
+        if f"{app}#{deployment}#" in actor["name"]:
             ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
             return actor["name"]
     raise AssertionError(f"no {deployment} replica found")

@@ -39,4 +39,6 @@ def serve_config(rayservice: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def app_config(serve_config: dict[str, Any]) -> AppConfig:
-    return AppConfig.model_validate(serve_config["applications"][0]["args"])
+    from deployments.serve_config import check_serve_config
+
+    return check_serve_config(serve_config)  # the ingress's settings and the default model's stage options

@@ -37,7 +37,7 @@ from tests.k8s.kube import (
     validate_pod_template,
 )
 
-IMPORT_PATH = "deployments.app:build_app"
+IMPORT_PATHS = ("deployments.app:build_model_app", "deployments.app:build_app")
 STAGES = ("ingress", "text_encoder", "denoiser", "vae_decoder")
 GPU = "nvidia.com/gpu"
 H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
@@ -237,13 +237,23 @@ def test_kuberay_crd_copies_are_verbatim() -> None:
 
 def test_serve_config_is_the_apps_config(serve_config: dict[str, Any], app_config: AppConfig) -> None:
     apps = serve_config["applications"]
-    assert len(apps) == 1 and apps[0]["import_path"] == IMPORT_PATH
+    # one application per model, then the ingress application
+    assert [a["import_path"] for a in apps] == [IMPORT_PATHS[0]] * len(app_config.all_models()) + [IMPORT_PATHS[1]]
     assert app_config.model.device == "cuda"
     assert app_config.api.api_keys == [] and app_config.keys.keys_file, "production auth is the keys file only"
 
 
-def test_import_path_imports_without_a_gpu() -> None:
-    module, _, attr = IMPORT_PATH.partition(":")
+def test_serve_accepts_the_serve_config(serve_config: dict[str, Any]) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(serve_config)  # what KubeRay's `serve deploy` validates it with
+    assert [a.name for a in schema.applications][-1] == "videogen"
+    assert all(a.route_prefix is None for a in schema.applications[:-1]), "model applications take no HTTP"
+
+
+@pytest.mark.parametrize("import_path", IMPORT_PATHS)
+def test_import_path_imports_without_a_gpu(import_path: str) -> None:
+    module, _, attr = import_path.partition(":")
     code = f"import importlib; assert callable(getattr(importlib.import_module({module!r}), {attr!r}))"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -252,11 +262,11 @@ def test_import_path_imports_without_a_gpu() -> None:
 
 
 def _without_k8s_changes(config: dict[str, Any]) -> dict[str, Any]:
-    config = copy.deepcopy(config)
-    args = config["applications"][0]["args"]
-    args["model"].pop("source")
-    for opts in args["deployments"].values():
-        opts.get("ray_actor_options", {}).pop("resources", None)
+    config = copy.deepcopy(config)  # (yaml anchors: the model entry is one object in both places)
+    for app in config["applications"]:
+        app["args"].get("model", {}).pop("source", None)
+        for opts in app["deployments"]:
+            opts.get("ray_actor_options", {}).pop("resources", None)
     return config
 
 
@@ -268,6 +278,7 @@ def test_prod_serve_config_is_configs_gpu_5b() -> None:
     assert _without_k8s_changes(serve_config) == _without_k8s_changes(expected), \
         "the RayService's serveConfigV2 and configs/gpu-5b.yaml differ (beyond model.source and resources)"
     assert serve_config["applications"][0]["args"]["model"]["source"].startswith("s3://")
+    assert serve_config["applications"][0]["name"] == "model-cogvideox-5b"
 
 
 def test_ray_version_matches_the_project(rayservice: dict[str, Any]) -> None:

@@ -3,6 +3,8 @@ that `serve deploy`'s schema accepts."""
 
 from __future__ import annotations
 
+import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,16 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve.config import AutoscalingConfig, DeploymentOptions
+from deployments.serve_config import check_serve_config, normalised, serve_config
+from serve.config import (
+    AppConfig,
+    AutoscalingConfig,
+    DeploymentOptions,
+    DeploymentsConfig,
+    IngressArgs,
+    IngressSettings,
+    ModelAppArgs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,12 +68,121 @@ def test_serve_build_writes_a_config_serve_deploy_accepts(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     out = tmp_path / "serve.yaml"
-    proc = subprocess.run([Path(sys.executable).with_name("serve"), "build", "deployments.app:app", "-o", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run([Path(sys.executable).with_name("serve"), "build", "deployments.app:model_app",
+                           "deployments.app:app", "-o", str(out)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     built = yaml.safe_load(out.read_text())
-    schema = ServeDeploySchema.model_validate(built)  # what `serve deploy` validates the file with
-    [app] = schema.applications
-    assert app.import_path == "deployments.app:app"
-    names = {d["name"] for d in built["applications"][0]["deployments"]}
-    assert names == {"Ingress", "TextEncoder", "Denoiser", "VaeDecoder"}
+    ServeDeploySchema.model_validate(built)  # what `serve deploy` validates the file with
+    model_app, ingress_app = built["applications"]
+    assert model_app["import_path"] == "deployments.app:model_app" and ingress_app["import_path"] == "deployments.app:app"
+    assert {d["name"] for d in model_app["deployments"]} == {"Model", "TextEncoder", "Denoiser", "VaeDecoder"}
+    assert {d["name"] for d in ingress_app["deployments"]} == {"Ingress"}
+    # the renames `serve build` asks for (README), then the file is one this service runs
+    model_app.update(name="model-cogvideox-tiny-2b", route_prefix=None, import_path="deployments.app:build_model_app",
+                     args=ModelAppArgs().model_dump(mode="json"))
+    ingress_app.update(name="videogen", route_prefix="/", import_path="deployments.app:build_app",
+                       args=IngressArgs().model_dump(mode="json"))
+    ServeDeploySchema.model_validate(built)
+    config = check_serve_config(built)
+    assert config.settings() == IngressSettings()  # the Ingress's user_config shows every run-time setting
+    assert config.deployments == DeploymentsConfig()
+
+
+# ---- the Serve config file: one application per model, args only what is loaded -------------------------------
+
+def two_models(**changes) -> AppConfig:
+    data = {"model": {"name": "tiny-2b", "family": "cogvideox-2b", "device": "cpu"},
+            "models": [{"name": "tiny-5b", "family": "cogvideox-5b", "device": "cpu"}],
+            "deployments": {"denoiser": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}}}
+    data.update(changes)
+    return AppConfig.model_validate(data)
+
+
+def code_versions(data: dict) -> dict[str, str]:
+    """Ray Serve's own code version of each application: a change restarts every replica of that application."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeDeploySchema
+
+    return {app.name: get_app_code_version(app) for app in ServeDeploySchema.model_validate(data).applications}
+
+
+def test_each_model_is_an_application_whose_args_are_only_what_it_loads():
+    data = serve_config(two_models())
+    apps = {a["name"]: a for a in data["applications"]}
+    assert list(apps) == ["model-tiny-2b", "model-tiny-5b", "videogen"]
+    for name in ("model-tiny-2b", "model-tiny-5b"):
+        assert set(apps[name]["args"]) == {"model", "s3"}
+        assert apps[name]["route_prefix"] is None
+        assert [d["name"] for d in apps[name]["deployments"]] == ["TextEncoder", "Denoiser", "VaeDecoder"]
+    assert set(apps["videogen"]["args"]) == {"s3"}
+    [ingress] = apps["videogen"]["deployments"]
+    assert IngressSettings.model_validate(ingress["user_config"]) == two_models().settings()
+    assert check_serve_config(data) == two_models()  # and it reads back as the same config
+
+
+@pytest.mark.parametrize("change", [
+    {"deployments": {"denoiser": {"autoscaling_config": {"min_replicas": 2, "max_replicas": 9,
+                                                          "look_back_period_s": 60}}}},
+    {"deployments": {"denoiser": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 2}},
+                     "text_encoder": {"num_replicas": 3, "max_ongoing_requests": 4}}},
+    {"safety": {"blocked_terms": {"violence": ["gore"]}}},
+    {"plans": {"plans": {"standard": {"requests_per_minute": 7}}}},
+    {"jobs": {"lease_s": 90, "heartbeat_s": 9}},
+    {"webhooks": {"max_attempts": 2}},
+])
+def test_run_time_changes_leave_every_applications_code_version_alone(change):
+    before, after = code_versions(serve_config(two_models())), code_versions(serve_config(two_models(**change)))
+    assert before == after
+
+
+def test_switching_between_fixed_replicas_and_autoscaling_restarts_the_application():
+    # Ray 2.60 hashes the list of the deployments' autoscaling policies: one more autoscaled deployment is a new
+    # code version even without a policy (README says so: pick fixed or autoscaled once, then tune the bounds)
+    fixed = code_versions(serve_config(two_models(deployments={})))
+    scaled = code_versions(serve_config(two_models()))
+    assert fixed["model-tiny-2b"] != scaled["model-tiny-2b"]
+    assert fixed["videogen"] == scaled["videogen"]
+
+
+def test_adding_or_changing_a_model_changes_that_models_application_only():
+    before = code_versions(serve_config(two_models()))
+    added = code_versions(serve_config(two_models(models=[
+        {"name": "tiny-5b", "family": "cogvideox-5b", "device": "cpu"},
+        {"name": "tiny-5b-fast", "family": "cogvideox-5b", "device": "cpu", "accel": {"cache": "first_block"}}])))
+    assert {k: added[k] for k in before} == before and "model-tiny-5b-fast" in added
+    changed = code_versions(serve_config(two_models(models=[
+        {"name": "tiny-5b", "family": "cogvideox-5b", "device": "cpu", "dtype": "bfloat16"}])))
+    assert changed["model-tiny-5b"] != before["model-tiny-5b"]
+    assert {k: v for k, v in changed.items() if k != "model-tiny-5b"} == {
+        k: v for k, v in before.items() if k != "model-tiny-5b"}
+
+
+def _edit(data: dict, fn) -> dict:
+    data = copy.deepcopy(data)
+    fn(data)
+    return data
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda d: d["applications"].pop(1), "model 'tiny-5b' has no application 'model-tiny-5b'"),
+    (lambda d: d["applications"][1]["args"]["model"].update(dtype="float16"), "differs from the Ingress catalogue"),
+    (lambda d: d["applications"][1]["args"]["s3"].update(bucket="other"), "one bucket serves all"),
+    (lambda d: d["applications"][2]["deployments"][0]["user_config"]["models"].clear(), "not a model of the"),
+    (lambda d: d["applications"][0]["deployments"][1].update(name="Denoizer"), "has no deployment ['Denoizer']"),
+    (lambda d: d["applications"].pop(), "no application named 'videogen'"),
+    (lambda d: d["applications"][2]["deployments"][0]["user_config"].update(safety={"blocked": 1}), "safety"),
+])
+def test_a_serve_config_that_cannot_work_is_refused_with_what_to_fix(edit, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_serve_config(_edit(serve_config(two_models()), edit))
+
+
+def test_normalised_files_spell_out_what_was_checked(tmp_path, monkeypatch):
+    data = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
+    monkeypatch.chdir(tmp_path)  # a replica elsewhere must not resolve ./models against its own directory
+    out = normalised(data)
+    [model_app, ingress_app] = out["applications"]
+    assert model_app["args"]["model"]["source"] == str(tmp_path / "models" / "tiny-2b")
+    assert ingress_app["deployments"][0]["user_config"]["model"] == model_app["args"]["model"]
+    assert ingress_app["deployments"][0]["user_config"]["api"]["api_keys"] == ["sk-local-dev"]  # not masked
+    assert data["applications"][0]["args"]["model"]["source"] == "./models/tiny-2b"  # the input is left alone

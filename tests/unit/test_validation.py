@@ -2,6 +2,7 @@
 
 import pytest
 
+from deployments.serve_config import load_app_config
 from serve.api.wire import CreateVideoRequest
 from serve.config import ApiConfig, AppConfig, ModelConfig
 from serve.errors import ServiceError
@@ -92,14 +93,14 @@ def test_overrides_change_defaults_and_limits():
 
 def test_app_config_validates_and_loads_shipped_files():
     for name in ("local", "gpu-2b", "gpu-5b"):
-        cfg = AppConfig.from_yaml(f"configs/{name}.yaml")
+        cfg = load_app_config(f"configs/{name}.yaml")
         assert cfg.model.family in FAMILIES
         opts = cfg.deployments.denoiser.to_serve_options()
         assert opts["graceful_shutdown_timeout_s"] >= 60
-    local = AppConfig.from_yaml("configs/local.yaml")
+    local = load_app_config("configs/local.yaml")
     assert all(getattr(local.deployments, d).ray_actor_options.num_cpus == 0
                for d in ("ingress", "text_encoder", "denoiser", "vae_decoder"))
-    gpu = AppConfig.from_yaml("configs/gpu-5b.yaml")
+    gpu = load_app_config("configs/gpu-5b.yaml")
     assert gpu.deployments.denoiser.ray_actor_options.num_gpus == 1
     assert "autoscaling_config" in gpu.deployments.denoiser.to_serve_options()
     assert "num_replicas" not in gpu.deployments.denoiser.to_serve_options()
