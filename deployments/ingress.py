@@ -34,6 +34,7 @@ from serve.stages.stage import (
 from serve.stages.types import GenerationRequest
 
 log = logging.getLogger(__name__)
+SETTINGS_RETRY_S = 10.0  # how often a settings change that failed for a passing reason is tried again
 
 
 
@@ -75,14 +76,25 @@ class ModelRouter:
     """`Pipeline` that runs a job on the stage chain of the model it names; `route` changes the models at run
     time (the Ingress's reconfigure), and a chain already running keeps the handles it started with."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float = 30.0) -> None:
         self._pipelines: dict[str, RayPipeline] = {}
+        self._grace_s = grace_s
 
     def route(self, pipelines: dict[str, RayPipeline]) -> None:
         self._pipelines = dict(pipelines)
 
+    @property
+    def routes(self) -> dict[str, RayPipeline]:
+        return dict(self._pipelines)
+
     async def run(self, job: JobRecord) -> ChainResult:
         pipeline = self._pipelines.get(job.model)
+        # Serve rolls a settings change out over the ingress replicas in turn: a replica that has not got it
+        # yet may reclaim a job of a model just added. Wait a while for the change before giving up.
+        deadline = time.monotonic() + self._grace_s
+        while pipeline is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            pipeline = self._pipelines.get(job.model)
         if pipeline is None:  # e.g. a job accepted before the model was removed from the config
             raise NonRetryableError("model_not_found", f"model {job.model!r} is no longer served")
         return await pipeline.run(job)
@@ -91,7 +103,9 @@ class ModelRouter:
 def model_pipeline(model_name: str) -> RayPipeline:
     """The stage chain of a model: its application's three deployments (`model-<name>`)."""
     app = model_app_name(model_name)
-    return RayPipeline(*(serve.get_deployment_handle(stage.deployment, app) for stage in STAGES))
+    # no existence check: a model added by the same redeploy may still be building its application; its
+    # jobs wait in the router until the handle answers (Serve queues calls for a deployment that comes up)
+    return RayPipeline(*(serve.get_deployment_handle(stage.deployment, app, _check_exists=False) for stage in STAGES))
 
 
 @serve.ingress()
@@ -112,6 +126,8 @@ class Ingress:
         self._reconciler: asyncio.Task[None] | None = None
         self._apply = asyncio.Lock()
         self._rejected: str | None = None  # why the last settings change was refused, until one is applied
+        self._settings_seen = 0  # settings received; a retry of older ones gives way to newer
+        self._retry: asyncio.Task[None] | None = None
 
     # `rank`: with it in the signature, Serve calls this right after __init__ even without a user_config,
     # so a replica always starts here, from its settings (or the defaults), before it takes a request
@@ -119,9 +135,16 @@ class Ingress:
     # Serve stops a replica whose reconfigure raises. That is right at start (a replica that cannot run its
     # settings fails with the reason), but a bad change must not take down replicas that are serving: they
     # keep the settings they have, log why the new ones were refused and say so in /readyz until a good
-    # change arrives.
+    # change arrives. A failure that may pass (the limiter actor busy, a secrets file not mounted yet: anything
+    # but an invalid value) is retried every `SETTINGS_RETRY_S` until it applies or newer settings arrive.
     async def reconfigure(self, user_config: dict[str, Any] | None, rank: Any = None) -> None:
+        self._settings_seen += 1
+        await self._configure(user_config, self._settings_seen)
+
+    async def _configure(self, user_config: dict[str, Any] | None, generation: int) -> None:
         async with self._apply:
+            if generation != self._settings_seen:  # a retry overtaken by newer settings
+                return
             if self._graph is None:
                 config = AppConfig.from_parts(IngressSettings.model_validate(user_config or {}), self._args.s3)
                 await self._start(config)
@@ -132,9 +155,15 @@ class Ingress:
                 except Exception as exc:  # see above: the previous settings stay
                     self._rejected = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
                     log.error("new ingress settings refused, the previous ones stay in force: %s", exc)
+                    if not isinstance(exc, ValueError):  # ValueError (pydantic's too): invalid, retrying cannot help
+                        self._retry = asyncio.get_running_loop().create_task(self._retry_later(user_config, generation))
                     return
                 self._rejected = None
         log.info("ingress settings applied: models %s", [m.name for m in config.all_models()])
+
+    async def _retry_later(self, user_config: dict[str, Any] | None, generation: int) -> None:
+        await asyncio.sleep(SETTINGS_RETRY_S)
+        await self._configure(user_config, generation)
 
     def _pipelines(self, config: AppConfig) -> dict[str, RayPipeline]:
         return {m.name: model_pipeline(m.name) for m in config.all_models()}
@@ -168,10 +197,17 @@ class Ingress:
     async def _update(self, config: AppConfig) -> None:
         from serve.webhooks.signing import WebhookSecrets
 
-        secrets = WebhookSecrets.from_config(config.webhooks)  # before anything changes: a bad file changes nothing
-        await self._graph.reconfigure(config)
+        # everything that can fail is built before anything changes: a bad file changes nothing
+        secrets = WebhookSecrets.from_config(config.webhooks)
+        old, new = self._router.routes, self._pipelines(config)
+        self._router.route({**old, **new})  # during the change: admission never accepts a model the router lacks
+        try:
+            await self._graph.reconfigure(config)
+        except BaseException:
+            self._router.route(old)
+            raise
+        self._router.route(new)
         self._webhooks.configure(config.webhooks, secrets)
-        self._router.route(self._pipelines(config))
 
     # what the routes read per request (serve.api.routes.Live)
     @property
@@ -196,7 +232,10 @@ class Ingress:
             try:
                 interval = graph.config.limits.reconcile_interval_s
                 due = time.time() - last >= interval * (0.8 + 0.4 * random.random())
-                if due or await graph.limiter.needs_reconcile():
+                fresh = await graph.limiter.needs_reconcile()
+                if fresh:  # a restarted actor starts from the settings it was created with: give it today's
+                    await graph.limiter.configure(graph.config.limits)
+                if due or fresh:
                     now = time.time()
                     await reconcile_limits(graph.store, graph.ledger, graph.limiter, now)
                     last = now
@@ -237,6 +276,8 @@ class Ingress:
         return checks
 
     async def __del__(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
         if self._reconciler is not None:
             self._reconciler.cancel()
         if self._graph is not None:

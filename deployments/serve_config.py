@@ -146,11 +146,12 @@ def check_serve_config(data: dict[str, Any]) -> AppConfig:
         unknown = set(sections) - {s.deployment for s in STAGES} - {MODEL_ROOT}
         if unknown:
             raise ValueError(f"application {name!r} has no deployment {sorted(unknown)}")
+        options = {s.key: _options(sections[s.deployment]) if s.deployment in sections  # every model's, checked
+                   else getattr(DeploymentsConfig(), s.key) for s in STAGES}
         for stage in STAGES:
             StageSettings.model_validate((sections.get(stage.deployment) or {}).get("user_config") or {})
         if model.name == settings.model.name:
-            stage_options = {s.key: _options(sections[s.deployment]) if s.deployment in sections
-                             else getattr(DeploymentsConfig(), s.key) for s in STAGES}
+            stage_options = options
     deployments = DeploymentsConfig(ingress=_options(ingress_section) if len(ingress_section) > 1
                                     else DeploymentsConfig().ingress, **stage_options)
     return AppConfig.from_parts(settings, args.s3, deployments)

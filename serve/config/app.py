@@ -253,7 +253,7 @@ class IngressSettings(Strict):
 
 class AppConfig(IngressSettings):
     """The whole service in one document: the ingress's settings, the bucket and each stage deployment's Serve
-    options. `serve/config/serving.py` turns it into the Serve config file Ray deploys (one application per
+    options. `deployments/serve_config.py` turns it into the Serve config file Ray deploys (one application per
     model beside the ingress application) and reads one back; configs/*.yaml are such files."""
 
     s3: S3Config = Field(default_factory=S3Config)

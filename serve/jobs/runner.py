@@ -252,7 +252,8 @@ class JobRunner:
             else:
                 if isinstance(out, dict):  # a VaeDecoder replica of the previous release (rolling upgrade)
                     out = ChainResult(JobResult(**out["result"]), dict(out.get("timings") or {}))
-                await self._finish(job_id, "completed", result=out.result, timings=out.timings, gpus=out.gpus)
+                await self._finish(job_id, "completed", result=out.result, timings=out.timings,
+                                   gpus=getattr(out, "gpus", {}))  # a previous release's result has none
                 return
             finally:
                 self._attempts.pop(job_id, None)

@@ -17,7 +17,7 @@ from tests.integration.test_api_e2e import TERMINAL, api, wait_for
 
 pytestmark = pytest.mark.integration
 
-FIRST, SECOND = "cogvideox-tiny-2b", "cogvideox-tiny-5b"
+FIRST, SECOND, ADDED = "cogvideox-tiny-2b", "cogvideox-tiny-5b", "cogvideox-tiny-5b-added"
 TERM = "quokka parade"  # a term no default list blocks
 
 
@@ -100,19 +100,21 @@ def test_scaling_settings_and_models_change_without_restarting_the_first_model(c
         cluster.deploy(cluster.serve_config(blocked))  # waits for /readyz 200
         assert first_model_and_ingress() == before
 
-        # 3. the set of models: the second model removed, then added again
+        # 3. the set of models: the second model removed, then a model never deployed before added (its
+        # application is built while the ingress already has its catalogue entry)
         cluster.deploy(cluster.serve_config(blocked.model_copy(update={"models": []})))
         assert first_model_and_ingress() == before
         with api(cluster) as http:
             status, body = create(http, model=SECOND)
             assert status == 400 and body["error"]["code"] == "model_not_found", body
-        cluster.deploy(cluster.serve_config(blocked))
+        added = blocked.models[0].model_copy(update={"name": ADDED, "aliases": []})
+        cluster.deploy(cluster.serve_config(blocked.model_copy(update={"models": [added]})))
         assert first_model_and_ingress() == before
         with api(cluster) as http:
-            status, body = create(http, model=SECOND)
+            status, body = create(http, model=ADDED)
             assert status == 200, body
             done = wait_for(http, body["id"], lambda v: v["status"] in TERMINAL, timeout_s=180)
-            assert done["status"] == "completed" and done["model"] == SECOND, done
+            assert done["status"] == "completed" and done["model"] == ADDED, done
             first = create(http)[1]  # and the first model still serves
             assert wait_for(http, first["id"], lambda v: v["status"] in TERMINAL, timeout_s=180)["status"] == \
                 "completed"

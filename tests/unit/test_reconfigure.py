@@ -13,6 +13,7 @@ import pytest
 from serve.api.wire import CreateVideoRequest
 from serve.config import AppConfig
 from serve.errors import ServiceError
+from serve.jobs.record import JobRecord, new_job_id
 from serve.jobs.wiring import build_ingress
 from serve.storage import Storage
 from tests.unit.test_routes import SMALL, WritesVideo
@@ -110,5 +111,29 @@ def test_a_job_is_billed_by_the_gpus_its_replicas_held_unless_overridden(storage
         finally:
             await graph.runner.stop()
             graph.close()
+
+    asyncio.run(main())
+
+
+def test_a_job_of_a_model_this_replica_does_not_route_yet_waits_for_the_settings_then_fails_cleanly() -> None:
+    from deployments.ingress import ModelRouter
+    from serve.jobs.runner import NonRetryableError
+    from tests.params import example_params
+
+    class Chain:
+        async def run(self, job):
+            return f"ran {job.model}"
+
+    job = JobRecord(id=new_job_id(), tenant="acme", model="late", prompt="a cat", params=example_params(),
+                    created_at=1)
+
+    async def main() -> None:
+        router = ModelRouter(grace_s=2)
+        running = asyncio.ensure_future(router.run(job))
+        await asyncio.sleep(0.3)
+        router.route({"late": Chain()})  # the settings that add the model reach this replica
+        assert await running == "ran late"
+        with pytest.raises(NonRetryableError, match="no longer served"):  # a model that never comes
+            await ModelRouter(grace_s=0.6).run(job.model_copy(update={"model": "gone"}))
 
     asyncio.run(main())
