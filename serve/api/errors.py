@@ -31,6 +31,7 @@ _TYPES = {
     415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     503: "service_unavailable_error",
 }
 
@@ -39,6 +40,18 @@ _TYPES = {
 _STORAGE_ERRORS: dict[int, tuple[str, str]] = {
     404: ("not_found", "a stored object this request needs does not exist"),
     409: ("conflict", "the video was changed by a concurrent request; retry"),
+}
+
+
+# codes of the errors the framework raises itself (Starlette's HTTPException)
+_HTTP_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_value",
+    431: "request_headers_too_large",
 }
 
 
@@ -53,10 +66,16 @@ class ErrorEnvelope(BaseModel):
     error: ErrorBody
 
 
+def _encodable(text: str | None) -> str | None:
+    """`text` as UTF-8 can carry it: a lone surrogate from a request (which the body checks refuse, but an error
+    may quote input from anywhere) is written as its escape instead of failing the response with a 500."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorEnvelope(error=ErrorBody(message=message, type=_TYPES.get(status, "api_error"), param=param,
-                                         code=code))
+    body = ErrorEnvelope(error=ErrorBody(message=_encodable(message) or "", type=_TYPES.get(status, "api_error"),
+                                         param=_encodable(param), code=code))
     return JSONResponse(status_code=status, content=body.model_dump(), headers=headers)
 
 
@@ -93,8 +112,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
+        # what the framework raises itself (no route, wrong method, a form it could not parse)
+        status = exc.status_code
+        code = _HTTP_CODES.get(status, "invalid_request" if status < 500 else "internal_error")
+        return error_response(status, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

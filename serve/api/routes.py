@@ -8,7 +8,6 @@ module-global app), and unit tests build one around a fake pipeline.
 """
 
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, Protocol
 
@@ -16,7 +15,9 @@ from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from serve.api.body import read_fields
 from serve.api.errors import ErrorEnvelope, install_error_handlers
+from serve.api.hardening import HeaderLimits
 from serve.api.wire import CreateVideoRequest, Video, VideoDeleted, VideoList
 from serve.billing.usage import UsageResponse
 from serve.config import AppConfig
@@ -25,7 +26,7 @@ from serve.jobs.service import VideoService
 from serve.tenancy.keys import KeyRing, Principal
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 409, 415, 422, 429, 500, 503)
+    code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 409, 415, 422, 429, 431, 500, 503)
 }
 POLL_AFTER_MS = "1000"
 
@@ -55,29 +56,9 @@ def _auth_dependency(current: Callable[[], KeyRing]) -> Callable[[Request], Prin
 
 
 async def _parse_create(request: Request) -> CreateVideoRequest:
-    ctype = request.headers.get("content-type", "").lower()
-    if ctype.startswith("multipart/form-data") or ctype.startswith("application/x-www-form-urlencoded"):
-        form = await request.form()
-        raw: dict[str, Any] = {}
-        for key, value in form.multi_items():
-            if not isinstance(value, str):
-                raise ServiceError(400, f"file uploads are not supported (field {key!r})", param=key,
-                               code="invalid_value")
-            raw[key] = value
-        # form values are strings: let pydantic coerce "7" -> 7 and "true" -> True
-    elif ctype.startswith("application/json") or not ctype:
-        try:
-            raw = json.loads(await request.body() or b"null")
-        except json.JSONDecodeError as exc:
-            raise ServiceError(400, f"body is not valid JSON: {exc.msg} at position {exc.pos}",
-                           code="invalid_json") from None
-        except ValueError:  # e.g. bytes that are not UTF-8
-            raise ServiceError(400, "body is not valid JSON: send UTF-8 encoded JSON", code="invalid_json") from None
-        if not isinstance(raw, dict):
-            raise ServiceError(400, "body must be a JSON object with at least a 'prompt'", code="invalid_json")
-    else:
-        raise ServiceError(415, f"unsupported content type {ctype!r}; send application/json or multipart/form-data",
-                       code="unsupported_media_type")
+    # JSON, multipart and urlencoded bodies share one decoding and validation path (serve/api/body.py);
+    # form values are strings: pydantic coerces "7" -> 7 and "true" -> True
+    raw = await read_fields(request)
     try:
         return CreateVideoRequest.model_validate(raw)
     except ValidationError as exc:
@@ -95,9 +76,12 @@ async def _parse_create(request: Request) -> CreateVideoRequest:
 def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -> FastAPI:
     """The HTTP app of one ingress replica around `live` (the replica's `IngressGraph`). Its service, config
     and keyring are read per request, so settings applied by a reconfigure reach the next request."""
-    app = FastAPI(title="videogen-serve", version="0.1.0",
+    # redirect_slashes=False: Starlette's slash redirect builds its Location from the request's Host header (an
+    # open redirect, e.g. GET /v1/videos/%2e%2e%2f); a path no route matches is a 404 in the envelope instead
+    app = FastAPI(title="videogen-serve", version="0.1.0", redirect_slashes=False,
                   description="Text to video with CogVideoX; OpenAI Videos API shape.")
     install_error_handlers(app)
+    app.add_middleware(HeaderLimits)  # before routing, auth and body parsing
     Caller = Annotated[Principal, Depends(_auth_dependency(lambda: live.keyring))]
 
     @app.get("/healthz", include_in_schema=False)
