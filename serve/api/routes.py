@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from serve.api.body import read_fields
 from serve.api.errors import ErrorEnvelope, install_error_handlers
 from serve.api.hardening import HeaderLimits
-from serve.api.wire import CreateVideoRequest, Video, VideoDeleted, VideoList
+from serve.api.wire import CreateVideoRequest, ModelList, Video, VideoDeleted, VideoList
 from serve.billing.usage import UsageResponse
 from serve.config import AppConfig
 from serve.errors import ServiceError
@@ -103,6 +103,10 @@ def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -
         response.headers.update(headers)
         response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
         return video
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    async def list_models(caller: Caller) -> ModelList:
+        return live.service.models()
 
     @app.get("/v1/videos", response_model=VideoList, responses=_ERRORS)
     async def list_videos(caller: Caller, after: str | None = None,

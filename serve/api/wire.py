@@ -79,6 +79,31 @@ class VideoList(BaseModel):
     has_more: bool
 
 
+class ModelInfo(BaseModel):
+    """One served model (`GET /v1/models`): OpenAI's model object plus what a request may ask of it."""
+
+    id: str = Field(description="The name requests pass as `model`.")
+    object: Literal["model"] = "model"
+    created: int = Field(default=0, description="Unix seconds; 0: not tracked.")
+    owned_by: str = "videogen"
+    default: bool = Field(description="Requests without `model` use this one.")
+    aliases: list[str] = Field(description="Other names accepted for it.")
+    family: str = Field(description="The CogVideoX family its defaults and limits come from.")
+    width: int = Field(description="Native (default) width.")
+    height: int = Field(description="Native (default) height.")
+    num_frames: int = Field(description="Default frames.")
+    fps: int = Field(description="Default frames per second.")
+    frame_rule: str = Field(description="Allowed frame counts, e.g. '8N+1'.")
+    max_frames: int
+    max_side: int = Field(description="Largest width or height; both multiples of 16.")
+    max_steps: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
 class VideoDeleted(BaseModel):
     id: str
     object: Literal["video.deleted"] = "video.deleted"

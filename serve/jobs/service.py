@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from serve.admission.gate import Admission, Admitted
 from serve.api.wire import (
     CreateVideoRequest,
+    ModelInfo,
+    ModelList,
     Video,
     VideoDeleted,
     VideoList,
@@ -105,6 +107,17 @@ class VideoService:
         if job.status == "in_progress":
             job = await asyncio.to_thread(self._store.merge_progress, job)
         return self.to_wire(job)
+
+    def models(self) -> ModelList:
+        """The served models, the default first, with what a request may ask of each."""
+        out = []
+        for m in self._config.all_models():
+            p = m.preset()
+            out.append(ModelInfo(id=m.name, default=m.name == self._config.model.name, aliases=list(m.aliases),
+                                 family=m.family, width=p.width, height=p.height, num_frames=p.num_frames, fps=p.fps,
+                                 frame_rule=f"{p.frame_multiple}N+1", max_frames=p.max_frames, max_side=p.max_side,
+                                 max_steps=p.max_steps))
+        return ModelList(data=out)
 
     async def list(self, after: str | None, limit: int, order: str = "desc", *, tenant: str) -> VideoList:
         if not 1 <= limit <= 100:

@@ -141,6 +141,13 @@ def test_unknown_id_is_404_everywhere(cluster):
             assert r.json()["error"]["code"] == "not_found"
 
 
+def test_sdk_lists_the_served_models(client):
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {"cogvideox-tiny-2b", "cogvideox-tiny-5b"}
+    tiny = models["cogvideox-tiny-2b"].model_extra or {}
+    assert tiny["default"] is True and tiny["frame_rule"] == "8N+1" and tiny["width"] == 48
+
+
 def test_health_and_readiness(cluster):
     assert httpx.get(f"{cluster.base}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{cluster.base}/readyz").json()

@@ -201,6 +201,33 @@ def test_health_and_readiness(storage: Storage) -> None:
     run(main())
 
 
+def test_models_lists_the_served_models_with_what_each_accepts(storage: Storage) -> None:
+    async def main() -> None:
+        async with serving(storage) as env:
+            assert (await env.client.get("/v1/models")).status_code == 401
+            r = await env.client.get("/v1/models", headers=AUTH)
+            assert r.status_code == 200, r.text
+            [model] = r.json()["data"]
+            assert r.json()["object"] == "list" and model["object"] == "model" and model["default"] is True
+            assert model["id"] == "cogvideox-tiny-2b" and model["family"] == "cogvideox-2b"
+            # the default AppConfig's model: the 2b preset (720x480, 49 frames at 8 fps, 8N+1 frames)
+            assert (model["width"], model["height"], model["num_frames"], model["fps"]) == (720, 480, 49, 8)
+            assert model["frame_rule"] == "8N+1" and model["max_frames"] >= 49
+
+    run(main())
+
+
+def test_models_follow_the_settings_of_each_model(storage: Storage) -> None:
+    config = AppConfig.model_validate({
+        "s3": storage.cfg.model_dump(),
+        "model": {"name": "a", "family": "cogvideox-2b", "defaults": {"width": 96, "height": 64, "fps": 12}},
+        "models": [{"name": "b", "family": "cogvideox1.5-5b", "aliases": ["b15"]}]})
+    graph = build_ingress(config, storage=storage, pipeline=WritesVideo(storage), owner="ingress-unit")
+    a, b = graph.service.models().data
+    assert (a.id, a.default, a.width, a.height, a.fps) == ("a", True, 96, 64, 12)
+    assert (b.id, b.default, b.aliases, b.frame_rule, b.width) == ("b", False, ["b15"], "16N+1", 1360)
+
+
 # ---- create and read ------------------------------------------------------------------------------------------
 
 
