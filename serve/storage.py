@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -53,6 +53,16 @@ class PreconditionFailed(StorageError):
     """A conditional write lost: the object exists (IfNoneMatch) or changed since it was read (IfMatch)."""
 
     status_code = 409
+
+
+CHUNK_BYTES = 1024 * 1024  # what one read of a streamed object returns at most
+
+
+def _chunks(body: Any) -> Iterator[bytes]:
+    try:
+        yield from body.iter_chunks(CHUNK_BYTES)
+    finally:
+        body.close()
 
 
 @dataclass(frozen=True)
@@ -241,6 +251,19 @@ class Storage:
             last_modified=r.get("LastModified"),
             metadata=dict(r.get("Metadata") or {}),
         )
+
+    def open_range(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        """Bytes `start..end` (inclusive) of an object, streamed in chunks (never the whole object in memory).
+        The S3 response is opened here, so a missing object raises `NotFound` before the first chunk."""
+        try:
+            r = self._client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}")
+        except ClientError as exc:
+            if _is(exc, _NOT_FOUND_CODES):
+                raise NotFound(f"s3://{self.bucket}/{key} not found") from exc
+            raise StorageError(f"get s3://{self.bucket}/{key} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"get s3://{self.bucket}/{key} failed: {exc}") from exc
+        return _chunks(r["Body"])
 
     def exists(self, key: str) -> bool:
         try:

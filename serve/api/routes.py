@@ -8,16 +8,19 @@ module-global app), and unit tests build one around a fake pipeline.
 """
 
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import ValidationError
+from starlette.concurrency import iterate_in_threadpool
 
 from serve.api.body import read_fields
 from serve.api.errors import ErrorEnvelope, install_error_handlers
 from serve.api.hardening import HeaderLimits
+from serve.api.ranges import byte_range
 from serve.api.wire import CreateVideoRequest, ModelList, Video, VideoDeleted, VideoList
 from serve.billing.usage import UsageResponse
 from serve.config import AppConfig
@@ -27,6 +30,14 @@ from serve.tenancy.keys import KeyRing, Principal
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 409, 415, 422, 429, 431, 500, 503)
+}
+_CONTENT: dict[int | str, dict[str, Any]] = {
+    **_ERRORS, 416: {"model": ErrorEnvelope},
+    200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}},
+                      "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+    206: {"description": "The requested byte range", "content": {
+        "video/mp4": {"schema": {"type": "string", "format": "binary"}},
+        "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
 }
 POLL_AFTER_MS = "1000"
 
@@ -130,12 +141,26 @@ def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -
     async def delete_video(video_id: str, caller: Caller) -> VideoDeleted:
         return await live.service.delete(video_id, caller.tenant)
 
-    @app.get("/v1/videos/{video_id}/content", responses=_ERRORS)
-    async def video_content(video_id: str, caller: Caller, variant: str = "video") -> Response:
-        data, media_type = await live.service.content(video_id, variant, caller.tenant)
-        ext = "mp4" if media_type == "video/mp4" else "jpg"
-        return Response(content=data, media_type=media_type,
-                        headers={"Content-Disposition": f'attachment; filename="{video_id}.{ext}"'})
+    @app.get("/v1/videos/{video_id}/content", responses=_CONTENT)
+    async def video_content(request: Request, video_id: str, caller: Caller, variant: str = "video") -> Response:
+        """The mp4 (or cover JPEG), streamed from S3; a `Range: bytes=...` header gets 206 and that part only.
+        With `api.content_redirect`, a redirect to a presigned S3 URL instead."""
+        content = await live.service.content(video_id, variant, caller.tenant)
+        if live.config.api.content_redirect:
+            url = await asyncio.to_thread(live.service.content_url, content)
+            return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
+        wanted = byte_range(request.headers.get("range"), content.size)
+        start, end = wanted or (0, content.size - 1)
+        headers = {"Accept-Ranges": "bytes", "Content-Length": str(max(0, end - start + 1)),
+                   "Content-Disposition": f'attachment; filename="{content.filename}"'}
+        if wanted is not None:
+            headers["Content-Range"] = f"bytes {start}-{end}/{content.size}"
+        if content.size == 0:
+            return Response(b"", media_type=content.media_type, headers=headers)
+        # opened before the answer starts: a missing object is still a 404, not a cut-off 200
+        chunks = await asyncio.to_thread(live.service.open_content, content, start, end)
+        return StreamingResponse(iterate_in_threadpool(chunks), status_code=206 if wanted else 200,
+                                 media_type=content.media_type, headers=headers)
 
     @app.get("/v1/usage", response_model=UsageResponse, responses=_ERRORS)
     async def usage(caller: Caller, start: str | None = None, end: str | None = None) -> UsageResponse:

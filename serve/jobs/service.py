@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from serve.admission.gate import Admission, Admitted
@@ -33,6 +35,23 @@ from serve.storage import NotFound, Storage
 from serve.tenancy.keys import Principal
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Content:
+    """A completed video's stored object (`variant` video or thumbnail), before any byte is read."""
+
+    job_id: str
+    variant: str
+    key: str
+    size: int
+    media_type: str
+    filename: str
+
+
+def _gone(job_id: str, variant: str) -> ServiceError:
+    # the record outlived its object (a lifecycle rule after `expires_at`, or a manual cleanup)
+    return ServiceError(404, f"the {variant} of {job_id} is no longer stored", param="video_id", code="not_found")
 
 
 class VideoService:
@@ -133,7 +152,8 @@ class VideoService:
         return VideoList(data=data, has_more=has_more, first_id=data[0].id if data else None,
                          last_id=data[-1].id if data else None)
 
-    async def content(self, job_id: str, variant: str, tenant: str) -> tuple[bytes, str]:
+    async def content(self, job_id: str, variant: str, tenant: str) -> Content:
+        """The stored object of a completed video's `variant` (size known, nothing read yet)."""
         job = await self._load(job_id, tenant)
         if variant not in ("video", "thumbnail"):
             raise ServiceError(400, f"variant must be 'video' or 'thumbnail', got {variant!r}", param="variant",
@@ -145,12 +165,23 @@ class VideoService:
         if key is None:
             raise ServiceError(404, f"video {job_id} has no {variant}", param="variant", code="not_found")
         try:
-            data = await asyncio.to_thread(self._storage.get_bytes, key)
+            info = await asyncio.to_thread(self._storage.head, key)
         except NotFound:
-            # the record outlived its object (a lifecycle rule after `expires_at`, or a manual cleanup)
-            raise ServiceError(404, f"the {variant} of {job_id} is no longer stored", param="video_id",
-                           code="not_found") from None
-        return data, "video/mp4" if variant == "video" else "image/jpeg"
+            raise _gone(job_id, variant) from None
+        mp4 = variant == "video"
+        return Content(job_id=job_id, variant=variant, key=key, size=info.size,
+                       media_type="video/mp4" if mp4 else "image/jpeg", filename=f"{job_id}.{'mp4' if mp4 else 'jpg'}")
+
+    def open_content(self, content: Content, start: int, end: int) -> Iterator[bytes]:
+        """Bytes `start..end` (inclusive) of `content`, streamed from S3 (blocking: run it in a thread)."""
+        try:
+            return self._storage.open_range(content.key, start, end)
+        except NotFound:
+            raise _gone(content.job_id, content.variant) from None
+
+    def content_url(self, content: Content) -> str:
+        """A presigned S3 URL of `content` (blocking), for `api.content_redirect`."""
+        return self._storage.presign_get(content.key, filename=content.filename, content_type=content.media_type)
 
     # -- cancel ----------------------------------------------------------------------------------
     async def cancel(self, job_id: str, tenant: str) -> Video:

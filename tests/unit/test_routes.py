@@ -89,10 +89,12 @@ class Env:
 @asynccontextmanager
 async def serving(storage: Storage, *, fail: bool = False, max_concurrent: int = 64,
                   readiness: Callable[[], Awaitable[dict[str, Any]]] = all_ready,
-                  raise_app_exceptions: bool = True, page_limit: int = 20) -> AsyncIterator[Env]:
+                  raise_app_exceptions: bool = True, page_limit: int = 20,
+                  content_redirect: bool = False) -> AsyncIterator[Env]:
     jobs = JobsConfig(max_attempts=2, lease_s=5, heartbeat_s=0.5, reclaim_interval_s=1, retry_backoff_s=0,
                       max_concurrent_per_replica=max_concurrent)
-    config = AppConfig(s3=storage.cfg, jobs=jobs, api=ApiConfig(api_keys=[API_KEY], default_page_limit=page_limit),
+    config = AppConfig(s3=storage.cfg, jobs=jobs, api=ApiConfig(api_keys=[API_KEY], default_page_limit=page_limit,
+                                                             content_redirect=content_redirect),
                        keys={"legacy_plan": "enterprise"})
     pipeline = WritesVideo(storage, fail=fail)
     graph = build_ingress(config, storage=storage, pipeline=pipeline, owner="ingress-unit")
