@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -234,15 +234,19 @@ class Storage:
     def put_json(self, key: str, value: Any) -> None:
         self.put_bytes(key, _dumps(value), "application/json")
 
-    def head(self, key: str) -> ObjectInfo:
+    def _read(self, op: str, key: str, call: Callable[..., Any], **kwargs: Any) -> Any:
+        """One S3 read of `key`: a missing object is `NotFound`, any other failure `StorageError`."""
         try:
-            r = self._client.head_object(Bucket=self.bucket, Key=key)
+            return call(Bucket=self.bucket, Key=key, **kwargs)
         except ClientError as exc:
             if _is(exc, _NOT_FOUND_CODES):
                 raise NotFound(f"s3://{self.bucket}/{key} not found") from exc
-            raise StorageError(f"head s3://{self.bucket}/{key} failed: {exc}") from exc
+            raise StorageError(f"{op} s3://{self.bucket}/{key} failed: {exc}") from exc
         except BotoCoreError as exc:
-            raise StorageError(f"head s3://{self.bucket}/{key} failed: {exc}") from exc
+            raise StorageError(f"{op} s3://{self.bucket}/{key} failed: {exc}") from exc
+
+    def head(self, key: str) -> ObjectInfo:
+        r = self._read("head", key, self._client.head_object)
         return ObjectInfo(
             key=key,
             size=int(r.get("ContentLength", 0)),
@@ -255,14 +259,7 @@ class Storage:
     def open_range(self, key: str, start: int, end: int) -> Iterator[bytes]:
         """Bytes `start..end` (inclusive) of an object, streamed in chunks (never the whole object in memory).
         The S3 response is opened here, so a missing object raises `NotFound` before the first chunk."""
-        try:
-            r = self._client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}")
-        except ClientError as exc:
-            if _is(exc, _NOT_FOUND_CODES):
-                raise NotFound(f"s3://{self.bucket}/{key} not found") from exc
-            raise StorageError(f"get s3://{self.bucket}/{key} failed: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"get s3://{self.bucket}/{key} failed: {exc}") from exc
+        r = self._read("get", key, self._client.get_object, Range=f"bytes={start}-{end}")
         return _chunks(r["Body"])
 
     def exists(self, key: str) -> bool:
