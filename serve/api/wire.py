@@ -16,6 +16,8 @@ class CreateVideoRequest(BaseModel):
     model: str | None = Field(default=None, description="A configured model name; default: the served model.")
     seconds: str | None = Field(default=None, description="Clip length in seconds; ignored if num_frames is set.")
     size: str | None = Field(default=None, description="WIDTHxHEIGHT, each a multiple of 16.")
+    width: int | None = Field(default=None, description="With `height`, instead of `size` (as vLLM-Omni accepts).")
+    height: int | None = Field(default=None, description="With `width`, instead of `size`.")
     input_reference: str | None = Field(default=None, description="Not supported (text-to-video only).")
     negative_prompt: str | None = Field(default=None, description="What the video should not show.")
     seed: int | None = Field(default=None, description="0..2**32-1; random when omitted (returned).")

@@ -40,6 +40,22 @@ def _parse_seconds(seconds: str) -> float:
     return value
 
 
+def _geometry(req: CreateVideoRequest, default_w: int, default_h: int) -> tuple[int, int, str | None]:
+    """(width, height, the field an error names): from `size`, or `width` with `height`, or the defaults."""
+    given = (req.width is not None, req.height is not None)
+    if given == (True, False) or given == (False, True):
+        missing = "height" if req.height is None else "width"
+        raise _bad(missing, f"width and height come together: {missing} is missing (or send size 'WxH')")
+    if req.size:
+        width, height = _parse_size(req.size)
+        if req.width is not None and (req.width, req.height) != (width, height):
+            raise _bad("size", f"size {req.size!r} and width/height {req.width}x{req.height} disagree; send one")
+        return width, height, "size"
+    if req.width is not None:
+        return req.width, req.height, None
+    return default_w, default_h, "size"
+
+
 def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig) -> GenerationParams:
     """Validated parameters with every default filled in; stored in the job record as `params`."""
     preset = model.preset()
@@ -58,11 +74,12 @@ def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig)
         raise _bad("input_reference", "input_reference is not supported: this service is text-to-video only")
 
     # 2. Geometry
-    width, height = _parse_size(req.size) if req.size else (preset.width, preset.height)
+    width, height, size_param = _geometry(req, preset.width, preset.height)
     for name, side in (("width", width), ("height", height)):
         if side % preset.side_multiple or not preset.min_side <= side <= preset.max_side:
-            raise _bad("size", f"{name} must be a multiple of {preset.side_multiple} between {preset.min_side} "
-                               f"and {preset.max_side}, got {side} (size {width}x{height})")
+            raise _bad(size_param or name, f"{name} must be a multiple of {preset.side_multiple} between "
+                                           f"{preset.min_side} and {preset.max_side}, got {side} "
+                                           f"(size {width}x{height})")
 
     # 3. Time: frames and fps
     fps = preset.fps if req.fps is None else req.fps

@@ -108,3 +108,14 @@ def test_app_config_validates_and_loads_shipped_files():
         AppConfig.model_validate({"jobs": {"lease_s": 5, "heartbeat_s": 10}})
     with pytest.raises(ValueError):
         AppConfig.model_validate({"model": {"family": "sora"}})
+
+
+def test_width_and_height_are_an_alternative_to_size():
+    p = resolve(width=64, height=48)
+    assert (p.width, p.height, p.size) == (64, 48, "64x48")
+    assert resolve(size="64x48", width=64, height=48).size == "64x48"  # both, agreeing
+    assert error(width=64).param == "height" and error(height=48).param == "width"
+    assert error(size="64x48", width=96, height=48).param == "size"  # both, disagreeing
+    bad = error(width=65, height=48)
+    assert bad.param == "width" and "multiple of 16" in bad.message
+    assert error(width=64, height=4096).param == "height"
