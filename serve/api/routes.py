@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import iterate_in_threadpool
@@ -89,11 +90,34 @@ def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -
     and keyring are read per request, so settings applied by a reconfigure reach the next request."""
     # redirect_slashes=False: Starlette's slash redirect builds its Location from the request's Host header (an
     # open redirect, e.g. GET /v1/videos/%2e%2e%2f); a path no route matches is a 404 in the envelope instead
-    app = FastAPI(title="videogen-serve", version="0.1.0", redirect_slashes=False,
-                  description="Text to video with CogVideoX; OpenAI Videos API shape.")
+    # the document and its page are routes of their own, so `api.docs` applies per request (a reconfigure
+    # switches them without a restart)
+    app = FastAPI(title="videogen-serve", version="0.1.0", redirect_slashes=False, openapi_url=None, docs_url=None,
+                  redoc_url=None, description="Text to video with CogVideoX; OpenAI Videos API shape.")
     install_error_handlers(app)
     app.add_middleware(HeaderLimits)  # before routing, auth and body parsing
-    Caller = Annotated[Principal, Depends(_auth_dependency(lambda: live.keyring))]
+    authenticate = _auth_dependency(lambda: live.keyring)
+
+    def docs_mode(request: Request) -> None:
+        mode = live.config.api.docs
+        if mode == "off":
+            raise ServiceError(404, f"no route {request.url.path}", code="not_found")
+        if mode == "authenticated":
+            authenticate(request)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        await asyncio.to_thread(docs_mode, request)  # the key ring's reload check stats a file
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> Response:
+        await asyncio.to_thread(docs_mode, request)
+        if live.config.api.docs != "public":  # a browser page cannot send the bearer key
+            raise ServiceError(404, "the docs page is served only with api.docs: public; fetch /openapi.json "
+                                    "with your key", code="not_found")
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="videogen-serve")
+    Caller = Annotated[Principal, Depends(authenticate)]
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

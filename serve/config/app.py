@@ -146,6 +146,10 @@ class ApiConfig(Strict):
     )
     max_prompt_chars: int = Field(default=2000, ge=1, description="Longest accepted prompt, in characters.")
     default_page_limit: int = Field(default=20, ge=1, le=100)
+    docs: Literal["public", "authenticated", "off"] = Field(
+        default="public",
+        description="/openapi.json and /docs: public; `authenticated` (the document needs an API key, no /docs "
+                    "page); or `off` (404). The GPU configs ship `off`.")
     content_redirect: bool = Field(
         default=False,
         description="GET .../content answers 302 to a presigned S3 URL instead of streaming through the ingress "

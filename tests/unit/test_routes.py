@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import pytest
 
 from serve.api.routes import create_app
 from serve.config import ApiConfig, AppConfig, JobsConfig, S3Config
@@ -90,11 +91,11 @@ class Env:
 async def serving(storage: Storage, *, fail: bool = False, max_concurrent: int = 64,
                   readiness: Callable[[], Awaitable[dict[str, Any]]] = all_ready,
                   raise_app_exceptions: bool = True, page_limit: int = 20,
-                  content_redirect: bool = False) -> AsyncIterator[Env]:
+                  content_redirect: bool = False, docs: str = "public") -> AsyncIterator[Env]:
     jobs = JobsConfig(max_attempts=2, lease_s=5, heartbeat_s=0.5, reclaim_interval_s=1, retry_backoff_s=0,
                       max_concurrent_per_replica=max_concurrent)
     config = AppConfig(s3=storage.cfg, jobs=jobs, api=ApiConfig(api_keys=[API_KEY], default_page_limit=page_limit,
-                                                             content_redirect=content_redirect),
+                                                             content_redirect=content_redirect, docs=docs),
                        keys={"legacy_plan": "enterprise"})
     pipeline = WritesVideo(storage, fail=fail)
     graph = build_ingress(config, storage=storage, pipeline=pipeline, owner="ingress-unit")
@@ -513,6 +514,24 @@ def test_delete_of_a_running_video_cancels_its_chain(storage: Storage) -> None:
             assert env.pipeline.calls == 1 and env.pipeline.cancelled == 1
             assert_error(await env.client.get(f"/v1/videos/{vid}", headers=AUTH), 404, "not_found", "video_id")
             assert env.all_keys() == []
+
+    run(main())
+
+
+@pytest.mark.parametrize(("docs", "anonymous", "with_key", "page"), [
+    ("public", 200, 200, 200), ("authenticated", 401, 200, 404), ("off", 404, 404, 404)])
+def test_the_api_document_can_be_put_behind_a_key_or_switched_off(storage: Storage, docs, anonymous, with_key,
+                                                                    page) -> None:
+    async def main() -> None:
+        async with serving(storage, docs=docs) as env:
+            assert (await env.client.get("/openapi.json")).status_code == anonymous
+            r = await env.client.get("/openapi.json", headers=AUTH)
+            assert r.status_code == with_key
+            if with_key == 200:
+                assert "/v1/videos" in r.json()["paths"]
+            else:
+                assert_error(r, 404, "not_found", None)
+            assert (await env.client.get("/docs", headers=AUTH)).status_code == page
 
     run(main())
 
