@@ -27,14 +27,10 @@ _CLASSES = {TEXT_ENCODER: TextEncoder, DENOISER: Denoiser, VAE_DECODER: VaeDecod
 
 
 class Model:
-    """Root of a model's application: holds its stage handles (so Serve deploys them) and describes them."""
+    """Root of a model's application: it only holds the stage handles, so that Serve deploys the stages."""
 
-    def __init__(self, args: dict[str, Any], *stages: Any) -> None:
-        self._args = ModelAppArgs.model_validate(args)
+    def __init__(self, *stages: Any) -> None:
         self._stages = stages
-
-    def describe(self) -> dict[str, Any]:
-        return {"model": self._args.model.name, "stages": [s.deployment for s in STAGES]}
 
 
 def build_model_app(args: ModelAppArgs | dict[str, Any]) -> Application:
@@ -48,7 +44,7 @@ def build_model_app(args: ModelAppArgs | dict[str, Any]) -> Application:
               for stage in STAGES]
     root = serve.deployment(Model, name=MODEL_ROOT, num_replicas=1, ray_actor_options={"num_cpus": 0},
                             max_ongoing_requests=16, graceful_shutdown_timeout_s=5)
-    return root.bind(data, *stages)
+    return root.bind(*stages)
 
 
 def build_app(args: IngressArgs | dict[str, Any] | None = None) -> Application:

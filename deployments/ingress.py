@@ -146,11 +146,11 @@ class Ingress:
             if generation != self._settings_seen:  # a retry overtaken by newer settings
                 return
             if self._graph is None:
-                config = AppConfig.from_parts(IngressSettings.model_validate(user_config or {}), self._args.s3)
+                config = self._config_of(user_config)
                 await self._start(config)
             else:
                 try:
-                    config = AppConfig.from_parts(IngressSettings.model_validate(user_config or {}), self._args.s3)
+                    config = self._config_of(user_config)
                     await self._update(config)
                 except Exception as exc:  # see above: the previous settings stay
                     self._rejected = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -160,6 +160,9 @@ class Ingress:
                     return
                 self._rejected = None
         log.info("ingress settings applied: models %s", [m.name for m in config.all_models()])
+
+    def _config_of(self, user_config: dict[str, Any] | None) -> AppConfig:
+        return AppConfig.from_parts(IngressSettings.model_validate(user_config or {}), self._args.s3)
 
     async def _retry_later(self, user_config: dict[str, Any] | None, generation: int) -> None:
         await asyncio.sleep(SETTINGS_RETRY_S)

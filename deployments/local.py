@@ -55,6 +55,7 @@ def deploy(serve_config: dict[str, Any], timeout_s: float = 300) -> None:
     the Serve instance this process started: its `args` decide each application's code version, so
     deploying a changed file updates running replicas in place wherever Serve can (no dashboard needed).
     `serve.run` would instead give every call a new code version and restart every replica."""
+    from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
@@ -64,8 +65,6 @@ def deploy(serve_config: dict[str, Any], timeout_s: float = 300) -> None:
     deadline = time.time() + timeout_s
     names = {a.name for a in schema.applications}
     while time.time() < deadline:  # the controller builds the applications in the background
-        from ray import serve
-
         apps = serve.status().applications
         states = {n: apps[n].status for n in names if n in apps}
         if any(s == "DEPLOY_FAILED" for s in states.values()):

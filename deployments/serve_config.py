@@ -35,7 +35,7 @@ from serve.stages.stage import STAGES
 
 INGRESS_APP = "videogen"
 INGRESS_DEPLOYMENT = "Ingress"
-MODEL_ROOT = "Model"  # the root of a model's application: holds its three stage handles, answers `describe`
+MODEL_ROOT = "Model"  # the root of a model's application: holds its three stage handles
 BUILD_MODEL_APP = "deployments.app:build_model_app"
 BUILD_INGRESS_APP = "deployments.app:build_app"
 
@@ -94,8 +94,10 @@ def serve_config(config: AppConfig, *, runtime_env: dict[str, Any] | None = None
     return out
 
 
-def _options(section: dict[str, Any]) -> DeploymentOptions:
-    return DeploymentOptions.model_validate({k: v for k, v in section.items() if k not in ("name", "user_config")})
+def _options(section: dict[str, Any] | None, default: DeploymentOptions) -> DeploymentOptions:
+    """A deployment's options: its section's fields over the code's defaults (as Serve applies them)."""
+    fields = {k: v for k, v in (section or {}).items() if k not in ("name", "user_config")}
+    return DeploymentOptions.model_validate({**default.model_dump(exclude_none=True), **fields})
 
 
 def _app(data: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -146,14 +148,14 @@ def check_serve_config(data: dict[str, Any]) -> AppConfig:
         unknown = set(sections) - {s.deployment for s in STAGES} - {MODEL_ROOT}
         if unknown:
             raise ValueError(f"application {name!r} has no deployment {sorted(unknown)}")
-        options = {s.key: _options(sections[s.deployment]) if s.deployment in sections  # every model's, checked
-                   else getattr(DeploymentsConfig(), s.key) for s in STAGES}
+        defaults = DeploymentsConfig()
+        options = {s.key: _options(sections.get(s.deployment), getattr(defaults, s.key))  # every model's, checked
+                   for s in STAGES}
         for stage in STAGES:
             StageSettings.model_validate((sections.get(stage.deployment) or {}).get("user_config") or {})
         if model.name == settings.model.name:
             stage_options = options
-    deployments = DeploymentsConfig(ingress=_options(ingress_section) if len(ingress_section) > 1
-                                    else DeploymentsConfig().ingress, **stage_options)
+    deployments = DeploymentsConfig(ingress=_options(ingress_section, DeploymentsConfig().ingress), **stage_options)
     return AppConfig.from_parts(settings, args.s3, deployments)
 
 

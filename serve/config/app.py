@@ -197,10 +197,6 @@ class ModelAppArgs(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     s3: S3Config = Field(default_factory=S3Config)
 
-    @property
-    def app_name(self) -> str:
-        return model_app_name(self.model.name)
-
 
 class IngressArgs(Strict):
     """`args` of the ingress application (`deployments.app:build_app`): the bucket its job records live in."""
@@ -273,9 +269,6 @@ class AppConfig(IngressSettings):
     def settings(self) -> IngressSettings:
         """The part the Ingress takes as its `user_config`."""
         return IngressSettings.model_validate({k: getattr(self, k) for k in IngressSettings.model_fields})
-
-    def model_args(self, model: ModelConfig) -> ModelAppArgs:
-        return ModelAppArgs(model=model, s3=self.s3)
 
     @classmethod
     def from_parts(cls, settings: IngressSettings, s3: S3Config,

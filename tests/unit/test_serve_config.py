@@ -186,3 +186,13 @@ def test_normalised_files_spell_out_what_was_checked(tmp_path, monkeypatch):
     assert ingress_app["deployments"][0]["user_config"]["model"] == model_app["args"]["model"]
     assert ingress_app["deployments"][0]["user_config"]["api"]["api_keys"] == ["sk-local-dev"]  # not masked
     assert data["applications"][0]["args"]["model"]["source"] == "./models/tiny-2b"  # the input is left alone
+
+
+def test_a_section_overrides_the_codes_defaults_field_by_field():
+    data = serve_config(two_models())
+    [ingress] = data["applications"][2]["deployments"]
+    data["applications"][2]["deployments"] = [{"name": "Ingress", "user_config": ingress["user_config"]}]
+    data["applications"][0]["deployments"][0] = {"name": "TextEncoder", "num_replicas": 3}
+    config = check_serve_config(data)
+    assert config.deployments.ingress == DeploymentsConfig().ingress  # what build_app gives the Ingress
+    assert config.deployments.text_encoder == DeploymentOptions(num_replicas=3)
