@@ -6,6 +6,9 @@ VAE decoding (videos/covers) and the content endpoint (presigned GET URLs). Buil
 
 Every method that takes a `key` expects a full key as returned by `Storage.key(...)` (prefix already applied), and
 `list_keys` returns full keys, so a key read from a listing can be passed straight back.
+
+Every write also feeds `WriteHealth`, from which the ingress's /readyz judges whether S3 takes writes now without a
+write per probe (`Storage.write_problem`; a canary write only when the replica has been idle).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,7 +31,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from serve.config import S3Config
-from serve.metrics import ObservedS3Client, StorageObserver
+from serve.metrics import ObservedS3Client, StorageObserver, s3_error_code
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
 # also get 409 ConditionalRequestConflict. Both mean "someone else moved the object first".
 _PRECONDITION_CODES = frozenset({"412", "PreconditionFailed", "409", "ConditionalRequestConflict"})
 _DELETE_BATCH = 1000  # DeleteObjects limit
+CANARY_KEY = "health/canary"  # under the prefix; one object every replica overwrites
 
 
 class StorageError(Exception):
@@ -95,12 +101,82 @@ def _content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
+class WriteHealth:
+    """Whether S3 takes writes now, judged from the outcomes of this process's own writes: no write per question.
+
+    `Storage` records the outcome of every write it makes (puts, conditional puts, multipart uploads, deletes,
+    bucket creation). The rule: S3 is not writable while the latest outcome is a failure, or while a canary has
+    been unanswered for `canary_timeout_s`; the next write that succeeds clears it. One failure is enough to flip,
+    as a failed write already is botocore's `S3Config.max_attempts` tries. An answer S3 gives on purpose (a lost
+    conditional write, 412/409; a missing key) is the write path working, not failing. Under a partial outage the
+    verdict follows each write, so it flaps as the writes do.
+
+    No verdict goes stale while someone asks: once nothing was written for `canary_interval_s`, `claim_canary`
+    hands one caller the canary write (one at a time, at most one per interval), whose outcome lands here like any
+    other write's. Thread-safe; `clock` (monotonic seconds) is injectable for tests.
+    """
+
+    def __init__(self, canary_interval_s: float, canary_timeout_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.canary_interval_s = canary_interval_s
+        self.canary_timeout_s = canary_timeout_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last_at: float | None = None  # when the latest outcome landed
+        self._last_error: str | None = None  # "<operation>: <code>" while the latest outcome is a failure
+        self._failing_since = 0.0  # when the first of the failures in a row landed
+        self._failures = 0  # failures in a row
+        self._canary_started: float | None = None  # the latest canary's start
+        self._canary_running = False
+
+    def record(self, operation: str, error: str | None) -> None:
+        """One write's outcome: `error` is the S3 error code of a failure, None for a success."""
+        with self._lock:
+            now = self._clock()
+            self._last_at = now
+            if error is None:
+                self._last_error, self._failures = None, 0
+                return
+            if self._failures == 0:
+                self._failing_since = now
+            self._failures += 1
+            self._last_error = f"{operation}: {error}"
+
+    def problem(self) -> str | None:
+        """Why S3 does not take writes now (safe to show unauthenticated: no key, bucket or endpoint), or None."""
+        with self._lock:
+            now = self._clock()
+            if self._last_error is not None:
+                return (f"writes failing for {now - self._failing_since:.0f}s ({self._failures} in a row; the latest "
+                        f"{now - self._last_at:.0f}s ago, {self._last_error})")
+            if self._canary_running and now - self._canary_started >= self.canary_timeout_s:
+                return f"canary write unanswered for {now - self._canary_started:.0f}s"
+            return None
+
+    def claim_canary(self) -> bool:
+        """True for the one caller that should write the canary now (then call `canary_finished`): nothing was
+        written, and no canary started, for `canary_interval_s`, and none is in flight. True before any write."""
+        with self._lock:
+            now = self._clock()
+            latest = max((t for t in (self._last_at, self._canary_started) if t is not None), default=None)
+            if self._canary_running or (latest is not None and now - latest < self.canary_interval_s):
+                return False
+            self._canary_started, self._canary_running = now, True
+            return True
+
+    def canary_finished(self) -> None:
+        with self._lock:
+            self._canary_running = False
+
+
 class Storage:
     """One bucket + prefix. Thread-safe: boto3 clients may be shared between threads."""
 
     def __init__(self, cfg: S3Config, client: Any | None = None, list_page_size: int = 1000,
-                 observer: StorageObserver | None = None) -> None:
+                 observer: StorageObserver | None = None, write_health: WriteHealth | None = None) -> None:
         self.cfg = cfg
+        self.write_health = write_health if write_health is not None else WriteHealth(
+            cfg.canary_interval_s, cfg.canary_timeout_s)
         self._page = max(1, min(list_page_size, 1000))  # ListObjectsV2 returns at most 1000 keys a page
         self.bucket = cfg.bucket
         prefix = cfg.prefix.strip("/")
@@ -176,10 +252,14 @@ class Storage:
             logger.info("created bucket %s", self.bucket)
         except ClientError as exc:
             if _error_code(exc) in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                self._record("create_bucket", None)
                 return
+            self._record("create_bucket", exc)
             raise StorageError(f"cannot create bucket {self.bucket!r}: {exc}") from exc
         except BotoCoreError as exc:
+            self._record("create_bucket", exc)
             raise StorageError(f"cannot create bucket {self.bucket!r} at {self._where()}: {exc}") from exc
+        self._record("create_bucket", None)
 
     def check(self) -> None:
         """HeadBucket, once and without retries (readiness should reflect now); raises StorageError."""
@@ -198,6 +278,31 @@ class Storage:
             raise StorageError(msg) from exc
         except BotoCoreError as exc:
             raise StorageError(f"S3 at {self._where()} unreachable: {exc}") from exc
+
+    def write_problem(self, wait_s: float) -> str | None:
+        """Why S3 does not take writes now, or None (`WriteHealth`'s rule). Writes nothing itself unless the canary
+        is due (see `WriteHealth.claim_canary`); then it writes `CANARY_KEY` on a thread of its own, through the
+        same client and retries as every write (it fails when a real write would), and waits up to `wait_s` for the
+        outcome, so this answer reflects it. A slower canary lands in a later answer."""
+        if self.write_health.claim_canary():
+            done = threading.Event()
+            threading.Thread(target=self._write_canary, args=(done,), name="s3-write-canary", daemon=True).start()
+            done.wait(wait_s)
+        return self.write_health.problem()
+
+    def _write_canary(self, done: threading.Event) -> None:
+        try:
+            self.put_json(self.key(CANARY_KEY), {"written_at": time.time()})  # put_json records the outcome
+        except StorageError as exc:
+            logger.warning("S3 write canary failed: %s", exc)
+        finally:
+            self.write_health.canary_finished()
+            done.set()
+
+    def _record(self, operation: str, exc: BaseException | None) -> None:
+        """Feed one write's outcome to `write_health`; an error S3 answers on purpose (412, 409, a missing key;
+        `s3_error_code` says None) shows the write path working, so it counts as a success."""
+        self.write_health.record(operation, None if exc is None else s3_error_code(exc))
 
     def _where(self) -> str:
         return self.cfg.endpoint_url or f"AWS {self.cfg.region}"
@@ -220,7 +325,9 @@ class Storage:
                     io.BytesIO(data), self.bucket, key, ExtraArgs=extra, Config=self._transfer
                 )
         except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+            self._record("put", exc)
             raise StorageError(f"put s3://{self.bucket}/{key} failed: {exc}") from exc
+        self._record("put", None)
 
     def get_bytes(self, key: str) -> bytes:
         got = self.get_with_etag(key)
@@ -269,12 +376,16 @@ class Storage:
             return False
         return True
 
+    # Deletes count as writes for `write_health`: they change the bucket as puts do, and fail with them in an
+    # outage; a replica whose deletes fail cannot honour DELETE /v1/videos either.
     def delete(self, key: str) -> None:
         """Idempotent: deleting a missing key succeeds."""
         try:
             self._client.delete_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:
+            self._record("delete", exc)
             raise StorageError(f"delete s3://{self.bucket}/{key} failed: {exc}") from exc
+        self._record("delete", None)
 
     def delete_many(self, keys: Iterable[str]) -> None:
         keys = list(dict.fromkeys(keys))
@@ -285,9 +396,11 @@ class Storage:
                     Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
                 )
             except (ClientError, BotoCoreError) as exc:
+                self._record("delete", exc)
                 raise StorageError(f"delete of {len(batch)} keys in {self.bucket!r} failed: {exc}") from exc
             # DeleteObjects answers 200 even when single keys fail; the failures are in the body.
             errors = [e for e in r.get("Errors", []) if e.get("Code") not in ("NoSuchKey",)]
+            self.write_health.record("delete", str(errors[0].get("Code") or "other") if errors else None)
             if errors:
                 first = errors[0]
                 raise StorageError(
@@ -347,13 +460,16 @@ class Storage:
         try:
             r = self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, **cond)
         except ClientError as exc:
+            self._record("conditional_put", exc)  # a lost race is S3 answering; NoSuchBucket is not
             if _is(exc, _PRECONDITION_CODES):
                 raise PreconditionFailed(f"conditional put of s3://{self.bucket}/{key} lost ({cond})") from exc
             if _is(exc, _NOT_FOUND_CODES):
                 raise NotFound(f"s3://{self.bucket}/{key} not found for conditional put") from exc
             raise StorageError(f"put s3://{self.bucket}/{key} failed: {exc}") from exc
         except BotoCoreError as exc:
+            self._record("conditional_put", exc)
             raise StorageError(f"put s3://{self.bucket}/{key} failed: {exc}") from exc
+        self._record("conditional_put", None)
         return r["ETag"]
 
     # ---- presigned URLs -----------------------------------------------------------------------------------------
