@@ -6,10 +6,28 @@ the job over. GET reads `get` + `merge_progress`, GET /v1/videos reads `list`. E
 (IfMatch on the ETag read), so two replicas can never both move one job.
 
 S3 layout under the configured prefix:
-    jobs/<id>.json                          the record (JobRecord JSON)
-    index/<tenant>/<inverted ms>_<id>       empty marker; key order = newest first, per tenant
-    active/<id>                             empty marker while the job is not terminal (reclaim scans)
-    progress/<id>.json                      denoising step, written unconditionally by the denoiser replica
+    jobs/<id>.json                                      the record (JobRecord JSON)
+    index/<tenant>/<inverted ms>_<id>                   empty marker; key order = newest first, per tenant
+    index-asc/<tenant>/<ms>_<inverted random>_<id>      empty marker; key order = oldest first, per tenant
+    active/<id>                                         empty marker while the job is not terminal (reclaim scans)
+    progress/<id>.json                                  denoising step, written unconditionally by the denoiser replica
+
+Two indexes because S3 lists keys in ascending order only: each order of GET /v1/videos is one forward listing
+from the `after` cursor, never a scan of the tenant's whole index. Within one millisecond `index/` lists ids
+ascending, so `index-asc/` inverts the id's random part: `asc` is then the exact reverse of `desc`, and an `after`
+cursor in either order means "strictly past this id in that order" (a page boundary inside one millisecond loses
+nothing). Both are derived from the id alone (`job_created_ms`), so a cursor whose job was deleted still works.
+
+Crash safety (every step can be the last one a replica makes):
+- `create` writes active, `index/`, `index-asc/`, then the record: any prefix of those writes leaves markers without
+  a record, which both listings skip (they read each record) and the reclaim scan ages out; a record, once written,
+  has both index markers.
+- `delete` marks the record deleted first, then removes the markers together, then the record: whatever survives a
+  crash points at a record `get` hides, and a retried DELETE finishes the job (marking an already deleted record is
+  no change, so the removals run again).
+- Records written before `index-asc/` existed have only the `index/` marker: `backfill_ascending_index` gives them
+  theirs (idempotent; the ingress runs it at start). Until it has run, `order=asc` omits those older jobs; `desc` is
+  unaffected.
 """
 
 from __future__ import annotations
@@ -19,11 +37,13 @@ import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from serve.config import JobsConfig
 from serve.jobs.record import (
+    JOB_ID_PREFIX,
     TERMINAL_STATUSES,
     JobError,
     JobRecord,
@@ -39,7 +59,20 @@ from serve.storage import NotFound, PreconditionFailed, Storage, StorageError
 logger = logging.getLogger(__name__)
 
 _INVERT_MS = 10**13 - 1  # 13 digits cover ms timestamps until the year 2286
+_INVERT_RANDOM = 16**16 - 1  # the id's 16 hex random digits
+_ID_LEN = len(JOB_ID_PREFIX) + 28
 _LIST_FETCH_WORKERS = 8
+_LIST_PAGE = 1000  # what one ListObjectsV2 call returns at most
+_INDEX_DESC = "index"
+_INDEX_ASC = "index-asc"
+
+ListOrder = Literal["asc", "desc"]
+
+
+def _marker_id(key: str) -> str | None:
+    """The job id an index marker (either layout) ends with; None for a key that is no marker."""
+    job_id = key[-_ID_LEN:]
+    return job_id if is_job_id(job_id) else None
 
 
 class JobNotFound(NotFound):
@@ -76,11 +109,13 @@ class JobStore:
         retention_s: int | None = None,
         now: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        index_page: int = _LIST_PAGE,
     ) -> None:
         self.storage = storage
         self.retention_s = retention_s
         self._now = now
         self._sleep = sleep
+        self._index_page = index_page  # markers per LIST call of the backfill (small in tests: page boundaries)
 
     @classmethod
     def from_config(cls, storage: Storage, jobs: JobsConfig, now: Callable[[], float] = time.time) -> JobStore:
@@ -96,8 +131,18 @@ class JobStore:
         return self.storage.key("jobs", f"{job_id}.json")
 
     def index_key(self, tenant: str, job_id: str) -> str:
+        """The newest-first marker (same-millisecond ids ascending)."""
         inverted = _INVERT_MS - job_created_ms(job_id)
-        return self.storage.key("index", tenant, f"{inverted:013d}_{job_id}")
+        return self.storage.key(_INDEX_DESC, tenant, f"{inverted:013d}_{job_id}")
+
+    def asc_index_key(self, tenant: str, job_id: str) -> str:
+        """The oldest-first marker: the exact reverse of `index_key`'s order, same-millisecond ids descending."""
+        inverted = _INVERT_RANDOM - int(job_id[-16:], 16)
+        return self.storage.key(_INDEX_ASC, tenant, f"{job_created_ms(job_id):013d}_{inverted:016x}_{job_id}")
+
+    def index_keys(self, tenant: str, job_id: str) -> list[str]:
+        """Every index marker of a job: what `create` writes and `delete` removes."""
+        return [self.index_key(tenant, job_id), self.asc_index_key(tenant, job_id)]
 
     def active_key(self, job_id: str) -> str:
         return self.storage.key("active", job_id)
@@ -111,10 +156,12 @@ class JobStore:
         """Store a new record (version 1). Raises JobExists if another record already has this id."""
         rec = record.model_copy(update={"version": 1, "updated_at": self._now()})
         # Markers first: a marker without a record is harmless (listing and reclaim skip it), while a record
-        # without its active marker would never be reclaimed if this replica died right after writing it.
+        # without its active marker would never be reclaimed if this replica died right after writing it, and one
+        # without an index marker would be missing from that order's listing.
         if not rec.is_terminal:
             self.storage.put_bytes(self.active_key(rec.id), b"", "application/octet-stream")
-        self.storage.put_bytes(self.index_key(rec.tenant, rec.id), b"", "application/octet-stream")
+        for key in self.index_keys(rec.tenant, rec.id):
+            self.storage.put_bytes(key, b"", "application/octet-stream")
         try:
             self.storage.put_if_absent(self.record_key(rec.id), rec.to_json_bytes())
         except PreconditionFailed:
@@ -290,13 +337,20 @@ class JobStore:
     # ---- listing ------------------------------------------------------------------------------------------------
 
     def list(
-        self, limit: int = 20, after: str | None = None, *, tenant: str
+        self, limit: int = 20, after: str | None = None, *, tenant: str, order: ListOrder = "desc"
     ) -> tuple[list[JobRecord], bool]:
-        """A page of the tenant's jobs, newest first, starting after job id `after`; returns (records, has_more)."""
+        """A page of the tenant's jobs, newest (`desc`) or oldest (`asc`) first, strictly past job id `after` in
+        that order; returns (records, has_more)."""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
-        prefix = self.storage.key("index", tenant, "")
-        start_after = self.index_key(tenant, after) if after else None
+        if order == "desc":
+            layout, marker = _INDEX_DESC, self.index_key
+        elif order == "asc":
+            layout, marker = _INDEX_ASC, self.asc_index_key
+        else:
+            raise ValueError(f"order must be 'asc' or 'desc', got {order!r}")
+        prefix = self.storage.key(layout, tenant, "")
+        start_after = marker(tenant, after) if after else None
         found: list[JobRecord] = []
         # One record more than asked tells whether another page exists. Markers of deleted or half-created jobs
         # are skipped, so keep reading until we have enough or the index ends.
@@ -306,7 +360,7 @@ class JobStore:
             if not keys:
                 break
             start_after = keys[-1]
-            ids = [k.rsplit("/", 1)[-1].split("_", 1)[1] for k in keys]
+            ids = [i for i in map(_marker_id, keys) if i is not None]
             for rec in self._get_many(ids):
                 if rec is not None and rec.tenant == tenant:
                     found.append(rec)
@@ -319,6 +373,65 @@ class JobStore:
             return [self.get(i) for i in ids]
         with ThreadPoolExecutor(max_workers=min(_LIST_FETCH_WORKERS, len(ids))) as pool:
             return list(pool.map(self.get, ids))
+
+    def backfill_ascending_index(self, tenant: str | None = None) -> int:
+        """Give every job in `index/` (one tenant's, or all) its `index-asc/` marker; returns how many were missing.
+
+        For records created before the oldest-first index existed. Idempotent and cheap to repeat (about two LIST
+        calls per 1000 jobs once nothing is missing), so the ingress runs it at every start: a job created by a
+        replica of the old version during a rolling upgrade gets its marker at the next start (or call this again).
+        The `index/` marker is read page by page and compared with the `index-asc/` markers of the same
+        milliseconds, so memory stays at one page whatever the tenant's size.
+        """
+        root = self.storage.key(_INDEX_DESC, "")
+        prefix = self.storage.key(_INDEX_DESC, tenant, "") if tenant is not None else root
+        written = 0
+        start_after: str | None = None
+        with ThreadPoolExecutor(max_workers=_LIST_FETCH_WORKERS) as pool:
+            while True:
+                keys = self.storage.list_keys(prefix, start_after=start_after, max_keys=self._index_page)
+                if not keys:
+                    return written
+                start_after = keys[-1]
+                # a page of all tenants' markers can span several tenants
+                by_tenant: dict[str, list[str]] = {}
+                for key in keys:
+                    job_id = _marker_id(key)
+                    if job_id is not None:
+                        by_tenant.setdefault(key[len(root) :].split("/", 1)[0], []).append(job_id)
+                for t, ids in by_tenant.items():
+                    ms = [job_created_ms(i) for i in ids]
+                    have = self._asc_ids_between(t, min(ms), max(ms))
+                    missing = [i for i in ids if i not in have]
+                    written += sum(pool.map(lambda i, t=t: self._backfill_one(t, i), missing))
+                if len(keys) < self._index_page:
+                    return written
+
+    def _asc_ids_between(self, tenant: str, lo_ms: int, hi_ms: int) -> set[str]:
+        """Ids with an `index-asc/` marker created in milliseconds lo_ms..hi_ms."""
+        prefix = self.storage.key(_INDEX_ASC, tenant, "")
+        start_after = prefix + f"{lo_ms:013d}"  # sorts before every marker of lo_ms (a prefix of them)
+        found: set[str] = set()
+        while True:
+            keys = self.storage.list_keys(prefix, start_after=start_after, max_keys=self._index_page)
+            for key in keys:
+                if int(key[len(prefix) : len(prefix) + 13]) > hi_ms:
+                    return found
+                job_id = _marker_id(key)
+                if job_id is not None:
+                    found.add(job_id)
+            if len(keys) < self._index_page:
+                return found
+            start_after = keys[-1]
+
+    def _backfill_one(self, tenant: str, job_id: str) -> bool:
+        key = self.asc_index_key(tenant, job_id)
+        self.storage.put_bytes(key, b"", "application/octet-stream")
+        if self.storage.exists(self.index_key(tenant, job_id)):
+            return True
+        # deleted while we listed: its `delete` may have removed the markers before our PUT; do not leave ours
+        self.storage.delete(key)
+        return False
 
     def list_active_ids(self) -> list[str]:
         """Ids with an active marker: queued or running jobs (plus stale markers, see `drop_active`)."""
@@ -362,7 +475,7 @@ class JobStore:
         if rec is None:
             return None
         self.storage.delete_many(
-            [self.index_key(rec.tenant, job_id), self.active_key(job_id), self.progress_key(job_id)]
+            [*self.index_keys(rec.tenant, job_id), self.active_key(job_id), self.progress_key(job_id)]
         )
         self.storage.delete(self.record_key(job_id))
         return rec

@@ -242,13 +242,172 @@ def test_delete_removes_record_and_markers(store: JobStore) -> None:
     assert store.get(rec.id) is None
     for key in (
         store.record_key(rec.id),
-        store.index_key(rec.tenant, rec.id),
+        *store.index_keys(rec.tenant, rec.id),
         store.active_key(rec.id),
         store.progress_key(rec.id),
     ):
         assert not store.storage.exists(key), key
     assert store.renew_lease(rec.id, "a", lease_s=30) is None  # the runner learns it should stop
     assert store.delete(rec.id) is None
+
+
+# ---- oldest first (order=asc) and the ascending index ---------------------------------------------------------
+
+
+def newest_first(ids: list[str]) -> list[str]:
+    """The order `desc` has always had: newest millisecond first, ids ascending within one millisecond."""
+    return sorted(ids, key=lambda i: (-job_created_ms(i), i))
+
+
+def all_pages(store: JobStore, tenant: str, order: str, limit: int) -> list[tuple[list[str], bool]]:
+    """Every page from the first, each asked for with `after` = the last id of the page before."""
+    pages: list[tuple[list[str], bool]] = []
+    after = None
+    for _ in range(50):
+        page, more = store.list(limit=limit, after=after, tenant=tenant, order=order)
+        pages.append(([r.id for r in page], more))
+        if not more:
+            return pages
+        after = page[-1].id
+    raise AssertionError(f"no last page after 50: {pages[-3:]}")
+
+
+def listed(store: JobStore, tenant: str, order: str) -> list[str]:
+    return [r.id for r in store.list(limit=100, tenant=tenant, order=order)[0]]
+
+
+def create_old_layout(store: JobStore, record: JobRecord) -> JobRecord:
+    """What `create` wrote before the ascending index existed: active marker, newest-first marker, record."""
+    rec = record.model_copy(update={"version": 1, "updated_at": T0})
+    store.storage.put_bytes(store.active_key(rec.id), b"", "application/octet-stream")
+    store.storage.put_bytes(store.index_key(rec.tenant, rec.id), b"", "application/octet-stream")
+    store.storage.put_if_absent(store.record_key(rec.id), rec.to_json_bytes())
+    return rec
+
+
+def test_list_oldest_first_pages_with_after_and_is_the_exact_reverse_of_newest_first(store: JobStore) -> None:
+    base = int(T0 * 1000)
+    # three jobs share one millisecond: the tie order must reverse too, and a page boundary falls inside it
+    ids = [store.create(make_record(created_ms=base + ms)).id for ms in (0, 1, 1, 1, 2, 5, 9)]
+    other = [store.create(make_record(created_ms=base + ms, tenant="acme")).id for ms in (3, 4)]
+    oldest_first = newest_first(ids)[::-1]
+
+    pages = all_pages(store, "default", "asc", limit=2)
+    assert pages == [(oldest_first[0:2], True), (oldest_first[2:4], True), (oldest_first[4:6], True),
+                     (oldest_first[6:], False)]
+    assert [i for page, _ in all_pages(store, "default", "desc", limit=2) for i in page] == newest_first(ids)
+    assert listed(store, "default", "asc") == listed(store, "default", "desc")[::-1] == oldest_first
+    # a page size that divides the count: has_more is exact, the last page is not followed by an empty one
+    assert all_pages(store, "default", "asc", limit=7) == [(oldest_first, False)]
+    # `after` is strictly past that id in the asked order, whichever order
+    for order, expected in (("asc", oldest_first), ("desc", newest_first(ids))):
+        for n, after in enumerate(expected):
+            page, more = store.list(limit=100, after=after, tenant="default", order=order)
+            assert [r.id for r in page] == expected[n + 1 :] and not more, (order, n)
+    # tenants see only their own, in both orders
+    assert listed(store, "acme", "asc") == other and listed(store, "acme", "desc") == other[::-1]
+    with pytest.raises(ValueError, match="'asc' or 'desc'"):
+        store.list(tenant="default", order="sideways")  # type: ignore[arg-type]
+
+
+def test_deleted_and_half_written_jobs_vanish_from_both_orders(store: JobStore) -> None:
+    base = int(T0 * 1000)
+    ids = [store.create(make_record(created_ms=base + i)).id for i in range(5)]
+    for key in store.index_keys("default", ids[2]):
+        assert store.storage.exists(key), key
+
+    store.delete(ids[2])
+    for key in store.index_keys("default", ids[2]):
+        assert not store.storage.exists(key), key
+    assert listed(store, "default", "asc") == [ids[0], ids[1], ids[3], ids[4]]
+    assert listed(store, "default", "desc") == [ids[4], ids[3], ids[1], ids[0]]
+    # has_more stays exact around the gap: 2 of 4 live jobs, then the rest
+    assert all_pages(store, "default", "asc", limit=2) == [([ids[0], ids[1]], True), ([ids[3], ids[4]], False)]
+
+    # a DELETE that died after marking the record: both markers still there, the job hidden in both orders ...
+    store.update(ids[1], lambda r: r.model_copy(update={"deleted": True}))
+    assert listed(store, "default", "asc") == [ids[0], ids[3], ids[4]]
+    assert listed(store, "default", "desc") == [ids[4], ids[3], ids[0]]
+    # ... and the retried DELETE removes both markers
+    assert store.delete(ids[1]) is not None
+    for key in [*store.index_keys("default", ids[1]), store.record_key(ids[1])]:
+        assert not store.storage.exists(key), key
+
+    # a create that died between its markers (one or both index markers, no record) lists nothing, in either order
+    half = make_record(created_ms=base + 3)
+    store.storage.put_bytes(store.index_key("default", half.id), b"", "application/octet-stream")
+    both = make_record(created_ms=base + 4)
+    for key in store.index_keys("default", both.id):
+        store.storage.put_bytes(key, b"", "application/octet-stream")
+    assert listed(store, "default", "asc") == [ids[0], ids[3], ids[4]]
+    assert listed(store, "default", "desc") == [ids[4], ids[3], ids[0]]
+    assert store.list(limit=1, after=ids[3], tenant="default", order="asc")[0][0].id == ids[4]
+
+
+def test_backfill_gives_jobs_from_before_the_ascending_index_their_marker(s3_config: S3Config, clock: Clock) -> None:
+    st = Storage.from_config(s3_config)
+    st.ensure_bucket()
+    store = JobStore(st, now=clock, index_page=3)  # small pages: boundaries inside a tenant and between tenants
+    base = int(T0 * 1000)
+    old = [create_old_layout(store, make_record(created_ms=base + ms)).id for ms in (0, 1, 1, 2, 4, 6, 7)]
+    new = [store.create(make_record(created_ms=base + ms)).id for ms in (1, 3, 8)]
+    # "acme-eu" starts with "acme": the tenant prefixes must not overlap
+    acme = [create_old_layout(store, make_record(created_ms=base + ms, tenant="acme")).id for ms in (2, 5)]
+    acme_eu = [create_old_layout(store, make_record(created_ms=base + 1, tenant="acme-eu")).id]
+    everything = old + new
+
+    # before: oldest first shows only what was created with both markers; newest first shows everything
+    assert listed(store, "default", "asc") == newest_first(new)[::-1]
+    assert listed(store, "default", "desc") == newest_first(everything)
+
+    assert store.backfill_ascending_index("default") == len(old)
+    assert listed(store, "default", "asc") == newest_first(everything)[::-1]
+    paged = [i for page, _ in all_pages(store, "default", "asc", limit=4) for i in page]
+    assert paged == newest_first(everything)[::-1]
+    assert listed(store, "acme", "asc") == [] and listed(store, "acme-eu", "asc") == []  # one tenant's only
+
+    assert store.backfill_ascending_index("acme") == len(acme)
+    assert listed(store, "acme", "asc") == newest_first(acme)[::-1] and listed(store, "acme-eu", "asc") == []
+    assert store.backfill_ascending_index() == len(acme_eu)  # all tenants: only what is still missing
+    assert listed(store, "acme-eu", "asc") == acme_eu
+    assert store.backfill_ascending_index() == 0  # idempotent: safe at every ingress start
+    # nothing but the missing markers was written: one per job, each the marker `create` writes today
+    asc_markers = st.list_keys(st.key("index-asc", ""))
+    assert sorted(asc_markers) == sorted(store.asc_index_key(r.tenant, r.id) for r in
+                                         (store.get(i) for i in everything + acme + acme_eu))
+
+    # a backfilled job deletes like any other: gone from both orders, no marker left
+    store.delete(old[3])
+    assert old[3] not in listed(store, "default", "asc") + listed(store, "default", "desc")
+    assert not any(st.exists(k) for k in store.index_keys("default", old[3]))
+
+
+class DeletesAfterListing(Storage):
+    """A DELETE racing the backfill: the job goes right after the backfill listed its newest-first marker."""
+
+    victim: tuple[JobStore, str] | None = None
+
+    def list_keys(self, prefix: str, start_after: str | None = None, max_keys: int = 1000) -> list[str]:
+        keys = super().list_keys(prefix, start_after=start_after, max_keys=max_keys)
+        if self.victim is not None and prefix == self.key("index", ""):
+            store, job_id = self.victim
+            self.victim = None
+            store.delete(job_id)
+        return keys
+
+
+def test_backfill_racing_a_delete_leaves_no_marker_of_the_deleted_job(s3_config: S3Config, clock: Clock) -> None:
+    st = DeletesAfterListing(s3_config)
+    st.ensure_bucket()
+    store = JobStore(st, now=clock)
+    base = int(T0 * 1000)
+    kept, doomed = (create_old_layout(store, make_record(created_ms=base + i)).id for i in range(2))
+    st.victim = (store, doomed)
+
+    assert store.backfill_ascending_index() == 1
+    assert st.victim is None  # the race did happen
+    assert listed(store, "default", "asc") == [kept]
+    assert st.list_keys(st.key("index-asc", "")) == [store.asc_index_key("default", kept)]
 
 
 # ---- progress side channel ------------------------------------------------------------------------------------

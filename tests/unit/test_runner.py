@@ -7,7 +7,9 @@ conditions with a deadline rather than fixed sleeps, so a busy machine makes the
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +24,7 @@ from serve.jobs.runner import JobRunner, NonRetryableError, describe_failure
 from serve.jobs.service import video_keys
 from serve.jobs.store import JobStore
 from serve.jobs.wiring import build_ingress
+from serve.logcontext import JobLogContext, JobLogFilter, current_job, job_context
 from serve.stages.stage import StageFailed, StageUnavailable
 from serve.storage import Storage
 from tests.params import example_params
@@ -299,6 +302,74 @@ def test_failing_chain_is_retried_as_a_whole_until_it_succeeds(store: JobStore) 
     run(main())
 
 
+# what a server keeps per request in a context variable (Ray Serve: its request context, whose id the stage calls
+# made under it carry, and whose cancellation cancels them)
+A_SERVERS_REQUEST: contextvars.ContextVar[str | None] = contextvars.ContextVar("a_servers_request", default=None)
+
+
+class LogsWhatItRunsUnder(FailsThenSucceeds):
+    """Fails once, then succeeds; logs from inside the chain and notes the job and request it ran under."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(failures=1)
+        self.logger = logger
+        self.seen: list[tuple[JobLogContext | None, str | None]] = []
+
+    async def run(self, job: JobRecord) -> ChainResult:
+        self.seen.append((current_job(), A_SERVERS_REQUEST.get()))
+        self.logger.info("chain for %s", job.id)
+        return await super().run(job)
+
+
+def test_every_line_logged_while_driving_a_job_carries_its_id_and_tenant(store: JobStore) -> None:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep()
+    keep.addFilter(JobLogFilter())
+    loggers = [logging.getLogger("serve.jobs.runner"), logging.getLogger("tests.unit.fake_chain")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(keep)
+        lg.setLevel(logging.INFO)
+
+    async def main() -> tuple[JobRecord, JobRecord, LogsWhatItRunsUnder]:
+        job = make_job(store, tenant="acme")
+        pipeline = LogsWhatItRunsUnder(loggers[1])
+        runner = JobRunner(store, pipeline, jobs_config(), owner="ingress-a")
+        try:
+            # dispatched from inside another job's request: a create's dispatch may start any queued job
+            token = A_SERVERS_REQUEST.set("the-request-of-another-job")
+            with job_context(new_job_id(), "someone-else"):
+                runner.submit(job.id, job.tenant)
+            A_SERVERS_REQUEST.reset(token)
+            rec = await until_ended(store, job.id, runner)
+        finally:
+            await runner.stop()
+        loggers[1].info("after the job")
+        return job, rec, pipeline
+
+    try:
+        job, rec, pipeline = asyncio.run(main())
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(keep)
+            lg.setLevel(level)
+    assert rec.status == "completed" and rec.attempts == 2
+    messages = [r.getMessage() for r in records]
+    assert f"chain for {job.id}" in messages and f"job {job.id} completed" in messages
+    assert any(m.startswith(f"job {job.id} attempt 1 failed") for m in messages), messages
+    about_the_job = [r for r in records if r.getMessage() != "after the job"]
+    assert [(r.job_id, r.tenant) for r in about_the_job] == [(job.id, "acme")] * len(about_the_job)
+    [after] = [r for r in records if r.getMessage() == "after the job"]
+    assert not hasattr(after, "job_id")
+    # the chain ran as the job's own work, not as part of the request that happened to dispatch it
+    assert pipeline.seen == [(JobLogContext(job.id, "acme"), None)] * 2
+
+
 def test_always_failing_chain_fails_after_max_attempts(store: JobStore) -> None:
     async def main() -> None:
         pipeline = AlwaysFails()
@@ -384,7 +455,7 @@ def test_delete_while_running_cancels_the_chain_and_does_not_retry(store: JobSto
         assert pipeline.calls == 1 and pipeline.cancelled == 1
         assert await read(store, job.id) is None
         st = store.storage
-        for prefix in ("jobs", "active", "index", "progress"):
+        for prefix in ("jobs", "active", "index", "index-asc", "progress"):
             assert st.list_keys(st.key(prefix, "")) == [], prefix
         assert not any(st.exists(k) for k in video_keys(st, job.id).values())
 
