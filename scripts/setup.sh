@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs the project with its test extras, and the client (client/). Idempotent.
-# --test-tools also installs the system tools the tests need (kubectl, Prometheus).
+# --test-tools also installs the system tools the tests need (kubectl, Prometheus, nginx).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# system tools the tests use: kubectl (renders the kustomize overlays) and Prometheus/promtool (the
-# observability test). Debian's kubernetes-client conflicts with an already installed kubectl, so only
+# system tools the tests use: kubectl (renders the kustomize overlays), Prometheus/promtool (the
+# observability test) and nginx (tests/k8s/test_proxy.py runs the front proxy's shipped nginx.conf, its own
+# instance on free local ports). Debian's kubernetes-client conflicts with an already installed kubectl, so only
 # install what is missing.
 missing=()
 [ "${1:-}" = "--test-tools" ] && {
 command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 }
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then

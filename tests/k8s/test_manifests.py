@@ -145,7 +145,7 @@ def test_kubectl_is_installed() -> None:
 def test_overlay_renders_the_expected_objects(objects: tuple[dict[str, Any], ...], overlay: str) -> None:
     kinds = {o["kind"] for o in objects}
     assert {"Namespace", "ServiceAccount", "RayService", "PodDisruptionBudget", "NetworkPolicy", "PodMonitor",
-            "PrometheusRule"} <= kinds
+            "PrometheusRule", "Deployment", "Service", "ConfigMap"} <= kinds  # the last three: the front proxy
     namespace = _one(objects, "Namespace")["metadata"]["name"]
     for o in objects:
         if o["kind"] != "Namespace":

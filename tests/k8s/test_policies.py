@@ -1,8 +1,9 @@
-"""Disruption budgets and network policies of the Ray worker pods, in every rendered overlay.
+"""Disruption budgets and network policies of the Ray worker pods and the front proxy, in every rendered overlay.
 
-Each GPU worker group has one budget that counts exactly its pods. The worker pods are isolated both ways and
-reach only what they need (DNS, Ray inside the service on the ports the RayService fixes, S3/STS at the overlay's
-addresses, webhooks from the ingress group alone); only Ray, API clients and Prometheus reach them. Pods carry the
+Each GPU worker group has one budget that counts exactly its pods, and so has the front proxy. The worker pods are
+isolated both ways and reach only what they need (DNS, Ray inside the service on the ports the RayService fixes,
+S3/STS at the overlay's addresses, webhooks from the ingress group alone); only Ray, the front proxy (Serve HTTP)
+and Prometheus reach them. API clients reach the front proxy only, which reaches only DNS and Serve HTTP. Pods carry the
 labels KubeRay gives them; tests/k8s/netpol.py judges each connection by the API's rules. Whether a CNI enforces
 them is beyond a test without a cluster.
 """
@@ -80,6 +81,25 @@ def pods(objects: tuple[dict[str, Any], ...], rayservice: dict[str, Any]) -> dic
 
 
 @pytest.fixture(scope="module")
+def proxy_deployment(objects: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    return _named(objects, "Deployment", "videogen-proxy")
+
+
+@pytest.fixture(scope="module")
+def proxy(proxy_deployment: dict[str, Any]) -> Pod:
+    """A front proxy pod (proxy.yaml), with its Deployment template's labels."""
+    meta = proxy_deployment["metadata"]
+    return Pod(meta["namespace"], proxy_deployment["spec"]["template"]["metadata"]["labels"])
+
+
+@pytest.fixture(scope="module")
+def proxy_port(proxy_deployment: dict[str, Any]) -> int:
+    """The port nginx serves the API on: the container port the proxy's Service targets (named `http`)."""
+    (container,) = proxy_deployment["spec"]["template"]["spec"]["containers"]
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
+
+
+@pytest.fixture(scope="module")
 def workers(rayservice: dict[str, Any]) -> list[str]:
     return list(_groups(rayservice))
 
@@ -125,11 +145,17 @@ def _node_ports(ray_ports: dict[str, int]) -> list[int]:
 
 # ---- disruption budgets ----------------------------------------------------------------------------------------------
 
+def _ray_budgets(objects: tuple[dict[str, Any], ...], proxy: Pod) -> list[dict[str, Any]]:
+    """The budgets of Ray pods: all but the front proxy's (tested on its own)."""
+    return [pdb for pdb in _of_kind(objects, "PodDisruptionBudget") if not selects(pdb["spec"]["selector"], proxy.labels)]
+
+
 def test_each_gpu_group_has_one_budget_that_counts_exactly_its_pods(objects: tuple[dict[str, Any], ...],
-                                                                   pods: dict[str, Pod], gpu_groups: list[str]) -> None:
+                                                                   pods: dict[str, Pod], gpu_groups: list[str],
+                                                                   proxy: Pod) -> None:
     assert gpu_groups, "no GPU worker group"
     budgets: dict[str, list[str]] = {name: [] for name in gpu_groups}
-    for pdb in _of_kind(objects, "PodDisruptionBudget"):
+    for pdb in _ray_budgets(objects, proxy):
         selector = pdb["spec"]["selector"]
         name = pdb["metadata"]["name"]
         assert "ray.io/cluster" not in json.dumps(selector), \
@@ -142,8 +168,8 @@ def test_each_gpu_group_has_one_budget_that_counts_exactly_its_pods(objects: tup
 
 def test_budgets_use_an_integer_min_available_within_the_group(objects: tuple[dict[str, Any], ...],
                                                                rayservice: dict[str, Any],
-                                                               pods: dict[str, Pod]) -> None:
-    for pdb in _of_kind(objects, "PodDisruptionBudget"):
+                                                               pods: dict[str, Pod], proxy: Pod) -> None:
+    for pdb in _ray_budgets(objects, proxy):
         spec, name = pdb["spec"], pdb["metadata"]["name"]
         # maxUnavailable and percentages need the controller's scale subresource, which a RayCluster lacks: such
         # a budget allows 0 disruptions forever and every drain of a GPU node hangs
@@ -155,6 +181,21 @@ def test_budgets_use_an_integer_min_available_within_the_group(objects: tuple[di
             f"{name}: minAvailable {spec['minAvailable']} outside 1..minReplicas {floor} of {group}"
         assert spec.get("unhealthyPodEvictionPolicy") == "AlwaysAllow", \
             f"{name}: a pod that is not Ready (loading, broken) must never block a drain"
+
+
+def test_the_front_proxy_has_one_budget_that_lets_a_drain_through(objects: tuple[dict[str, Any], ...],
+                                                                   pods: dict[str, Pod], proxy: Pod,
+                                                                   proxy_deployment: dict[str, Any]) -> None:
+    budgets = [pdb for pdb in _of_kind(objects, "PodDisruptionBudget") if selects(pdb["spec"]["selector"], proxy.labels)]
+    assert len(budgets) == 1, [b["metadata"]["name"] for b in budgets]
+    spec = budgets[0]["spec"]
+    assert not [name for name, pod in pods.items() if selects(spec["selector"], pod.labels)], "it counts Ray pods"
+    assert selects(proxy_deployment["spec"]["selector"], proxy.labels)
+    replicas = proxy_deployment["spec"]["replicas"]
+    # a Deployment has the scale subresource: maxUnavailable is fine here; one proxy keeps serving in a drain
+    allowed = spec["maxUnavailable"] if "maxUnavailable" in spec else replicas - spec["minAvailable"]
+    assert replicas >= 2 and 1 <= allowed < replicas, (replicas, spec)
+    assert spec.get("unhealthyPodEvictionPolicy") == "AlwaysAllow"
 
 
 # ---- network policies: structure -------------------------------------------------------------------------------------
@@ -181,9 +222,8 @@ def test_ray_ports_are_fixed_and_the_same_on_every_node(rayservice: dict[str, An
     assert head_ports["gcs-server"] == ray_ports["port"]
 
 
-def test_policy_rules_name_their_peers_and_numeric_ports(policies: list[dict[str, Any]],
-                                                         serve_config: dict[str, Any]) -> None:
-    serve_port = serve_config["http_options"]["port"]
+def test_policy_rules_name_their_peers_and_numeric_ports(policies: list[dict[str, Any]], pods: dict[str, Pod],
+                                                         proxy: Pod, proxy_port: int) -> None:
     for policy in policies:
         spec, name = policy["spec"], policy["metadata"]["name"]
         assert "policyTypes" in spec, f"{name}: say policyTypes (the default depends on which rules are present)"
@@ -194,8 +234,12 @@ def test_policy_rules_name_their_peers_and_numeric_ports(policies: list[dict[str
         for rule in spec.get("ingress", []):
             assert rule.get("ports"), f"{name}: an ingress rule without ports opens every port"
             if not rule.get("from"):
-                assert rule["ports"] == [{"protocol": "TCP", "port": serve_port}], \
-                    f"{name}: only Serve HTTP ({serve_port}) is open to every source"
+                # the one entry: the front proxy's HTTP port, on the proxy pods alone
+                assert rule["ports"] == [{"protocol": "TCP", "port": proxy_port}], \
+                    f"{name}: only the front proxy's HTTP port ({proxy_port}) is open to every source"
+                assert selects(spec["podSelector"], proxy.labels) and not any(
+                    selects(spec["podSelector"], pod.labels) for pod in pods.values()), \
+                    f"{name}: a rule open to every source must select the front proxy's pods only"
         for rule in [*spec.get("egress", []), *spec.get("ingress", [])]:
             assert all(isinstance(p.get("port"), int) for p in rule["ports"]), f"{name}: ports are numbers"
             for peer in rule.get("to", rule.get("from")) or []:
@@ -209,10 +253,11 @@ def test_policy_rules_name_their_peers_and_numeric_ports(policies: list[dict[str
 
 
 def test_worker_pods_are_isolated_both_ways_and_the_head_is_not(policies: list[dict[str, Any]],
-                                                                 pods: dict[str, Pod], workers: list[str]) -> None:
-    for name in workers:
+                                                                 pods: dict[str, Pod], workers: list[str],
+                                                                 proxy: Pod) -> None:
+    for name, pod in [*((n, pods[n]) for n in workers), ("the front proxy", proxy)]:
         for direction in ("Ingress", "Egress"):
-            assert isolating(policies, pods[name], direction), f"no NetworkPolicy selects {name} for {direction}"
+            assert isolating(policies, pod, direction), f"no NetworkPolicy selects {name} for {direction}"
     # the head's autoscaler calls the Kubernetes API and its GCS (and the cleanup Job) talk to Redis
     for name in ("head", "redis-cleanup"):
         assert not isolating(policies, pods[name], "Egress"), f"a policy restricts the egress of {name}"
@@ -255,14 +300,41 @@ def test_ray_ports_are_closed_to_everyone_else(policies: list[dict[str, Any]], p
             assert not allows(policies, pods[name], pods["head"], port), f"{name} -> the head's {what} port"
 
 
-def test_clients_reach_serve_http_on_every_worker(policies: list[dict[str, Any]], pods: dict[str, Pod],
-                                                  workers: list[str], serve_config: dict[str, Any],
-                                                  ray_ports: dict[str, int]) -> None:
-    # KubeRay's Serve Service sends to each worker with a healthy proxy (proxy_location EveryNode)
+def test_clients_reach_the_api_through_the_front_proxy_only(policies: list[dict[str, Any]], pods: dict[str, Pod],
+                                                             workers: list[str], serve_config: dict[str, Any],
+                                                             ray_ports: dict[str, int], proxy: Pod,
+                                                             proxy_port: int) -> None:
+    # KubeRay's Serve Service sends to each worker with a healthy Serve proxy (proxy_location EveryNode)
     assert serve_config["proxy_location"] == "EveryNode"
+    serve_port = serve_config["http_options"]["port"]
+    in_cluster = Pod(proxy.namespace, {"app": "debug"})
+    assert allows(policies, CLIENT, proxy, proxy_port), "clients -> the front proxy"
+    assert allows(policies, in_cluster, proxy, proxy_port), "pods of the cluster -> the front proxy"
+    assert not allows(policies, CLIENT, proxy, proxy_port + 1), "only the proxy's HTTP port is open"
     for name in workers:
-        assert allows(policies, CLIENT, pods[name], serve_config["http_options"]["port"]), name
+        assert allows(policies, proxy, pods[name], serve_port), f"front proxy -> {name}:{serve_port}"
+        # nobody else reaches Serve HTTP: not a client, not another pod, not a proxy-labelled pod elsewhere
+        for what, stranger in {"a client": CLIENT, "a pod of the namespace": in_cluster,
+                               "a pod with the proxy's labels in another namespace": Pod("default", proxy.labels)
+                               }.items():
+            assert not allows(policies, stranger, pods[name], serve_port), f"{what} -> {name}:{serve_port}"
         assert not allows(policies, CLIENT, pods[name], ray_ports["node-manager-port"]), name
+        for port in _node_ports(ray_ports):
+            assert not allows(policies, proxy, pods[name], port), f"front proxy -> {name}'s Ray port {port}"
+
+
+def test_the_front_proxy_reaches_dns_and_serve_http_only(policies: list[dict[str, Any]], pods: dict[str, Pod],
+                                                          serve_config: dict[str, Any], ray_ports: dict[str, int],
+                                                          proxy: Pod) -> None:
+    for protocol in ("UDP", "TCP"):
+        assert allows(policies, proxy, DNS, 53, protocol), f"front proxy: DNS over {protocol}"
+    serve_port = serve_config["http_options"]["port"]
+    # the head is not behind videogen-serve-svc (excludeHeadPodFromServeSvc) and its ports are Ray's
+    for port in (serve_port, ray_ports["port"], *HEAD_ONLY_PORTS.values()):
+        assert not allows(policies, proxy, pods["head"], port), f"front proxy -> head:{port}"
+    for dst in (*PUBLIC, External("10.0.12.34")):
+        for port in (80, 443, serve_port):
+            assert not allows(policies, proxy, dst, port), f"front proxy -> {dst.ip}:{port}"
 
 
 def test_prometheus_scrapes_the_metrics_port(policies: list[dict[str, Any]], pods: dict[str, Pod],

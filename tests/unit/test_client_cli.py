@@ -13,6 +13,7 @@ import json
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import date
 from io import StringIO
@@ -286,6 +287,36 @@ def test_retry_waits_are_bounded_and_connection_failures_retried():
     assert exc.value.status == 429 and exc.value.retry_after == 3600  # an hour: say so rather than hang
     assert slept == [0.25, 2.0]
     assert client.get("v").status == "queued"
+
+
+def test_every_create_sends_an_idempotency_key_the_same_on_each_of_its_retries():
+    """A create whose connection drops after the request went out (it may have been applied) is retried with the
+    key it was first sent with, so the server answers the job it already made; each create has its own key."""
+    posts: list[httpx.Request] = []
+    failures = [httpx.ReadError("connection reset", request=None),  # type: ignore[arg-type]
+                httpx.RemoteProtocolError("server disconnected", request=None),  # type: ignore[arg-type]
+                None]
+
+    def drops_twice(request: httpx.Request) -> httpx.Response:
+        posts.append(request)
+        failure = failures[(len(posts) - 1) % len(failures)]
+        if failure is not None:
+            raise failure
+        return httpx.Response(200, json={"id": f"video_{len(posts)}", "status": "queued"})
+
+    slept: list[float] = []
+    client = VideogenClient(BASE, KEY, transport=httpx.MockTransport(drops_twice), sleep=slept.append)
+    first = client.create("a fox")
+    second = client.create("a fox")  # the same body: still a new job, so a new key
+    assert (first.id, second.id, len(posts), len(slept)) == ("video_3", "video_6", 6, 4)
+    keys = [p.headers.get("idempotency-key") for p in posts]
+    assert all(keys) and keys[0] == keys[1] == keys[2] and keys[3] == keys[4] == keys[5] and keys[0] != keys[3]
+    for key in (keys[0], keys[3]):
+        assert key.startswith("videogen-") and uuid.UUID(key.removeprefix("videogen-")).version == 4
+    # the caller's own key is sent as given, on every retry too
+    posts.clear()
+    client.create("a fox", idempotency_key="order-42")
+    assert [p.headers["idempotency-key"] for p in posts] == ["order-42"] * 3
 
 
 def test_a_dropped_connection_is_not_retried_for_a_non_idempotent_call():

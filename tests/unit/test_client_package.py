@@ -1,5 +1,6 @@
 """The client is a distribution of its own (client/, `videogen-client`): it declares and imports nothing heavy and
-nothing of the server, it builds as a wheel holding only itself, and the server does not import it."""
+nothing of the server, it builds as a wheel holding only itself, that wheel installs into a brand-new venv (no
+system site packages) with httpx alone and the `videogen` command runs there, and the server does not import it."""
 
 from __future__ import annotations
 
@@ -110,16 +111,24 @@ def test_client_imports_and_runs_without_torch_ray_fastapi_or_serve(tmp_path: Pa
     assert result == {"tried": [], "loaded": [], "help_exit": 0}, result
 
 
-def test_client_builds_a_wheel_of_itself_alone(tmp_path: Path):
-    """The wheel pip would install: only videogen_client, requiring only what pyproject.toml declares, with the
-    videogen command. Built from a copy (setuptools writes build/ and egg-info beside the sources), offline."""
-    src = tmp_path / "src"
+@pytest.fixture(scope="module")
+def client_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The client's wheel, built once from a copy (setuptools writes build/ and egg-info beside the sources),
+    offline, with the dev venv's setuptools."""
+    tmp = tmp_path_factory.mktemp("client-wheel")
+    src = tmp / "src"
     shutil.copytree(CLIENT, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True, env=env, timeout=120)
-    (wheel,) = (tmp_path / "dist").glob("videogen_client-*.whl")
-    with zipfile.ZipFile(wheel) as zf:
+                    "-w", str(tmp / "dist"), str(src)], check=True, capture_output=True, env=env, timeout=120)
+    (wheel,) = (tmp / "dist").glob("videogen_client-*.whl")
+    return wheel
+
+
+def test_client_builds_a_wheel_of_itself_alone(client_wheel: Path):
+    """The wheel pip would install: only videogen_client, requiring only what pyproject.toml declares, with the
+    videogen command."""
+    with zipfile.ZipFile(client_wheel) as zf:
         names = zf.namelist()
         info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
         metadata = zf.read(f"{info}/METADATA").decode()
@@ -130,3 +139,69 @@ def test_client_builds_a_wheel_of_itself_alone(tmp_path: Path):
                 if line.startswith("Requires-Dist:")}
     assert "httpx" in requires and not requires & HEAVY_DISTRIBUTIONS, requires
     assert "videogen = videogen_client.cli:main" in entry_points
+
+
+def _clean_env() -> dict[str, str]:
+    """This process's environment without what would point a child at the dev venv or the checkout."""
+    drop = {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "CONDA_PREFIX"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
+_VENV_PROBE = """
+import importlib.metadata, importlib.util, json, sys, sysconfig
+import videogen_client, videogen_client.api, videogen_client.cli
+print(json.dumps({
+    "file": videogen_client.__file__, "purelib": sysconfig.get_paths()["purelib"], "prefix": sys.prefix,
+    "path": sys.path,
+    "distributions": sorted(d.metadata["Name"] for d in importlib.metadata.distributions()),
+    "importable": sorted(m for m in json.loads(sys.argv[1]) if importlib.util.find_spec(m) is not None),
+}))
+"""
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_the_light_client_installs_and_runs_in_a_fresh_venv(tmp_path: Path):
+    """What a user does on a machine that only calls the API: a new venv (no system site packages),
+    `pip install ./client`, run `videogen`. pip's configured index supplies the build backend (setuptools, in
+    pip's isolated build) and httpx with its dependencies; nothing heavy comes along, and nothing of the checkout
+    or the dev venv is visible there. (From a copy of client/: the build writes egg-info beside the sources.)"""
+    src = tmp_path / "client"
+    shutil.copytree(CLIENT, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    venv = tmp_path / "venv"
+    env = _clean_env()
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, env=env,
+                   cwd=tmp_path, timeout=120)
+    assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
+    bindir = venv / ("Scripts" if os.name == "nt" else "bin")
+    python = bindir / ("python.exe" if os.name == "nt" else "python")
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "./client"], capture_output=True,
+                             text=True, env=env, cwd=tmp_path, timeout=240, check=False)
+    assert install.returncode == 0, install.stderr[-3000:]
+    # the console script pip wrote
+    helped = subprocess.run([str(bindir / "videogen"), "--help"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=60, check=False)
+    assert helped.returncode == 0, helped.stderr
+    assert "usage: videogen" in helped.stdout and "generate" in helped.stdout
+    # what is installed: the client, httpx and its own dependencies only
+    listed = subprocess.run([str(python), "-m", "pip", "list", "--format", "json"], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=60, check=False)
+    assert listed.returncode == 0, listed.stderr
+    installed = {_normalized(d["name"]) for d in json.loads(listed.stdout)}
+    assert {"videogen-client", "httpx"} <= installed, installed
+    assert not installed & HEAVY_DISTRIBUTIONS, installed & HEAVY_DISTRIBUTIONS
+    # imported from the venv, isolated mode (-I: no cwd, no user site), and nothing heavy even findable
+    probe = subprocess.run([str(python), "-I", "-c", _VENV_PROBE, json.dumps(HEAVY)], capture_output=True,
+                           text=True, env=env, cwd=tmp_path, timeout=60, check=False)
+    assert probe.returncode == 0, probe.stderr
+    result = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert Path(result["file"]).is_relative_to(Path(result["purelib"])), result["file"]
+    assert Path(result["prefix"]) == venv.resolve() or Path(result["prefix"]) == venv
+    assert not [p for p in result["path"] if p and Path(p).resolve().is_relative_to(ROOT)], result["path"]
+    assert result["importable"] == [], result["importable"]
+    assert {_normalized(n) for n in result["distributions"]} == installed

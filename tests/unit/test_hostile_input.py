@@ -2,14 +2,20 @@
 
 Driven like tests/unit/test_routes.py (its `serving()`: the real app over a fake stage chain and the local moto S3).
 Covers: lone surrogates, deep JSON, bytes that are not UTF-8, NUL and other control characters, duplicate keys,
-strict media types and Content-Encoding, no slash redirect built from the Host header, header limits, and the
-framework's own errors in the envelope; and that ordinary JSON, multipart and urlencoded bodies still work.
+strict media types and Content-Encoding, no slash redirect built from the Host header, header limits, the body size
+limit (from Content-Length at once, or as a chunked body streams past it), and the framework's own errors in the
+envelope; and that ordinary JSON, multipart and urlencoded bodies still work.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gzip
 import json
+import socket
+import threading
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.api import body as body_module
 from serve.api.errors import error_response, install_error_handlers
-from serve.api.hardening import HeaderLimits
+from serve.api.hardening import MAX_BODY_BYTES, BodyLimit, HeaderLimits
 from serve.storage import Storage
 from tests.unit.test_routes import (
     AUTH,
@@ -345,6 +351,235 @@ def test_header_limits_are_constructor_arguments() -> None:
             HeaderLimits(echo_app, max_headers=0)  # type: ignore[arg-type]
 
     run(main())
+
+
+# ---- body size limit ------------------------------------------------------------------------------------------
+
+
+class Chunks:
+    """A request body streamed in chunks (`first`, then `fill` bytes up to `total` in all); counts what was
+    pulled from it, which is what the server read."""
+
+    def __init__(self, first: bytes, total: int, size: int = 1024 * 1024) -> None:
+        self.first, self.total, self.size = first, total, size
+        self.sent = 0
+        self.last = 0
+
+    async def __aiter__(self) -> Any:
+        chunk = self.first
+        while self.sent < self.total:
+            chunk = chunk[:self.total - self.sent]
+            self.sent += len(chunk)
+            self.last = len(chunk)
+            yield chunk
+            chunk = b" " * self.size
+
+
+def padded_json(total: int) -> bytes:
+    """A valid create body of exactly `total` bytes (JSON allows whitespace after the object)."""
+    body = json.dumps({"prompt": "a cat", **SMALL}).encode()
+    return body + b" " * (total - len(body))
+
+
+def test_a_body_whose_content_length_is_over_the_cap_is_413_before_it_is_read(storage: Storage) -> None:
+    cap = MAX_BODY_BYTES
+    first = json.dumps({"prompt": "a cat", **SMALL}).encode()
+
+    async def main() -> None:
+        async with serving(storage) as env:
+            for headers in (JSON_CT, {"Content-Type": "application/json"}):  # before auth too
+                body = Chunks(first, cap + 1)
+                r = await env.client.post("/v1/videos", content=body,
+                                          headers={**headers, "Content-Length": str(cap + 1)})
+                err = assert_error(r, 413, "request_too_large")
+                assert err["type"] == "invalid_request_error" and str(cap) in err["message"], err
+                assert r.headers["connection"] == "close"
+                assert body.sent == 0  # refused from the header: not one byte read
+            # an ordinary (not streamed) body one byte over: the same
+            r = await post_json_bytes(env, padded_json(cap + 1))
+            assert_error(r, 413, "request_too_large")
+            # a huge declared length on a route that reads no body is refused as well
+            r = await env.client.request("GET", "/v1/videos", content=b"", headers={**AUTH, "Content-Length": "9" * 30})
+            assert_error(r, 413, "request_too_large")
+            # the header check runs first
+            r = await post_json_bytes(env, padded_json(cap + 1), {**JSON_CT, "X-Big": "a" * 100_000})
+            assert_error(r, 431, "request_headers_too_large")
+            assert_no_job(env)
+
+    run(main())
+
+
+def test_a_chunked_body_is_413_as_soon_as_it_passes_the_cap(storage: Storage) -> None:
+    cap = MAX_BODY_BYTES
+    first = json.dumps({"prompt": "a cat", **SMALL}).encode()
+
+    async def main() -> None:
+        async with serving(storage) as env:
+            # valid JSON all along (a create body and then whitespace): only the size is wrong
+            body = Chunks(first, cap + 20 * 1024 * 1024)
+            r = await env.client.post("/v1/videos", content=body, headers=JSON_CT)  # no length: chunked
+            assert "content-length" not in r.request.headers
+            err = assert_error(r, 413, "request_too_large")
+            assert str(cap) in err["message"] and r.headers["connection"] == "close"
+            # refused on the chunk that passed the cap, the rest never read
+            assert body.sent - body.last <= cap < body.sent < body.total, (body.sent, body.last)
+            # a body longer than its Content-Length said is counted too (an ASGI server would cut it; a
+            # middleware in front of this one might not)
+            body = Chunks(first, cap + 5 * 1024 * 1024)
+            r = await env.client.post("/v1/videos", content=body, headers={**JSON_CT, "Content-Length": "100"})
+            assert_error(r, 413, "request_too_large")
+            assert body.sent < body.total
+            assert_no_job(env)
+
+    run(main())
+
+
+def test_a_body_of_exactly_the_cap_is_accepted(storage: Storage) -> None:
+    cap = MAX_BODY_BYTES
+
+    async def main() -> None:
+        async with serving(storage) as env:
+            r = await post_json_bytes(env, padded_json(cap))
+            assert r.status_code == 200, r.text
+            first = json.dumps({"prompt": "a dog", **SMALL}).encode()
+            chunked = Chunks(first, cap)
+            r2 = await env.client.post("/v1/videos", content=chunked, headers=JSON_CT)
+            assert r2.status_code == 200, r2.text
+            assert chunked.sent == cap
+            for video in (r.json(), r2.json()):
+                await wait_status(env, video["id"], "completed")
+
+    run(main())
+
+
+async def read_body_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Reads the whole body, then answers its length."""
+    size = 0
+    while True:
+        message = await receive()
+        size += len(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": str(size).encode()})
+
+
+async def _post(app: Any, content: Any, headers: dict[str, str] | None = None,
+                raise_app_exceptions: bool = True) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        return await client.post("/", content=content, headers=headers)
+
+
+async def _parts(*parts: bytes) -> Any:
+    for part in parts:
+        yield part
+
+
+def test_body_limit_is_a_constructor_argument_and_counts_every_chunk() -> None:
+    async def main() -> None:
+        app = BodyLimit(read_body_app, max_body_bytes=10)  # type: ignore[arg-type]
+        r = await _post(app, b"x" * 10)
+        assert (r.status_code, r.text) == (200, "10")
+        assert_error(await _post(app, b"x" * 11), 413, "request_too_large")
+        r = await _post(app, _parts(b"x" * 5, b"", b"x" * 5))
+        assert (r.status_code, r.text) == (200, "10")
+        assert_error(await _post(app, _parts(b"x" * 5, b"x" * 5, b"x")), 413, "request_too_large")
+        # a Content-Length that is not a number is the server's to refuse; the count still holds
+        assert_error(await _post(app, _parts(b"x" * 11), {"Content-Length": "eleven"}), 413, "request_too_large")
+        assert BodyLimit(read_body_app).max_body_bytes == MAX_BODY_BYTES == 25 * 1024 * 1024  # type: ignore[arg-type]
+        assert (await _post(BodyLimit(read_body_app, max_body_bytes=0), b"")).status_code == 200  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            BodyLimit(read_body_app, max_body_bytes=-1)  # type: ignore[arg-type]
+
+    run(main())
+
+
+def test_body_limit_replaces_the_apps_own_answer_to_the_refused_body() -> None:
+    # FastAPI turns any error while it reads a body parameter into its own 400 ("error parsing the body"):
+    # the client must still see the 413
+    inner = FastAPI()
+    install_error_handlers(inner)
+
+    @inner.post("/")
+    async def echo(payload: dict[str, Any]) -> dict[str, Any]:
+        return payload
+
+    async def swallows(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        with contextlib.suppress(Exception):  # an app that hides the error and answers on its own
+            while (await receive()).get("more_body"):
+                pass
+        await error_response(400, "bad body", code="invalid_value")(scope, receive, send)
+
+    async def main() -> None:
+        assert (await _post(inner, b'{"a": "' + b"x" * 100 + b'"}', {"Content-Type": "application/json"})
+                ).status_code == 200
+        for app in (inner, swallows):
+            limited = BodyLimit(app, max_body_bytes=50)  # type: ignore[arg-type]
+            r = await _post(limited, _parts(b'{"a": "', b"x" * 100, b'"}'), {"Content-Type": "application/json"})
+            assert_error(r, 413, "request_too_large")
+
+        # an app that answered before it read the body cannot be answered for: the error ends the response
+        async def answers_first(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await receive()
+            await send({"type": "http.response.body", "body": b"late"})
+
+        with pytest.raises(Exception) as caught:
+            await _post(BodyLimit(answers_first, max_body_bytes=5), _parts(b"x" * 6))  # type: ignore[arg-type]
+        assert type(caught.value).__name__ == "_BodyTooLarge"
+
+    run(main())
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data  # the server closed the connection
+        data += chunk
+
+
+def test_body_limit_on_a_real_server_answers_mid_upload_and_closes() -> None:
+    import uvicorn  # installed with ray[serve]
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(BodyLimit(read_body_app, max_body_bytes=1000),  # type: ignore[arg-type]
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=asyncio.run, args=(server.serve(sockets=[listener]),), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    port = listener.getsockname()[1]
+    try:
+        # a chunked upload: the 413 arrives while the client is still sending (no terminating chunk sent)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(3):
+                sock.sendall(b"190\r\n" + b"x" * 400 + b"\r\n")  # 1200 bytes in all
+            response = _read_response(sock)
+        assert response.startswith(b"HTTP/1.1 413 "), response[:200]
+        assert b"connection: close" in response.lower()
+        assert json.loads(response.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_too_large"
+        # a declared length over the cap: answered from the headers, no body sent at all
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000000\r\n\r\n")
+            response = _read_response(sock)
+        assert response.startswith(b"HTTP/1.1 413 "), response[:200]
+        # under the cap: read and answered
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\nConnection: close\r\n\r\n"
+                         + b"x" * 1000)
+            response = _read_response(sock)
+        assert response.startswith(b"HTTP/1.1 200 ") and b"\r\n1000\r\n" in response, response[:300]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        listener.close()
 
 
 # ---- the framework's own errors and multipart errors use the envelope -----------------------------------------
