@@ -38,6 +38,11 @@ INGRESS_DEPLOYMENT = "Ingress"
 MODEL_ROOT = "Model"  # the root of a model's application: holds its three stage handles
 BUILD_MODEL_APP = "deployments.app:build_model_app"
 BUILD_INGRESS_APP = "deployments.app:build_app"
+# Serve's logging_config (ray.serve.schema.LoggingConfig) of every application, and of the proxies and the
+# controller: JSON, so a line's fields beside its message (the job_id and tenant of the job it is about:
+# serve/logcontext.py; Serve's request_id, replica) stay fields. TEXT writes the message only. Not part of an
+# application's code version: changing it reconfigures running replicas.
+LOGGING_CONFIG: dict[str, Any] = {"encoding": "JSON", "log_level": "INFO"}
 
 
 def settings_json(settings: IngressSettings) -> dict[str, Any]:
@@ -60,6 +65,7 @@ def model_application(config: AppConfig, model: ModelConfig, runtime_env: dict[s
     stage_settings = StageSettings(progress_interval_s=config.jobs.progress_interval_s).model_dump(mode="json")
     app: dict[str, Any] = {
         "name": model_app_name(model.name), "route_prefix": None, "import_path": BUILD_MODEL_APP,
+        "logging_config": dict(LOGGING_CONFIG),
         "args": ModelAppArgs(model=model, s3=config.s3).model_dump(mode="json"),
         "deployments": [_section(stage.deployment, getattr(config.deployments, stage.key), stage_settings)
                         for stage in STAGES],
@@ -73,6 +79,7 @@ def ingress_application(config: AppConfig, runtime_env: dict[str, Any] | None = 
                         route_prefix: str = "/") -> dict[str, Any]:
     app: dict[str, Any] = {
         "name": INGRESS_APP, "route_prefix": route_prefix, "import_path": BUILD_INGRESS_APP,
+        "logging_config": dict(LOGGING_CONFIG),
         "args": IngressArgs(s3=config.s3).model_dump(mode="json"),
         "deployments": [_section(INGRESS_DEPLOYMENT, config.deployments.ingress, settings_json(config.settings()))],
     }
@@ -89,6 +96,7 @@ def serve_config(config: AppConfig, *, runtime_env: dict[str, Any] | None = None
         out["proxy_location"] = proxy_location
     if http_options:
         out["http_options"] = http_options
+    out["logging_config"] = dict(LOGGING_CONFIG)
     out["applications"] = [*(model_application(config, m, runtime_env) for m in config.all_models()),
                            ingress_application(config, runtime_env)]
     return out

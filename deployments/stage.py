@@ -42,6 +42,21 @@ def assigned_gpus() -> float:
         return 0.0
 
 
+def route_logs_to_serve() -> None:
+    """This replica's log lines (every `serve.*` and `deployments.*` logger) go to Ray Serve's replica logger, so
+    the deployment's `logging_config` (JSON) writes them to the replica's log file, each with the `job_id` and
+    `tenant` of the job it is about (serve/logcontext.py). Called first in every replica's `__init__`.
+
+    Ray Serve writes only its `ray.serve` logger's records there. Its JSON handler sets `job_id` to Ray's own job
+    id and then deletes that attribute; the fields go under `ray_serve_extra_fields` instead, which its JSON
+    formatter flattens into top-level fields after the handler's filters ran (what ray.llm logs with)."""
+    from ray.serve._private.constants import SERVE_LOG_EXTRA_FIELDS, SERVE_LOGGER_NAME
+
+    from serve.logcontext import install
+
+    install(SERVE_LOGGER_NAME, nest_under=SERVE_LOG_EXTRA_FIELDS)
+
+
 class StageReplica:
     stage: ClassVar[Stage]
 
@@ -51,6 +66,7 @@ class StageReplica:
         from serve.jobs.store import JobStore
         from serve.storage import Storage
 
+        route_logs_to_serve()
         self._args = args if isinstance(args, ModelAppArgs) else ModelAppArgs.model_validate(args)
         self._model: ModelConfig = self._args.model
         self._settings = StageSettings()

@@ -48,5 +48,6 @@ class JobEnd:
             data = self._view(job).model_dump(mode="json")
             self._webhooks.schedule(WebhookEvent.for_status(
                 job.status, job_id=job.id, tenant=job.tenant, url=url, data=data,
-                occurred_at=job.completed_at or int(datetime.now(timezone.utc).timestamp())))
+                occurred_at=job.completed_at or int(datetime.now(timezone.utc).timestamp()),
+                request_id=job.request_id))
 

@@ -36,6 +36,10 @@ _STAGE_BANDS: dict[str, tuple[int, int]] = {
 JOB_ID_PREFIX = "video_"
 # Tenants appear in index keys (`index/<tenant>/...`): a '/' would let one tenant's prefix cover another's.
 _JOB_ID_RE = re.compile(r"^video_[0-9a-f]{12}[0-9a-f]{16}$")
+# A request id a job keeps and sends on (an HTTP header value, a log field): printable ASCII, no spaces, so it
+# can neither split a header nor forge a log line.
+MAX_REQUEST_ID_LEN = 128
+_REQUEST_ID_RE = re.compile(rf"[!-~]{{1,{MAX_REQUEST_ID_LEN}}}")
 
 
 def new_job_id(now_ms: int | None = None) -> str:
@@ -47,6 +51,11 @@ def new_job_id(now_ms: int | None = None) -> str:
 
 def is_job_id(value: str) -> bool:
     return bool(_JOB_ID_RE.match(value))
+
+
+def is_request_id(value: str) -> bool:
+    """1..128 visible ASCII characters (0x21-0x7e): what a job stores as its `request_id`."""
+    return bool(_REQUEST_ID_RE.fullmatch(value))  # fullmatch: `$` would let a trailing newline through
 
 
 def job_created_ms(job_id: str) -> int:
@@ -126,6 +135,12 @@ class JobRecord(BaseModel):
     deleted: bool = False
     deadline_at: float | None = Field(default=None, description="Unix seconds; the job fails past it.")
     webhook_url: str | None = Field(default=None, description="Where video.* events for this job are sent.")
+    request_id: str | None = Field(
+        default=None, description="The create request's id (its X-Request-ID: the client's own or Serve's), sent "
+                                  "as X-Request-ID with the job's webhooks. None on records older than the field.")
+    user_id: str | None = Field(
+        default=None, max_length=128,
+        description="The caller's end user, as its request named them (Zhipu's `user_id`), for abuse tracing.")
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
     gpus: dict[str, float] = Field(
         default_factory=dict, description="GPUs each stage's replica held for this job (text_encoder, ...), as "

@@ -115,6 +115,7 @@ class GenerationRequest:
     params: SamplingParams
     model: str
     attempt: int = 1
+    tenant: str | None = None  # whose job: the stage replicas' log lines say it (serve/logcontext.py)
 
 
 @dataclass(frozen=True)

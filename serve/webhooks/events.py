@@ -23,13 +23,14 @@ class WebhookEvent:
     url: str
     data: Mapping[str, Any]  # the video object, as GET /v1/videos/{id} returns it
     occurred_at: float  # unix seconds of the terminal transition
+    request_id: str | None = None  # the job's create request id (JobRecord.request_id): sent as X-Request-ID
 
     @classmethod
     def for_status(cls, status: str, *, job_id: str, tenant: str, url: str, data: Mapping[str, Any],
-                   occurred_at: float) -> WebhookEvent:
+                   occurred_at: float, request_id: str | None = None) -> WebhookEvent:
         if status not in EVENT_FOR_STATUS:
             raise ValueError(f"webhooks are sent for {sorted(EVENT_FOR_STATUS)} jobs, got status {status!r}")
-        return cls(EVENT_FOR_STATUS[status], job_id, tenant, url, data, occurred_at)
+        return cls(EVENT_FOR_STATUS[status], job_id, tenant, url, data, occurred_at, request_id)
 
     @property
     def msg_id(self) -> str:

@@ -25,6 +25,7 @@ import httpx
 
 from serve.config.webhooks import WebhookConfig
 from serve.errors import ServiceError
+from serve.jobs.record import is_request_id
 from serve.webhooks.events import WebhookEvent
 from serve.webhooks.signing import WebhookSecrets, signature_header
 from serve.webhooks.urlguard import (
@@ -258,6 +259,11 @@ class WebhookSender:
             "webhook-id": event.msg_id, "webhook-timestamp": str(ts),
             "webhook-signature": signature_header(keys, event.msg_id, ts, body),
         }
+        # the id the job's create request had, to follow it into the receiver's logs; outside the signature (which
+        # covers id, timestamp and body only), so a receiver must not trust it for more than that. A stored value
+        # that is no usable token (written by hand, or by a newer release) is left out rather than sent broken.
+        if event.request_id is not None and is_request_id(event.request_id):
+            headers["x-request-id"] = event.request_id
         # TLS: SNI and the certificate check use the name although the connection goes to the pinned address
         ext = {"sni_hostname": target.host} if target.scheme == "https" and not target.is_ip_literal else {}
 

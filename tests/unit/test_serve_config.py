@@ -196,3 +196,45 @@ def test_a_section_overrides_the_codes_defaults_field_by_field():
     config = check_serve_config(data)
     assert config.deployments.ingress == DeploymentsConfig().ingress  # what build_app gives the Ingress
     assert config.deployments.text_encoder == DeploymentOptions(num_replicas=3)
+
+
+# ---- logs: JSON everywhere, so a line's job_id and tenant stay fields ------------------------------------------
+
+def _rayservice_serve_config() -> dict:
+    rayservice = yaml.safe_load((ROOT / "k8s" / "base" / "rayservice.yaml").read_text())
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+SHIPPED = {
+    "configs/local.yaml": lambda: yaml.safe_load((ROOT / "configs" / "local.yaml").read_text()),
+    "configs/gpu-2b.yaml": lambda: yaml.safe_load((ROOT / "configs" / "gpu-2b.yaml").read_text()),
+    "configs/gpu-5b.yaml": lambda: yaml.safe_load((ROOT / "configs" / "gpu-5b.yaml").read_text()),
+    "k8s/base/rayservice.yaml serveConfigV2": _rayservice_serve_config,
+    "deployments.serve_config.serve_config": lambda: serve_config(two_models()),
+}
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_every_shipped_serve_config_logs_json_for_every_application(name):
+    from ray.serve.schema import EncodingType, ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(SHIPPED[name]())
+    assert schema.logging_config is not None, f"{name}: no logging_config for Serve's proxies and controller"
+    configs = {"(proxies, controller)": schema.logging_config}
+    # each application's own: what its replicas get wherever the file is deployed (python -m deployments.local
+    # deploys the applications only, without the file's top-level fields)
+    configs |= {app.name: app.logging_config for app in schema.applications}
+    assert len(configs) == len(schema.applications) + 1 >= 3
+    for where, logging_config in configs.items():
+        assert logging_config is not None, f"{name}: application {where} sets no logging_config"
+        assert (logging_config.encoding, logging_config.log_level) == (EncodingType.JSON, "INFO"), (name, where)
+        assert logging_config.enable_access_log, (name, where)
+
+
+def test_logging_config_is_no_part_of_an_applications_code_version():
+    # so turning JSON on (or back off) reconfigures running replicas instead of restarting them
+    data = serve_config(two_models())
+    text = copy.deepcopy(data)
+    for app in text["applications"]:
+        app["logging_config"] = {"encoding": "TEXT", "log_level": "DEBUG"}
+    assert code_versions(text) == code_versions(data)

@@ -167,10 +167,11 @@ def secrets() -> WebhookSecrets:
     return WebhookSecrets(default=[decode_secret(SECRET)])
 
 
-def event(url: str, status: str = "completed", **data: Any) -> WebhookEvent:
+def event(url: str, status: str = "completed", request_id: str | None = None, **data: Any) -> WebhookEvent:
     job_id = new_job_id()
     return WebhookEvent.for_status(status, job_id=job_id, tenant="acme", url=url, occurred_at=time.time(),
-                                   data={"id": job_id, "object": "video", "status": status, **data})
+                                   data={"id": job_id, "object": "video", "status": status, **data},
+                                   request_id=request_id)
 
 
 def verify(req: dict[str, Any], secret: str = SECRET) -> Any:
@@ -426,6 +427,26 @@ def test_delivered_event_is_signed_per_standard_webhooks(receiver):
     assert req["headers"]["content-type"] == "application/json"
 
 
+def test_the_jobs_request_id_goes_with_every_attempt_and_the_signature_still_verifies(receiver):
+    r = receiver(503, 200)
+    ev = event(r.url(), request_id="client-7f3a", prompt="a cat")
+    result = deliver(WebhookSender(config(r), secrets(), resolver=FakeResolver(), sleep=Sleeps()), ev)
+    assert (result.outcome, result.attempts) == ("delivered", 2)
+    assert [req["headers"]["x-request-id"] for req in r.requests] == ["client-7f3a", "client-7f3a"]
+    assert verify(r.requests[-1])["data"] == dict(ev.data)  # the body (what is signed) is unchanged
+
+
+@pytest.mark.parametrize("request_id", [None, "two words", "crlf\r\nx-evil: 1", "x" * 129])
+def test_no_request_id_or_an_unusable_one_sends_no_header(receiver, request_id):
+    r = receiver(200)
+    ev = event(r.url(), request_id=request_id)
+    result = deliver(WebhookSender(config(r), secrets(), resolver=FakeResolver()), ev)
+    assert result.outcome == "delivered"  # a stored value a header cannot carry never breaks the delivery
+    [req] = r.requests
+    assert "x-request-id" not in req["headers"] and "x-evil" not in req["headers"]
+    verify(req)
+
+
 def test_retries_after_5xx_then_success_share_one_webhook_id(receiver):
     r = receiver(500, 503, 200)
     result = deliver(WebhookSender(config(r), secrets(), resolver=FakeResolver()), event(r.url(), "failed"))
@@ -622,3 +643,36 @@ def test_https_to_a_pinned_address_checks_the_certificate_against_the_name(recei
         verify(r.requests[0])
     else:
         assert "certificate" in (result.error or "").lower() and r.requests == []
+
+
+def test_a_jobs_end_hands_its_request_id_to_the_webhook():
+    from serve.config import AppConfig
+    from serve.jobs.hooks import JobEnd
+    from serve.jobs.record import JobRecord
+    from tests.params import example_params
+
+    class Limiter:
+        async def release(self, tenant: str, job_id: str) -> None:
+            pass
+
+    class Notifier:
+        def __init__(self) -> None:
+            self.events: list[WebhookEvent] = []
+
+        def url_for(self, tenant: str, job_url: str | None) -> str | None:
+            return job_url
+
+        def schedule(self, event: WebhookEvent) -> bool:
+            self.events.append(event)
+            return True
+
+    class Video:
+        def model_dump(self, mode: str) -> dict[str, Any]:
+            return {"id": job.id, "object": "video", "status": "failed"}
+
+    job = JobRecord(id=new_job_id(), tenant="acme", status="failed", created_at=1, completed_at=2, model="m",
+                    prompt="p", params=example_params(), webhook_url="https://hooks.test/h", request_id="client-7f3a")
+    notifier = Notifier()
+    asyncio.run(JobEnd(AppConfig(), Limiter(), None, notifier, lambda _job: Video())(job))  # type: ignore[arg-type]
+    [ev] = notifier.events
+    assert (ev.type, ev.job_id, ev.request_id) == ("video.failed", job.id, "client-7f3a")
