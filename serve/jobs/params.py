@@ -13,9 +13,32 @@ import secrets
 from serve.api.wire import CreateVideoRequest
 from serve.config import ApiConfig, ModelConfig
 from serve.errors import ServiceError
+from serve.presets import Preset
 from serve.stages.types import GenerationParams
 
 MAX_SEED = 2**32 - 1
+# what the `openai` SDK's types allow (`VideoSeconds`, `VideoSize`): accepted wherever the model can honour them,
+# and named in the 400 where it cannot
+SDK_SECONDS = ("4", "8", "12")
+SDK_SIZES = ("720x1280", "1280x720", "1024x1792", "1792x1024")
+
+
+def _side_ok(preset: Preset, side: int) -> bool:
+    return side % preset.side_multiple == 0 and preset.min_side <= side <= preset.max_side
+
+
+def sizes_honoured(preset: Preset) -> list[str]:
+    """The SDK's sizes this family can generate."""
+    return [s for s in SDK_SIZES if all(_side_ok(preset, int(v)) for v in s.split("x"))]
+
+
+def seconds_honoured(preset: Preset, fps: int) -> list[str]:
+    """The SDK's clip lengths this family can generate at `fps`."""
+    return [s for s in SDK_SECONDS if preset.frames_allowed(preset.frames_for_seconds(float(s), fps))]
+
+
+def _longest_seconds(preset: Preset, fps: int) -> str:
+    return _format_seconds((preset.max_frames - 1) / fps)
 
 
 def _bad(param: str, message: str) -> ServiceError:
@@ -76,10 +99,11 @@ def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig)
     # 2. Geometry
     width, height, size_param = _geometry(req, preset.width, preset.height)
     for name, side in (("width", width), ("height", height)):
-        if side % preset.side_multiple or not preset.min_side <= side <= preset.max_side:
+        if not _side_ok(preset, side):
             raise _bad(size_param or name, f"{name} must be a multiple of {preset.side_multiple} between "
                                            f"{preset.min_side} and {preset.max_side}, got {side} "
-                                           f"(size {width}x{height})")
+                                           f"(size {width}x{height}); this model's native size is {preset.size}, "
+                                           f"and of the SDK's sizes it makes {sizes_honoured(preset)}")
 
     # 3. Time: frames and fps
     fps = preset.fps if req.fps is None else req.fps
@@ -96,8 +120,12 @@ def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig)
         param = "num_frames"
     if not preset.frames_allowed(num_frames):
         m = preset.frame_multiple
+        hint = ""
+        if param == "seconds":
+            hint = (f"; at {fps} fps this model makes at most {_longest_seconds(preset, fps)} seconds: of the SDK's "
+                    f"values it makes {seconds_honoured(preset, fps)}, or any seconds up to that")
         raise _bad(param, f"{preset.family} generates {m}N+1 frames, from {m + 1} to {preset.max_frames}; "
-                          f"the request asks for {num_frames} frames (at {fps} fps)")
+                          f"the request asks for {num_frames} frames (at {fps} fps){hint}")
 
     # 4. Sampling
     steps = preset.num_inference_steps if req.num_inference_steps is None else req.num_inference_steps

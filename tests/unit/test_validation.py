@@ -119,3 +119,35 @@ def test_width_and_height_are_an_alternative_to_size():
     bad = error(width=65, height=48)
     assert bad.param == "width" and "multiple of 16" in bad.message
     assert error(width=64, height=4096).param == "height"
+
+
+@pytest.mark.parametrize("seconds", ["4", "8", "12"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_sdks_seconds_are_made_where_the_model_can_and_named_where_not(family, seconds):
+    """`openai`'s VideoSeconds: accepted wherever the family's frame limit holds them, else a 400 that names
+    what this model makes (its longest clip and which of the SDK's values fit)."""
+    preset = FAMILIES[family]
+    frames = preset.frames_for_seconds(float(seconds), preset.fps)
+    if frames <= preset.max_frames:
+        p = resolve(family, seconds=seconds)
+        assert p.num_frames == frames and float(p.seconds) >= float(seconds)
+        return
+    err = error(family, seconds=seconds)
+    assert err.param == "seconds"
+    longest = f"{(preset.max_frames - 1) / preset.fps:g}"
+    fitting = [s for s in ("4", "8", "12")
+               if preset.frames_for_seconds(float(s), preset.fps) <= preset.max_frames]
+    assert f"at most {longest} seconds" in err.message and str(fitting) in err.message, err.message
+
+
+@pytest.mark.parametrize("size", ["720x1280", "1280x720", "1024x1792", "1792x1024"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_sdks_sizes_are_made_by_every_family(family, size):
+    p = resolve(family, size=size, num_frames=9 if FAMILIES[family].frame_multiple == 8 else 17)
+    assert p.size == size
+
+
+def test_a_size_the_model_cannot_make_names_the_sdks_sizes_it_can():
+    err = error("cogvideox-2b", size="4096x720")
+    assert err.param == "size" and "native size is 720x480" in err.message
+    assert "'1280x720'" in err.message and "'1792x1024'" in err.message
