@@ -35,6 +35,7 @@ from serve.stages.types import GenerationRequest
 
 log = logging.getLogger(__name__)
 SETTINGS_RETRY_S = 10.0  # how often a settings change that failed for a passing reason is tried again
+CANARY_WAIT_S = 2.0  # how long a readiness probe waits for an S3 canary write it started (a slower one lands later)
 
 
 
@@ -49,7 +50,8 @@ class RayPipeline:
 
     async def run(self, job: JobRecord) -> ChainResult:
         req = GenerationRequest(job_id=job.id, prompt=job.prompt, negative_prompt=job.params.negative_prompt,
-                                params=job.params.sampling, model=job.model, attempt=job.attempts)
+                                params=job.params.sampling, model=job.model, attempt=job.attempts,
+                                tenant=job.tenant)
         encoded = self._te.encode.remote(req)
         denoised = self._den.denoise.remote(req, encoded)
         result = self._vae.decode.remote(req, denoised)
@@ -116,14 +118,17 @@ class Ingress:
 
     def __init__(self, args: IngressArgs | dict[str, Any]) -> None:
         from deployments.metrics import S3Metrics
+        from deployments.stage import route_logs_to_serve
         from serve.storage import Storage
 
+        route_logs_to_serve()  # JSON replica logs, each line with the job (and tenant) it is about
         self._args = args if isinstance(args, IngressArgs) else IngressArgs.model_validate(args)
         self._storage = Storage.from_config(self._args.s3, observer=S3Metrics())
         self._router = ModelRouter()
         self._graph: IngressGraph | None = None
         self._webhooks = None
         self._reconciler: asyncio.Task[None] | None = None
+        self._backfill: asyncio.Task[None] | None = None
         self._apply = asyncio.Lock()
         self._rejected: str | None = None  # why the last settings change was refused, until one is applied
         self._settings_seen = 0  # settings received; a retry of older ones gives way to newer
@@ -196,6 +201,17 @@ class Ingress:
         graph.runner.start()
         # the runner's first reclaim scan (at start) resumes what a previous incarnation left behind
         self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
+        # jobs written before index-asc/ existed get their oldest-first marker (idempotent; retried next start)
+        self._backfill = asyncio.get_running_loop().create_task(self._backfill_ascending_index(graph.store))
+
+    @staticmethod
+    async def _backfill_ascending_index(store) -> None:
+        try:
+            n = await asyncio.to_thread(store.backfill_ascending_index)
+            if n:
+                log.info("ascending index: %d markers backfilled", n)
+        except Exception:  # noqa: BLE001 - the next start runs it again
+            log.warning("ascending index backfill failed", exc_info=True)
 
     async def _update(self, config: AppConfig) -> None:
         from serve.webhooks.signing import WebhookSecrets
@@ -256,13 +272,18 @@ class Ingress:
         return [(model_app_name(m.name), stage.deployment) for m in self._graph.config.all_models() for stage in STAGES]
 
     async def readiness(self) -> dict[str, Any]:
-        """S3 and every served model's stages (each model's own application), by `<application>/<deployment>`."""
+        """S3 and every served model's stages (each model's own application), by `<application>/<deployment>`.
+
+        S3 is ready when it answers a HeadBucket and takes writes: judged from this replica's recent writes, with
+        a canary write only after `s3.canary_interval_s` without one (`Storage.write_problem`), never one per probe.
+        """
         checks: dict[str, Any] = {}
         if self._rejected is not None:
             checks["settings"] = f"new settings refused ({self._rejected}); the previous ones are in force"
         try:
             await asyncio.wait_for(asyncio.to_thread(self._storage.check), 5)
-            checks["s3"] = True
+            writes = await asyncio.to_thread(self._storage.write_problem, CANARY_WAIT_S)
+            checks["s3"] = True if writes is None else writes
         except Exception as exc:  # noqa: BLE001
             checks["s3"] = f"unreachable ({type(exc).__name__})"
         stages = self._stage_checks()
@@ -283,6 +304,8 @@ class Ingress:
             self._retry.cancel()
         if self._reconciler is not None:
             self._reconciler.cancel()
+        if self._backfill is not None:
+            self._backfill.cancel()
         if self._graph is not None:
             await self._graph.runner.stop()
             self._graph.close()

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, ignore_reinit_error=True,
              runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                        if k.startswith(("AWS_", "HF_")) or k == "VIDEOGEN_MODEL_CACHE"}})
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={**http, "host": host, "port": port})  # the file's timeouts too
     deploy(serve_cfg)  # one application per model beside the ingress, as on a cluster
     wait_ready(base, 300)
     log.info("API at %s/v1 (key %s)", base, key)

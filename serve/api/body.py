@@ -16,14 +16,17 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from fastapi import Request
+from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from serve.errors import ServiceError
+
+M = TypeVar("M", bound=BaseModel)
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
@@ -292,3 +295,20 @@ async def read_fields(request: Request) -> dict[str, Any]:
     if mtype == MULTIPART:
         return fields(await multipart_pairs(request, params))
     return fields(urlencoded_pairs(await request.body()))
+
+
+def validated(model: type[M], raw: dict[str, Any]) -> M:
+    """`raw` (from `read_fields`) as the wire model `model`, or a 400 naming the first field that is wrong.
+    Form values are strings: pydantic coerces "7" -> 7 and "true" -> True."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        if first["type"] == "extra_forbidden":
+            msg = f"unknown field {param!r}; accepted: {sorted(model.model_fields)}"
+        elif first["type"] == "missing":
+            msg = f"{param} is required"
+        else:
+            msg = f"{param}: {first['msg']} (got {first.get('input')!r})"
+        raise ServiceError(400, msg, param=param, code="invalid_value") from None

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.api import zhipu
 from serve.errors import ServiceError
 from serve.storage import StorageError
 
@@ -72,11 +73,20 @@ def _encodable(text: str | None) -> str | None:
     return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def error_content(status: int, message: str, param: str | None = None, code: str | None = None,
+                  path: str = "") -> dict[str, Any]:
+    """The envelope's JSON: Zhipu's on its routes (`serve.api.zhipu`), OpenAI's everywhere else."""
+    message, param = _encodable(message) or "", _encodable(param)
+    if zhipu.is_zhipu_path(path):
+        return zhipu.error_body(status, message, param, code)
+    return ErrorEnvelope(error=ErrorBody(message=message, type=_TYPES.get(status, "api_error"), param=param,
+                                         code=code)).model_dump()
+
+
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorEnvelope(error=ErrorBody(message=_encodable(message) or "", type=_TYPES.get(status, "api_error"),
-                                         param=_encodable(param), code=code))
-    return JSONResponse(status_code=status, content=body.model_dump(), headers=headers)
+                   headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_content(status, message, param, code, path),
+                        headers=headers)
 
 
 def _param_of(loc: tuple[Any, ...]) -> str | None:
@@ -86,21 +96,21 @@ def _param_of(loc: tuple[Any, ...]) -> str | None:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers, request.url.path)
 
     @app.exception_handler(StorageError)
-    async def _storage(_: Request, exc: StorageError) -> JSONResponse:
+    async def _storage(request: Request, exc: StorageError) -> JSONResponse:
         # the exception names the bucket, key and endpoint: log it, answer without them
         log.warning("storage error: %s", exc)
         if exc.status_code in _STORAGE_ERRORS:
             code, message = _STORAGE_ERRORS[exc.status_code]
-            return error_response(exc.status_code, message, code=code)
+            return error_response(exc.status_code, message, code=code, path=request.url.path)
         return error_response(503, "the object store is unavailable; retry later", code="storage_unavailable",
-                              headers={"Retry-After": "1"})
+                              headers={"Retry-After": "1"}, path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = _param_of(tuple(first.get("loc", ())))
         msg = first.get("msg", "invalid value")
@@ -108,16 +118,18 @@ def install_error_handlers(app: FastAPI) -> None:
             msg = f"unknown field {param!r}; see GET /docs for accepted fields"
         elif param:
             msg = f"{param}: {msg}"
-        return error_response(422, msg, param=param, code="invalid_value")
+        return error_response(422, msg, param=param, code="invalid_value", path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # what the framework raises itself (no route, wrong method, a form it could not parse)
         status = exc.status_code
         code = _HTTP_CODES.get(status, "invalid_request" if status < 500 else "internal_error")
-        return error_response(status, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
+        return error_response(status, str(exc.detail), code=code, headers=getattr(exc, "headers", None),
+                              path=request.url.path)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error: %s", type(exc).__name__)
-        return error_response(500, "internal error; the request was not applied", code="internal_error")
+        return error_response(500, "internal error; the request was not applied", code="internal_error",
+                              path=request.url.path)

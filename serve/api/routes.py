@@ -12,16 +12,19 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, Protocol
 
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response, Security
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
-from pydantic import ValidationError
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel
 from starlette.concurrency import iterate_in_threadpool
 
-from serve.api.body import read_fields
+from serve.api import zhipu
+from serve.api.body import read_fields, validated
 from serve.api.errors import ErrorEnvelope, install_error_handlers
-from serve.api.hardening import HeaderLimits
+from serve.api.hardening import BodyLimit, HeaderLimits
 from serve.api.ranges import byte_range
+from serve.api.request_id import RequestIds, request_id_of
 from serve.api.wire import CreateVideoRequest, ModelList, Video, VideoDeleted, VideoList
 from serve.billing.usage import UsageResponse
 from serve.config import AppConfig
@@ -30,17 +33,37 @@ from serve.jobs.service import VideoService
 from serve.tenancy.keys import KeyRing, Principal
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 409, 415, 422, 429, 431, 500, 503)
+    code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 431, 500, 503)
 }
 _CONTENT: dict[int | str, dict[str, Any]] = {
     **_ERRORS, 416: {"model": ErrorEnvelope},
     200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}},
                       "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+    302: {"description": "With api.content_redirect: the presigned S3 URL to fetch instead",
+          "headers": {"Location": {"description": "Presigned S3 URL", "schema": {"type": "string"}}}},
     206: {"description": "The requested byte range", "content": {
         "video/mp4": {"schema": {"type": "string", "format": "binary"}},
         "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
 }
 POLL_AFTER_MS = "1000"
+_ZHIPU_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": zhipu.ZhipuErrorEnvelope} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 431, 500, 503)
+}
+
+
+def _body_schema(model: type[BaseModel], multipart: bool = True) -> dict[str, Any]:
+    """The request body a route reads itself (`read_fields`), declared for the OpenAPI document: JSON, and the
+    same fields as a form where the route takes one."""
+    schema = model.model_json_schema()
+    content = {"application/json": {"schema": schema}}
+    if multipart:
+        content |= {"multipart/form-data": {"schema": schema}, "application/x-www-form-urlencoded": {"schema": schema}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _trace(request: Request, own: str | None = None) -> dict[str, str]:
+    """The request id a create stores on its job and sends with its webhooks (serve/api/request_id.py)."""
+    return {"request_id": own or request_id_of(request)}
 
 
 class Live(Protocol):
@@ -51,9 +74,14 @@ class Live(Protocol):
     keyring: KeyRing
 
 
+# declares the scheme in the OpenAPI document (every authenticated operation lists it); the header itself is
+# read below, so the answers stay this API's 401s
+_BEARER = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
+
+
 def _auth_dependency(current: Callable[[], KeyRing]) -> Callable[[Request], Principal]:
     # a plain `def`: the key ring's once-a-second reload check stats a file, so FastAPI runs it in a thread
-    def authenticate(request: Request) -> Principal:
+    def authenticate(request: Request, _declared: Annotated[Any, Security(_BEARER)] = None) -> Principal:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -68,21 +96,8 @@ def _auth_dependency(current: Callable[[], KeyRing]) -> Callable[[Request], Prin
 
 
 async def _parse_create(request: Request) -> CreateVideoRequest:
-    # JSON, multipart and urlencoded bodies share one decoding and validation path (serve/api/body.py);
-    # form values are strings: pydantic coerces "7" -> 7 and "true" -> True
-    raw = await read_fields(request)
-    try:
-        return CreateVideoRequest.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        if first["type"] == "extra_forbidden":
-            msg = f"unknown field {param!r}; accepted: {sorted(CreateVideoRequest.model_fields)}"
-        elif first["type"] == "missing":
-            msg = f"{param} is required"
-        else:
-            msg = f"{param}: {first['msg']} (got {first.get('input')!r})"
-        raise ServiceError(400, msg, param=param, code="invalid_value") from None
+    # JSON, multipart and urlencoded bodies share one decoding and validation path (serve/api/body.py)
+    return validated(CreateVideoRequest, await read_fields(request))
 
 
 def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -> FastAPI:
@@ -95,7 +110,9 @@ def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -
     app = FastAPI(title="videogen-serve", version="0.1.0", redirect_slashes=False, openapi_url=None, docs_url=None,
                   redoc_url=None, description="Text to video with CogVideoX; OpenAI Videos API shape.")
     install_error_handlers(app)
+    app.add_middleware(BodyLimit)  # the body cap, inside the header check (the last added runs first)
     app.add_middleware(HeaderLimits)  # before routing, auth and body parsing
+    app.add_middleware(RequestIds)  # outermost: a refused request is answered with its id too
     authenticate = _auth_dependency(lambda: live.keyring)
 
     def docs_mode(request: Request) -> None:
@@ -130,13 +147,41 @@ def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -
         return JSONResponse(status_code=200 if ready else 503,
                             content={"status": "ready" if ready else "not_ready", "checks": checks})
 
-    @app.post("/v1/videos", response_model=Video, responses=_ERRORS)
+    @app.post("/v1/videos", response_model=Video, responses=_ERRORS, openapi_extra=_body_schema(CreateVideoRequest))
     async def create_video(request: Request, caller: Caller, response: Response) -> Video:
         req = await _parse_create(request)
         headers: dict[str, str] = {}
-        video = await live.service.create(req, caller, request.headers.get("idempotency-key"), headers)
+        video = await live.service.create(req, caller, request.headers.get("idempotency-key"), headers,
+                                          **_trace(request))
         response.headers.update(headers)
         response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
+        return video
+
+    @app.post("/v1/videos/sync", response_model=Video, openapi_extra=_body_schema(CreateVideoRequest),
+              responses={**_ERRORS, 202: {
+                  "model": Video, "description": "The wait ended first: the job goes on; poll the `Location`",
+                  "headers": {"Location": {"description": "GET /v1/videos/{id} of the job", "schema": {"type": "string"}}}}})
+    async def create_video_sync(
+            request: Request, caller: Caller, response: Response,
+            wait_s: Annotated[float | None, Query(gt=0, description="Seconds to wait (default api.sync_wait_s, "
+                                                                  "at most api.sync_max_wait_s)")] = None) -> Video:
+        """Create a video (as POST /v1/videos, Idempotency-Key included) and answer once it ended: 200 with the
+        finished video object. A job that outlives the wait keeps running: 202 with the job as it stands, and
+        `Location` naming where to poll it."""
+        api = live.config.api
+        if wait_s is not None and wait_s > api.sync_max_wait_s:
+            raise ServiceError(400, f"wait_s may be at most {api.sync_max_wait_s:g} seconds here, got {wait_s:g}",
+                               param="wait_s", code="invalid_value")
+        req = await _parse_create(request)
+        headers: dict[str, str] = {}
+        video = await live.service.create(req, caller, request.headers.get("idempotency-key"), headers,
+                                          **_trace(request))
+        response.headers.update(headers)
+        video = await live.service.wait(video.id, caller.tenant, api.sync_wait_s if wait_s is None else wait_s)
+        if video.status in ("queued", "in_progress"):
+            response.status_code = 202
+            response.headers["Location"] = f"/v1/videos/{video.id}"
+            response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
         return video
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
@@ -165,7 +210,7 @@ def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -
     async def delete_video(video_id: str, caller: Caller) -> VideoDeleted:
         return await live.service.delete(video_id, caller.tenant)
 
-    @app.get("/v1/videos/{video_id}/content", responses=_CONTENT)
+    @app.get("/v1/videos/{video_id}/content", responses=_CONTENT, response_class=StreamingResponse)
     async def video_content(request: Request, video_id: str, caller: Caller, variant: str = "video") -> Response:
         """The mp4 (or cover JPEG), streamed from S3; a `Range: bytes=...` header gets 206 and that part only.
         With `api.content_redirect`, a redirect to a presigned S3 URL instead."""
@@ -190,5 +235,35 @@ def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -
     async def usage(caller: Caller, start: str | None = None, end: str | None = None) -> UsageResponse:
         """The caller's own usage: GPU-seconds per stage and output seconds of completed jobs, per UTC day."""
         return await live.service.usage(caller.tenant, start, end)
+
+    # ---- Zhipu's open-platform API (serve/api/zhipu.py): the same service, Zhipu's shapes and error envelope ----
+
+    @app.post(zhipu.CREATE_PATH, response_model=zhipu.ZhipuTask, responses=_ZHIPU_ERRORS, tags=["zhipu"],
+              openapi_extra=_body_schema(zhipu.ZhipuCreateRequest, multipart=False))
+    async def zhipu_create(request: Request, caller: Caller, response: Response) -> zhipu.ZhipuTask:
+        """Zhipu's `videos.generations`: a text-to-video task; poll `/api/paas/v4/async-result/{id}`."""
+        # the SDK sends every parameter it knows, `null` when unset: null is absent
+        raw = {k: v for k, v in (await read_fields(request)).items() if v is not None}
+        req = validated(zhipu.ZhipuCreateRequest, raw)
+        create = zhipu.to_create_request(req, live.config)
+        key = zhipu.idempotency_key(req)
+        if key is not None:
+            zhipu.check_request_id(req.request_id)
+        headers: dict[str, str] = {}
+        try:
+            video = await live.service.create(create, caller, key, headers, **_trace(request, req.request_id),
+                                              user_id=req.user_id)
+        except ServiceError as exc:
+            raise zhipu.as_zhipu_error(exc) from None
+        response.headers.update(headers)
+        return zhipu.ZhipuTask(id=video.id, model=video.model, request_id=video.request_id or video.id,
+                               task_status=zhipu.task_status(video))
+
+    @app.get(zhipu.RESULT_PATH, response_model=zhipu.ZhipuResult, responses=_ZHIPU_ERRORS, tags=["zhipu"])
+    async def zhipu_result(task_id: str, caller: Caller) -> zhipu.ZhipuResult:
+        """Zhipu's `async-result`: the task's status and, once SUCCESS, fresh presigned URLs of the video and
+        its cover."""
+        video = await live.service.get(task_id, caller.tenant)
+        return zhipu.result(video, video.request_id or video.id)
 
     return app

@@ -71,6 +71,14 @@ class Video(BaseModel):
     video_url: str | None = Field(default=None, description="Fresh presigned URL of the mp4 (completed only).")
     thumbnail_url: str | None = Field(default=None, description="Fresh presigned URL of the cover JPEG.")
     url_expires_at: int | None = None
+    request_id: str | None = Field(
+        default=None, description="The id of the request that created it (its X-Request-ID, or Zhipu's request_id).")
+    queue_position: int | None = Field(
+        default=None, description="Queued only: jobs ahead of it in the cluster's queue (0: next), as of the "
+                                  "last scan (every jobs.reclaim_interval_s).")
+    estimated_start_at: int | None = Field(
+        default=None, description="Queued only: Unix seconds it should start at the recent pace; null while "
+                                  "the pace is unknown.")
 
 
 class VideoList(BaseModel):

@@ -120,6 +120,15 @@ class S3Config(Strict):
     max_attempts: int = Field(default=5, ge=1, le=20, description="botocore total attempts per call.")
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=30.0, gt=0)
+    canary_interval_s: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="/readyz judges whether S3 takes writes from the outcome of the replica's latest write; when "
+                    "it has written nothing (real writes or a canary) for this long, a probe writes one tiny object "
+                    "(`<prefix>health/canary`) in the background: at most one per interval, never one per probe.")
+    canary_timeout_s: float = Field(
+        default=10.0, gt=0, le=600,
+        description="A canary write still unanswered after this long makes /readyz report S3 not writable until "
+                    "it or another write is answered (S3 hanging rather than refusing).")
 
 
 class JobsConfig(Strict):
@@ -154,6 +163,21 @@ class ApiConfig(Strict):
         default=False,
         description="GET .../content answers 302 to a presigned S3 URL instead of streaming through the ingress "
                     "(clients must reach S3; the URL lives s3.presign_expires_s).")
+    sync_wait_s: float = Field(
+        default=60.0, gt=0,
+        description="How long POST /v1/videos/sync waits for the job when the request names no `wait_s`; a job "
+                    "that outlives the wait keeps running and the answer (202) says where to poll it.")
+    sync_max_wait_s: float = Field(
+        default=300.0, gt=0,
+        description="The longest wait POST /v1/videos/sync grants. Keep it below the proxy's request timeout "
+                    "(Serve's http_options.request_timeout_s and the front proxy's), or the wait is cut off there.")
+
+    @model_validator(mode="after")
+    def _sync_wait_in_bounds(self) -> ApiConfig:
+        if self.sync_wait_s > self.sync_max_wait_s:
+            raise ValueError(f"api.sync_wait_s ({self.sync_wait_s}) must not exceed api.sync_max_wait_s "
+                             f"({self.sync_max_wait_s})")
+        return self
 
 
 class IdempotencyConfig(Strict):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 # ---- fair dispatch --------------------------------------------------------------------------------------------
 
@@ -75,3 +77,39 @@ class FairQueue:
 
     def waiting(self, tenant: str) -> int:
         return len(self._queues.get(tenant, ()))
+
+
+# ---- the cluster's backlog, as the reclaim scan sees it ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Queued jobs cluster-wide, as one replica's last reclaim scan read them (every `reclaim_interval_s`, from
+    the records it reads anyway): what a queued job's position and estimated start are computed from.
+
+    `starts_per_s` is how fast jobs left the queue between the last scans (smoothed); None until two scans
+    were seen, 0 while nothing moved."""
+
+    at: float
+    waiting: tuple[str, ...]  # queued job ids, oldest first (ids sort by creation time)
+    running: int
+    starts_per_s: float | None = None
+
+    def position(self, job_id: str) -> int:
+        """Jobs queued before `job_id` (0: it is next). A job newer than the scan counts all of them."""
+        return bisect_left(self.waiting, job_id)
+
+    def estimated_start(self, job_id: str, now: float) -> float | None:
+        """When `job_id` should start at the recent pace; None while the pace is unknown or nothing moves."""
+        if not self.starts_per_s:
+            return None
+        return max(now, self.at + (self.position(job_id) + 1) / self.starts_per_s)
+
+    def after_scan(self, at: float, waiting: list[str], running: int) -> Backlog:
+        """The next scan's backlog: the pace is the jobs that left the queue since this one, per second."""
+        now_waiting = tuple(sorted(waiting))
+        left = len(set(self.waiting) - set(now_waiting))
+        pace = left / (at - self.at) if at > self.at else None
+        if pace is not None and self.starts_per_s is not None:
+            pace = 0.5 * self.starts_per_s + 0.5 * pace
+        return Backlog(at=at, waiting=now_waiting, running=running, starts_per_s=pace)

@@ -14,6 +14,7 @@ Every accepted job ends `completed`, `failed` (with a reason) or `cancelled`:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import time
@@ -21,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from serve.config import JobsConfig
-from serve.jobs.queue import FairQueue
+from serve.jobs.queue import Backlog, FairQueue
 from serve.jobs.record import (
     ChainResult,
     JobError,
@@ -30,6 +31,7 @@ from serve.jobs.record import (
     job_created_ms,
 )
 from serve.jobs.store import JobStore
+from serve.logcontext import bind_job
 from serve.metrics import JobEvents
 from serve.stages.stage import TEXT_ENCODER, StageError, StageUnavailable
 from serve.storage import NotFound, PreconditionFailed, StorageError
@@ -90,6 +92,8 @@ class JobRunner:
         # round-robin across tenants, so one tenant's burst does not delay another's single job
         self._queue = FairQueue()
         self._on_finished = on_finished
+        self._ended: dict[str, asyncio.Event] = {}  # jobs a sync request waits for (`ended`)
+        self.backlog: Backlog | None = None  # the cluster's queue as the last reclaim scan read it
         self._stopping = False
         self._events = events or JobEvents()  # metrics (deployments/metrics.py); the default records nothing
 
@@ -147,7 +151,11 @@ class JobRunner:
             job_id = self._queue.pop()
             if job_id is None:
                 return
-            task = asyncio.get_running_loop().create_task(self._drive(job_id), name=f"job-{job_id}")
+            # an empty context, not a copy of whichever request dispatched it: the job outlives that request and
+            # must not log as it, nor make its stage calls as its children (under Serve they would carry its
+            # request id, and be cancelled with it when its client goes away)
+            task = asyncio.get_running_loop().create_task(self._drive(job_id), name=f"job-{job_id}",
+                                                          context=contextvars.Context())
             self._tasks[job_id] = task
             task.add_done_callback(lambda _t, j=job_id: self._done(j))
 
@@ -159,12 +167,28 @@ class JobRunner:
     async def finished(self, job: JobRecord) -> None:
         """A terminal transition landed (here or by the service): release, bill, notify — never raises."""
         self._events.job_finished(job, self._clock())
+        waiting = self._ended.pop(job.id, None)
+        if waiting is not None:
+            waiting.set()
         if self._on_finished is None:
             return
         try:
             await self._on_finished(job)
         except Exception:  # noqa: BLE001
             log.exception("job %s: end-of-job hook failed", job.id)
+
+    async def ended(self, job_id: str, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for `job_id` to end on this replica (its terminal transition landing here);
+        True if it did. A job another replica ends is seen only by reading its record."""
+        event = self._ended.setdefault(job_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            if not event.is_set() and self._ended.get(job_id) is event:
+                self._ended.pop(job_id, None)
 
     def cancel_local(self, job_id: str) -> bool:
         """Cancel the in-flight attempt of a job this replica drives; False if it is not running here."""
@@ -182,6 +206,8 @@ class JobRunner:
                                       self._cfg.lease_s, self._clock())
         if job is None:
             return  # another replica owns it, or it already ended
+        # this task's own context (empty at its start): every line it, and what it starts, logs carries the job
+        bind_job(job.id, job.tenant)
         heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(job_id))
         try:
             await self._attempt_until_done(job)
@@ -352,10 +378,17 @@ class JobRunner:
         """Take over every active job whose lease is free or expired; returns the ids submitted."""
         now = self._clock()
         taken = []
+        waiting: list[str] = []
+        running = 0
         for job_id in await asyncio.to_thread(self._store.list_active_ids):
             if job_id in self._tasks:
+                running += 1
                 continue
             job = await asyncio.to_thread(self._store.get, job_id)
+            if job is not None and job.status == "queued":
+                waiting.append(job_id)
+            elif job is not None and job.status == "in_progress":
+                running += 1
             if job is None:
                 # `create` writes the marker just before the record: give a young marker time
                 if now - job_created_ms(job_id) / 1000 > 2 * self._cfg.lease_s:
@@ -367,4 +400,6 @@ class JobRunner:
             if job.lease_is_free(now):
                 self.submit(job_id, job.tenant)
                 taken.append(job_id)
+        self.backlog = (Backlog(now, tuple(sorted(waiting)), running) if self.backlog is None
+                        else self.backlog.after_scan(now, waiting, running))
         return taken

@@ -30,6 +30,7 @@ from serve.jobs.record import JobError, JobRecord, is_job_id, new_job_id
 from serve.jobs.runner import JobRunner
 from serve.jobs.store import JobStore
 from serve.jobs.view import VideoView
+from serve.logcontext import bind_job
 from serve.media.publishing import video_keys
 from serve.storage import NotFound, Storage
 from serve.tenancy.keys import Principal
@@ -74,10 +75,12 @@ class VideoService:
 
     # -- create ----------------------------------------------------------------------------------
     async def create(self, req: CreateVideoRequest, principal: Principal | str,
-                     idempotency_key: str | None = None, headers: dict[str, str] | None = None) -> Video:
+                     idempotency_key: str | None = None, headers: dict[str, str] | None = None, *,
+                     request_id: str | None = None, user_id: str | None = None) -> Video:
         """Validate and admit, write the job record (queued), start driving it; returns at once.
 
-        `headers` receives the rate-limit headers (and `Idempotent-Replayed` for a replay)."""
+        `headers` receives the rate-limit headers (and `Idempotent-Replayed` for a replay). `request_id` and
+        `user_id` (the caller's end user) are stored on the job."""
         if isinstance(principal, str):
             principal = self.principal(principal)
         model = self._config.model if req.model is None else self._config.model_named(req.model)
@@ -94,11 +97,13 @@ class VideoService:
             if headers is not None:
                 headers["Idempotent-Replayed"] = "true"
             return self.to_wire(admitted.replay)
+        bind_job(admitted.job_id, principal.tenant)  # the rest of this request's log lines are about this job
         job = JobRecord(
             id=admitted.job_id, tenant=principal.tenant, status="queued", progress=0, stage="queued",
             step=0, total_steps=params.num_inference_steps, created_at=int(now), model=model.name,
             prompt=req.prompt, params=params, updated_at=now,
             deadline_at=now + req.deadline_seconds if req.deadline_seconds else None, webhook_url=req.webhook_url,
+            request_id=request_id, user_id=user_id,
         )
         # shielded: a client that disconnects mid-create must not leave a written record whose slot and
         # idempotency claim were given back (a retry would then create a second job)
@@ -125,7 +130,35 @@ class VideoService:
         job = await self._load(job_id, tenant)
         if job.status == "in_progress":
             job = await asyncio.to_thread(self._store.merge_progress, job)
-        return self.to_wire(job)
+        return self._placed(job)
+
+    def _placed(self, job: JobRecord) -> Video:
+        """The job's `Video`; a queued one with its place in the cluster's queue and its estimated start, as far
+        as this replica's last reclaim scan knows them (`JobRunner.backlog`)."""
+        video = self.to_wire(job)
+        backlog = self._runner.backlog
+        if job.status != "queued" or backlog is None:
+            return video
+        start = backlog.estimated_start(job.id, self._clock())
+        return video.model_copy(update={"queue_position": backlog.position(job.id),
+                                        "estimated_start_at": None if start is None else int(start)})
+
+    async def wait(self, job_id: str, tenant: str, timeout_s: float) -> Video:
+        """The job once it ended, or as it stands after `timeout_s` (POST /v1/videos/sync). Reads the record at
+        growing intervals (0.2 s up to 1 s), sooner when this replica sees the job end (`JobRunner.ended`); a
+        job that outlives the wait is not touched: it keeps running."""
+        deadline = time.monotonic() + timeout_s
+        pause = 0.2
+        while True:
+            job = await self._load(job_id, tenant)
+            left = deadline - time.monotonic()
+            if job.is_terminal or left <= 0:
+                break
+            await self._runner.ended(job_id, min(pause, left))
+            pause = min(pause * 2, 1.0)
+        if job.status == "in_progress":
+            job = await asyncio.to_thread(self._store.merge_progress, job)
+        return self._placed(job)
 
     def models(self) -> ModelList:
         """The served models, the default first, with what a request may ask of each."""
@@ -141,13 +174,13 @@ class VideoService:
     async def list(self, after: str | None, limit: int, order: str = "desc", *, tenant: str) -> VideoList:
         if not 1 <= limit <= 100:
             raise ServiceError(400, f"limit must be 1..100, got {limit}", param="limit", code="invalid_value")
-        if order != "desc":
-            raise ServiceError(400, f"order must be 'desc' (newest first), got {order!r}", param="order",
-                           code="invalid_value")
+        if order not in ("asc", "desc"):
+            raise ServiceError(400, f"order must be 'asc' (oldest first) or 'desc' (newest first), got {order!r}",
+                               param="order", code="invalid_value")
         if after is not None and not is_job_id(after):
             raise ServiceError(400, f"after must be a video id from a previous page, got {after!r}", param="after",
                            code="invalid_value")
-        jobs, has_more = await asyncio.to_thread(self._store.list, limit, after, tenant=tenant)
+        jobs, has_more = await asyncio.to_thread(self._store.list, limit, after, tenant=tenant, order=order)
         data = await asyncio.to_thread(lambda: [self.to_wire(j) for j in jobs])  # presigning is CPU work
         return VideoList(data=data, has_more=has_more, first_id=data[0].id if data else None,
                          last_id=data[-1].id if data else None)

@@ -54,5 +54,6 @@ class VideoView:
             num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
             use_dynamic_cfg=p.use_dynamic_cfg, quality=p.quality,
             negative_prompt=p.negative_prompt,
-            attempts=job.attempts, deadline_at=int(job.deadline_at) if job.deadline_at else None, **urls,
+            attempts=job.attempts, deadline_at=int(job.deadline_at) if job.deadline_at else None,
+            request_id=job.request_id, **urls,
         )

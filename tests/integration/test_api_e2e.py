@@ -196,3 +196,36 @@ def test_quality_speed_uses_the_models_step_cache_and_the_record_says_so(cluster
     assert used[("cogvideox-tiny-5b", "speed")]["cache"] == "first_block"
     assert used[("cogvideox-tiny-5b", "quality")]["cache"] == "none"
     assert used[("cogvideox-tiny-2b", "speed")]["cache"] == "none"
+
+
+def test_zai_sdk_create_poll_and_download(cluster):
+    """Zhipu's official client, pointed at this cluster by base URL and key only: create, poll, download."""
+    from zai import ZhipuAiClient
+
+    zai = ZhipuAiClient(api_key=API_KEY, base_url=f"{cluster.base}/api/paas/v4", max_retries=0, timeout=60)
+    task = zai.videos.generations(model="cogvideox-tiny-2b", prompt="a lighthouse in a storm", size="48x32",
+                                  duration=1, fps=8, request_id="zai-e2e-1", user_id="end-user-1",
+                                  extra_body={"seed": 7})
+    assert task.task_status == "PROCESSING" and task.request_id == "zai-e2e-1" and task.id.startswith("video_")
+    deadline = time.time() + 120
+    result = zai.videos.retrieve_videos_result(id=task.id)
+    while result.task_status == "PROCESSING" and time.time() < deadline:
+        time.sleep(0.1)
+        result = zai.videos.retrieve_videos_result(id=task.id)
+    assert result.task_status == "SUCCESS", result
+    (item,) = result.video_result
+    mp4 = httpx.get(item.url).content
+    probe = probe_mp4(mp4)
+    assert (probe["frames"], probe["width"], probe["height"], probe["fps"]) == (9, 48, 32, 8)
+    assert Image.open(io.BytesIO(httpx.get(item.cover_image_url).content)).size == (48, 32)
+    # a retry with the same request_id is the same task, not a second video
+    again = zai.videos.generations(model="cogvideox-tiny-2b", prompt="a lighthouse in a storm", size="48x32",
+                                   duration=1, fps=8, request_id="zai-e2e-1", user_id="end-user-1",
+                                   extra_body={"seed": 7})
+    assert again.id == task.id
+    # the SDK raises on Zhipu's error envelope
+    from zai.core import APIRequestFailedError
+
+    with pytest.raises(APIRequestFailedError) as refused:
+        zai.videos.generations(model="cogvideox-tiny-2b", prompt="a song", with_audio=True)
+    assert refused.value.response.json()["error"]["code"] == "1214"
