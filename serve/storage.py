@@ -149,8 +149,12 @@ class WriteHealth:
             if self._last_error is not None:
                 return (f"writes failing for {now - self._failing_since:.0f}s ({self._failures} in a row; the latest "
                         f"{now - self._last_at:.0f}s ago, {self._last_error})")
-            if self._canary_running and now - self._canary_started >= self.canary_timeout_s:
-                return f"canary write unanswered for {now - self._canary_started:.0f}s"
+            # a hung canary says nothing once a later real write was answered
+            started = self._canary_started
+            answered_since = started is not None and self._last_at is not None and self._last_at >= started
+            if self._canary_running and started is not None and not answered_since \
+                    and now - started >= self.canary_timeout_s:
+                return f"canary write unanswered for {now - started:.0f}s"
             return None
 
     def claim_canary(self) -> bool:

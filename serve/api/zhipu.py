@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from serve.admission.idempotency import HEADER as IDEMPOTENCY_HEADER
 from serve.api.wire import CreateVideoRequest, Video
@@ -34,6 +34,10 @@ RESULT_PATH = f"{PREFIX}/async-result/{{task_id}}"
 # the idempotency store is shared with /v1/videos: a Zhipu request_id and an Idempotency-Key of the same
 # text are different keys
 IDEMPOTENCY_NAMESPACE = "zhipu-request-id:"
+
+# the CogVideoX model names Zhipu's platform offers: the shipped configs list them as `aliases` of their model,
+# so a Zhipu client's `model` reaches it unchanged (tests/unit/test_zhipu.py checks every shipped config)
+ZHIPU_MODELS = ("cogvideox", "cogvideox-2", "cogvideox-3", "cogvideox-flash")
 
 TaskStatus = Literal["PROCESSING", "SUCCESS", "FAIL"]
 
@@ -52,8 +56,9 @@ class ZhipuCreateRequest(BaseModel):
         default=None, description="Image-to-video input; refused until this deployment serves image-to-video.")
     with_audio: bool | None = Field(default=None, description="Only false: no audio is produced.")
     size: str | None = Field(default=None, description="WIDTHxHEIGHT; default: the model's native size.")
-    fps: int | None = Field(default=None, description="Frames per second; default: the model's.")
-    duration: int | None = Field(default=None, description="Seconds; default: the model's native length.")
+    # strict: JSON `true` is not 1 second (the route reads JSON, where numbers come typed)
+    fps: StrictInt | None = Field(default=None, description="Frames per second; default: the model's.")
+    duration: StrictInt | None = Field(default=None, description="Seconds; default: the model's native length.")
     style: str | None = Field(default=None, description="Only 'general'.")
     aspect_ratio: str | None = Field(default=None, description="W:H; must agree with the size generated.")
     off_peak: bool | None = Field(default=None, description="Only false: jobs run when admitted.")
@@ -66,7 +71,7 @@ class ZhipuCreateRequest(BaseModel):
                                 description="Your end user's id (1..128 characters); stored on the job.")
     # this service's extensions (as on /v1/videos)
     negative_prompt: str | None = Field(default=None, description="What the video should not show.")
-    seed: int | None = Field(default=None, description="0..2**32-1; random when omitted.")
+    seed: StrictInt | None = Field(default=None, description="0..2**32-1; random when omitted.")
 
 
 class ZhipuTask(BaseModel):
@@ -145,7 +150,7 @@ def to_create_request(req: ZhipuCreateRequest, config: AppConfig) -> CreateVideo
         raise _refuse("watermark_enabled", "watermark_enabled: true is not offered: no watermark is drawn; "
                                            "send false or leave it out")
     check = req.sensitive_word_check
-    if check is not None and str(check.get("status", "ENABLE")).upper() != "ENABLE":
+    if check is not None and str(check.get("status") or "ENABLE").upper() != "ENABLE":  # null: absent
         raise _refuse("sensitive_word_check", "the prompt policy cannot be disabled; send "
                                               "sensitive_word_check.status ENABLE or leave it out")
     if req.aspect_ratio is not None:

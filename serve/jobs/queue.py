@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -87,28 +87,41 @@ class Backlog:
     """Queued jobs cluster-wide, as one replica's last reclaim scan read them (every `reclaim_interval_s`, from
     the records it reads anyway): what a queued job's position and estimated start are computed from.
 
-    `starts_per_s` is how fast jobs left the queue between the last scans (smoothed); None until two scans
-    were seen, 0 while nothing moved."""
+    Queued jobs wait for a chain slot in a `FairQueue`, served round robin across tenants, so a job's position
+    counts its own tenant's older jobs and, per other tenant, the jobs that tenant gets in before it: one per round
+    until this job's round, plus one in its round when that tenant's rotation turn comes first (taken here as the
+    tenant whose oldest waiting job is older). Each replica has its own queue; this reads them as one.
+
+    `starts_per_s` is how fast jobs left the queue between the last scans (smoothed; a job cancelled while queued
+    counts as having left); None until two scans were seen, 0 while nothing moved."""
 
     at: float
-    waiting: tuple[str, ...]  # queued job ids, oldest first (ids sort by creation time)
+    waiting: tuple[tuple[str, str], ...]  # (job id, tenant) of queued jobs, oldest first (ids sort by creation)
     running: int
     starts_per_s: float | None = None
 
-    def position(self, job_id: str) -> int:
-        """Jobs queued before `job_id` (0: it is next). A job newer than the scan counts all of them."""
-        return bisect_left(self.waiting, job_id)
+    def position(self, job_id: str, tenant: str) -> int:
+        """Jobs that should start before `job_id` (0: it is next). A job newer than the scan counts as the
+        newest of its tenant."""
+        mine = [j for j, t in self.waiting if t == tenant and j != job_id]
+        rounds = bisect_left(mine, job_id)  # its tenant's older jobs: it starts in round rounds + 1
+        first_of = {t: j for j, t in reversed(self.waiting)}  # each tenant's oldest waiting job
+        my_first = min(job_id, first_of.get(tenant, job_id))
+        ahead = rounds
+        for other, count in Counter(t for _, t in self.waiting if t != tenant).items():
+            ahead += min(count, rounds) + (1 if count > rounds and first_of[other] < my_first else 0)
+        return ahead
 
-    def estimated_start(self, job_id: str, now: float) -> float | None:
+    def estimated_start(self, job_id: str, tenant: str, now: float) -> float | None:
         """When `job_id` should start at the recent pace; None while the pace is unknown or nothing moves."""
         if not self.starts_per_s:
             return None
-        return max(now, self.at + (self.position(job_id) + 1) / self.starts_per_s)
+        return max(now, self.at + (self.position(job_id, tenant) + 1) / self.starts_per_s)
 
-    def after_scan(self, at: float, waiting: list[str], running: int) -> Backlog:
+    def after_scan(self, at: float, waiting: list[tuple[str, str]], running: int) -> Backlog:
         """The next scan's backlog: the pace is the jobs that left the queue since this one, per second."""
         now_waiting = tuple(sorted(waiting))
-        left = len(set(self.waiting) - set(now_waiting))
+        left = len({j for j, _ in self.waiting} - {j for j, _ in now_waiting})
         pace = left / (at - self.at) if at > self.at else None
         if pace is not None and self.starts_per_s is not None:
             pace = 0.5 * self.starts_per_s + 0.5 * pace

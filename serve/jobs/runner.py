@@ -92,7 +92,7 @@ class JobRunner:
         # round-robin across tenants, so one tenant's burst does not delay another's single job
         self._queue = FairQueue()
         self._on_finished = on_finished
-        self._ended: dict[str, asyncio.Event] = {}  # jobs a sync request waits for (`ended`)
+        self._ended: dict[str, tuple[asyncio.Event, int]] = {}  # jobs sync requests wait for, and how many
         self.backlog: Backlog | None = None  # the cluster's queue as the last reclaim scan read it
         self._stopping = False
         self._events = events or JobEvents()  # metrics (deployments/metrics.py); the default records nothing
@@ -169,7 +169,7 @@ class JobRunner:
         self._events.job_finished(job, self._clock())
         waiting = self._ended.pop(job.id, None)
         if waiting is not None:
-            waiting.set()
+            waiting[0].set()
         if self._on_finished is None:
             return
         try:
@@ -179,16 +179,22 @@ class JobRunner:
 
     async def ended(self, job_id: str, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for `job_id` to end on this replica (its terminal transition landing here);
-        True if it did. A job another replica ends is seen only by reading its record."""
-        event = self._ended.setdefault(job_id, asyncio.Event())
+        True if it did. A job another replica ends is seen only by reading its record. Any number may wait on
+        one job; the last to stop waiting forgets it."""
+        event, waiters = self._ended.get(job_id, (asyncio.Event(), 0))
+        self._ended[job_id] = (event, waiters + 1)
         try:
             await asyncio.wait_for(event.wait(), timeout_s)
             return True
         except asyncio.TimeoutError:
             return False
         finally:
-            if not event.is_set() and self._ended.get(job_id) is event:
-                self._ended.pop(job_id, None)
+            held = self._ended.get(job_id)
+            if held is not None and held[0] is event:
+                if held[1] <= 1:
+                    del self._ended[job_id]
+                else:
+                    self._ended[job_id] = (event, held[1] - 1)
 
     def cancel_local(self, job_id: str) -> bool:
         """Cancel the in-flight attempt of a job this replica drives; False if it is not running here."""
@@ -378,7 +384,7 @@ class JobRunner:
         """Take over every active job whose lease is free or expired; returns the ids submitted."""
         now = self._clock()
         taken = []
-        waiting: list[str] = []
+        waiting: list[tuple[str, str]] = []
         running = 0
         for job_id in await asyncio.to_thread(self._store.list_active_ids):
             if job_id in self._tasks:
@@ -386,7 +392,7 @@ class JobRunner:
                 continue
             job = await asyncio.to_thread(self._store.get, job_id)
             if job is not None and job.status == "queued":
-                waiting.append(job_id)
+                waiting.append((job_id, job.tenant))
             elif job is not None and job.status == "in_progress":
                 running += 1
             if job is None:

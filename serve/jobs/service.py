@@ -58,6 +58,9 @@ def _gone(job_id: str, variant: str) -> ServiceError:
 class VideoService:
     """Built by `serve.jobs.wiring.build_ingress` (the ingress and the tests alike)."""
 
+    wait_first_poll_s = 0.2  # `wait`: the first re-read of the record; doubling up to wait_max_poll_s
+    wait_max_poll_s = 1.0
+
     def __init__(self, config: AppConfig, store: JobStore, storage: Storage, runner: JobRunner,
                  admission: Admission, ledger: UsageLedger, view: VideoView, clock=time.time) -> None:
         self._config = config
@@ -139,8 +142,8 @@ class VideoService:
         backlog = self._runner.backlog
         if job.status != "queued" or backlog is None:
             return video
-        start = backlog.estimated_start(job.id, self._clock())
-        return video.model_copy(update={"queue_position": backlog.position(job.id),
+        start = backlog.estimated_start(job.id, job.tenant, self._clock())
+        return video.model_copy(update={"queue_position": backlog.position(job.id, job.tenant),
                                         "estimated_start_at": None if start is None else int(start)})
 
     async def wait(self, job_id: str, tenant: str, timeout_s: float) -> Video:
@@ -148,14 +151,14 @@ class VideoService:
         growing intervals (0.2 s up to 1 s), sooner when this replica sees the job end (`JobRunner.ended`); a
         job that outlives the wait is not touched: it keeps running."""
         deadline = time.monotonic() + timeout_s
-        pause = 0.2
+        pause = self.wait_first_poll_s
         while True:
             job = await self._load(job_id, tenant)
             left = deadline - time.monotonic()
             if job.is_terminal or left <= 0:
                 break
             await self._runner.ended(job_id, min(pause, left))
-            pause = min(pause * 2, 1.0)
+            pause = min(pause * 2, self.wait_max_poll_s)
         if job.status == "in_progress":
             job = await asyncio.to_thread(self._store.merge_progress, job)
         return self._placed(job)

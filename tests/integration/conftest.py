@@ -59,7 +59,7 @@ def app_config(model_dir: Path, endpoint: str, bucket: str, keys_file: Path | No
     zero_cpu = {"ray_actor_options": {"num_cpus": 0}, "num_replicas": 1}
     return AppConfig.model_validate({
         "model": {"name": "cogvideox-tiny-2b", "source": str(model_dir), "family": "cogvideox-2b",
-                  "device": "cpu", "defaults": SMALL},
+                  "device": "cpu", "defaults": SMALL, "aliases": ["cogvideox-flash"]},  # a Zhipu model name
         # a second model, with its own three stage deployments: requests pick it by name; its denoiser
         # has a step cache that requests with quality="speed" use (the tiny weights need a high threshold)
         "models": [{"name": "cogvideox-tiny-5b", "source": str(second_model_dir), "family": "cogvideox-5b",

@@ -203,10 +203,12 @@ def test_zai_sdk_create_poll_and_download(cluster):
     from zai import ZhipuAiClient
 
     zai = ZhipuAiClient(api_key=API_KEY, base_url=f"{cluster.base}/api/paas/v4", max_retries=0, timeout=60)
-    task = zai.videos.generations(model="cogvideox-tiny-2b", prompt="a lighthouse in a storm", size="48x32",
+    # Zhipu's model name, an alias of the served model
+    task = zai.videos.generations(model="cogvideox-flash", prompt="a lighthouse in a storm", size="48x32",
                                   duration=1, fps=8, request_id="zai-e2e-1", user_id="end-user-1",
                                   extra_body={"seed": 7})
     assert task.task_status == "PROCESSING" and task.request_id == "zai-e2e-1" and task.id.startswith("video_")
+    assert task.model == "cogvideox-tiny-2b"
     deadline = time.time() + 120
     result = zai.videos.retrieve_videos_result(id=task.id)
     while result.task_status == "PROCESSING" and time.time() < deadline:
@@ -219,7 +221,7 @@ def test_zai_sdk_create_poll_and_download(cluster):
     assert (probe["frames"], probe["width"], probe["height"], probe["fps"]) == (9, 48, 32, 8)
     assert Image.open(io.BytesIO(httpx.get(item.cover_image_url).content)).size == (48, 32)
     # a retry with the same request_id is the same task, not a second video
-    again = zai.videos.generations(model="cogvideox-tiny-2b", prompt="a lighthouse in a storm", size="48x32",
+    again = zai.videos.generations(model="cogvideox-flash", prompt="a lighthouse in a storm", size="48x32",
                                    duration=1, fps=8, request_id="zai-e2e-1", user_id="end-user-1",
                                    extra_body={"seed": 7})
     assert again.id == task.id

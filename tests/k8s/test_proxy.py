@@ -95,7 +95,9 @@ def test_the_proxy_runs_the_shipped_file_in_front_of_kuberays_serve_service(obje
     writes = [conf.main().one("pid").args[0]] + [d.args[0] for d in conf.http().block or []
                                                  if d.name.endswith("_temp_path")]
     assert len(writes) == 6 and all(w.startswith("/tmp/") for w in writes), writes
-    # probes hit nginx's own health server, not Serve
+    # probes hit the health server: liveness nginx itself, readiness the app's /readyz through it
+    assert (container["livenessProbe"]["httpGet"]["path"], container["readinessProbe"]["httpGet"]["path"]) == (
+        "/healthz", "/readyz")
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["port"] == "health"
         health = conf.server_listening(HEALTH_PORT)
@@ -208,6 +210,33 @@ def test_nginxs_own_refusals_are_the_apis_error_envelope(status: int, shown: int
     assert envelope["error"]["code"] == code and envelope["error"]["message"]
     page = next(d for d in _api_server().find("error_page") if str(status) in d.args)
     assert (f"={shown}" in page.args) == (status != shown)
+
+
+
+@pytest.mark.parametrize("status, shown, code", [(400, 400, "invalid_request"), (413, 413, "request_too_large"),
+                                                 (414, 414, "request_uri_too_long"),
+                                                 (494, 431, "request_headers_too_large"),
+                                                 (502, 502, "service_unavailable"), (504, 504, "upstream_timeout")])
+def test_on_zhipus_routes_the_refusals_are_zhipus_envelope(status: int, shown: int, code: str) -> None:
+    from serve.api import zhipu
+
+    location, body = _error_page(status)
+    (branch,) = location.find("if")
+    assert branch.args == ["($zhipu_route)"]
+    (ret,) = branch.find("return")
+    assert int(ret.args[0]) == shown
+    message = json.loads(body)["error"]["message"]
+    assert json.loads(ret.args[1]) == zhipu.error_body(shown, message, None, code)
+    (routes,) = shipped().http().find("map")
+    assert routes.args == ["$request_uri", "$zhipu_route"]
+    assert [d.name for d in routes.block or []] == [f"~^{zhipu.PREFIX}/", "default"]
+
+
+def test_the_readiness_probe_asks_the_app() -> None:
+    location = shipped().server_listening(HEALTH_PORT)
+    (readyz,) = [d for d in location.find("location") if d.args == ["=", "/readyz"]]
+    assert readyz.one("proxy_pass").args == ["http://serve/readyz"]
+    assert seconds(readyz.one("proxy_read_timeout").args[0]) > 7  # a HEAD (5 s) and a canary wait (2 s)
 
 
 # ---- a real nginx running the shipped file ---------------------------------------------------------------------
@@ -522,6 +551,22 @@ def test_the_health_port_answers_itself(nginx: Nginx) -> None:
     assert (status, body) == (200, b"ok\n")
     status, _, _ = _send(nginx.health_port, b"GET /v1/videos HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status == 404 and len(nginx.upstream.seen) == before
+
+
+def test_readyz_on_the_health_port_is_the_apps_answer(nginx: Nginx) -> None:
+    before = len(nginx.upstream.seen)
+    status, _, body = _send(nginx.health_port, b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert (status, json.loads(body)) == (200, {"ok": True})
+    (seen,) = nginx.upstream.seen[before:]
+    assert seen.path == "/readyz"
+
+
+def test_a_zhipu_route_gets_zhipus_envelope_from_nginx(nginx: Nginx) -> None:
+    status, _, body = _send(nginx.port, b"POST /api/paas/v4/videos/generations HTTP/1.1\r\nHost: x\r\n"
+                                        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (MAX_BODY_BYTES + 1))
+    assert status == 413
+    error = json.loads(body)["error"]
+    assert (error["code"], error["videogen_code"]) == ("1214", "request_too_large")
 
 
 def test_an_unreachable_upstream_is_502_in_the_envelope() -> None:

@@ -17,25 +17,40 @@ def ids(n: int, start_ms: int = 1_700_000_000_000) -> list[str]:
 
 def test_position_counts_the_jobs_queued_before():
     a, b, c, later = ids(4)
-    backlog = Backlog(at=100.0, waiting=(a, b, c), running=2)
-    assert [backlog.position(j) for j in (a, b, c, later)] == [0, 1, 2, 3]
-    assert backlog.estimated_start(a, now=100.0) is None  # no pace from one scan
+    backlog = Backlog(at=100.0, waiting=((a, "t"), (b, "t"), (c, "t")), running=2)
+    assert [backlog.position(j, "t") for j in (a, b, c, later)] == [0, 1, 2, 3]
+    assert backlog.estimated_start(a, "t", now=100.0) is None  # no pace from one scan
+
+
+def test_position_follows_the_round_robin_across_tenants():
+    """One tenant's burst does not push another tenant's single job to the back: FairQueue serves one job per
+    tenant per round."""
+    burst = ids(100)
+    (single,) = ids(1, start_ms=1_800_000_000_000)  # newer than the whole burst
+    backlog = Backlog(at=0.0, waiting=tuple((j, "big") for j in burst) + ((single, "small"),), running=1)
+    assert backlog.position(single, "small") == 1  # after the burst's first job only
+    # the burst's third job: its own two older ones, and the single job in round one
+    assert backlog.position(burst[2], "big") == 3
+    assert backlog.position(burst[0], "big") == 0
+    # a job not scanned yet is the newest of its tenant
+    (fresh,) = ids(1, start_ms=1_900_000_000_000)
+    assert backlog.position(fresh, "small") == 1 + 1 + 1  # single's round, and the burst's jobs of rounds 1, 2
 
 
 def test_the_pace_is_the_jobs_that_left_the_queue_per_second():
     a, b, c, d = ids(4)
-    first = Backlog(at=100.0, waiting=(a, b, c, d), running=1)
-    second = first.after_scan(110.0, [c, d], running=1)  # a and b started within 10 s
+    first = Backlog(at=100.0, waiting=tuple((j, "t") for j in (a, b, c, d)), running=1)
+    second = first.after_scan(110.0, [(c, "t"), (d, "t")], running=1)  # a and b started within 10 s
     assert second.starts_per_s == 0.2
-    assert second.position(d) == 1
-    assert second.estimated_start(c, now=110.0) == 115.0 and second.estimated_start(d, now=110.0) == 120.0
+    assert second.position(d, "t") == 1
+    assert second.estimated_start(c, "t", now=110.0) == 115.0 and second.estimated_start(d, "t", now=110.0) == 120.0
     # smoothed: half the old pace, half the new one
-    third = second.after_scan(120.0, [d], running=1)
+    third = second.after_scan(120.0, [(d, "t")], running=1)
     assert third.starts_per_s == 0.5 * 0.2 + 0.5 * 0.1
     # nothing moved: no estimate, rather than a made-up one
-    stuck = Backlog(at=0.0, waiting=(d,), running=1).after_scan(10.0, [d], running=1)
-    assert stuck.starts_per_s == 0 and stuck.estimated_start(d, now=10.0) is None
-    assert second.estimated_start(c, now=200.0) == 200.0  # never in the past
+    stuck = Backlog(at=0.0, waiting=((d, "t"),), running=1).after_scan(10.0, [(d, "t")], running=1)
+    assert stuck.starts_per_s == 0 and stuck.estimated_start(d, "t", now=10.0) is None
+    assert second.estimated_start(c, "t", now=200.0) == 200.0  # never in the past
 
 
 def test_a_queued_video_reports_its_place(storage: Storage) -> None:

@@ -250,3 +250,16 @@ def test_canary_settings_are_validated() -> None:
     for field in ("canary_interval_s", "canary_timeout_s"):
         with pytest.raises(ValidationError, match=field):
             S3Config(**{field: 0})
+
+
+def test_a_hung_canary_says_nothing_once_a_later_real_write_was_answered() -> None:
+    now = [100.0]
+    health = WriteHealth(canary_interval_s=30, canary_timeout_s=10, clock=lambda: now[0])
+    assert health.claim_canary()  # nothing written yet: the canary starts, and hangs
+    now[0] = 115.0
+    assert (health.problem() or "").startswith("canary write unanswered")
+    health.record("put", None)  # a real write succeeds meanwhile: S3 takes writes
+    now[0] = 120.0
+    assert health.problem() is None
+    health.record("put", "ServiceUnavailable")  # and a later failure still counts
+    assert (health.problem() or "").startswith("writes failing")

@@ -238,3 +238,20 @@ def test_logging_config_is_no_part_of_an_applications_code_version():
     for app in text["applications"]:
         app["logging_config"] = {"encoding": "TEXT", "log_level": "DEBUG"}
     assert code_versions(text) == code_versions(data)
+
+
+def _dev_overlay_serve_config() -> dict:
+    patch = yaml.safe_load((ROOT / "k8s" / "overlays" / "dev" / "rayservice-patch.yaml").read_text())
+    (op,) = [p for p in patch if p.get("path") == "/spec/serveConfigV2"]
+    return yaml.safe_load(op["value"])
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if not n.startswith("deployments.")] + ["k8s dev overlay"])
+def test_every_shipped_config_serves_zhipus_model_names(name):
+    """A Zhipu client's `model` (cogvideox, cogvideox-flash, ...) reaches the served model unchanged."""
+    from serve.api.zhipu import ZHIPU_MODELS
+
+    data = _dev_overlay_serve_config() if name == "k8s dev overlay" else SHIPPED[name]()
+    config = check_serve_config(data)
+    for zhipu_name in ZHIPU_MODELS:
+        assert config.model_named(zhipu_name) is not None, (name, zhipu_name)

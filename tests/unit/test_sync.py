@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from serve.jobs.service import VideoService
 from serve.storage import Storage
 from tests.unit.test_routes import AUTH, SMALL, assert_error, run, serving, wait_status
 
@@ -40,12 +41,16 @@ def test_a_job_that_outlives_the_wait_keeps_running_and_says_where_to_poll(stora
     run(main())
 
 
-def test_sync_wakes_when_the_job_ends_here(storage: Storage) -> None:
-    """The wait returns as the job ends on this replica, not at the next read of a slow poll."""
+def test_sync_wakes_when_the_job_ends_here(storage: Storage, monkeypatch) -> None:
+    """The wait returns as the job ends on this replica, not at the next read of the record: with re-reads 60 s
+    apart, only the runner's wake-up can answer within the test's 10 s."""
+    monkeypatch.setattr(VideoService, "wait_first_poll_s", 60.0)
+    monkeypatch.setattr(VideoService, "wait_max_poll_s", 60.0)
+
     async def main() -> None:
         async with serving(storage) as env:
             env.pipeline.gate.clear()
-            call = asyncio.create_task(env.client.post("/v1/videos/sync?wait_s=30", json=BODY, headers=AUTH))
+            call = asyncio.create_task(env.client.post("/v1/videos/sync?wait_s=120", json=BODY, headers=AUTH))
             await asyncio.sleep(0.3)
             assert not call.done()
             env.pipeline.gate.set()
@@ -104,3 +109,17 @@ def test_the_default_wait_cannot_exceed_the_longest():
     with pytest.raises(ValidationError, match="sync_wait_s .* must not exceed api.sync_max_wait_s"):
         ApiConfig(sync_wait_s=301)
     assert ApiConfig(sync_wait_s=300).sync_max_wait_s == 300
+
+
+def test_every_waiter_on_one_job_is_woken_even_after_another_gave_up(storage: Storage) -> None:
+    async def main() -> None:
+        async with serving(storage) as env:
+            env.pipeline.gate.clear()
+            video = (await env.client.post("/v1/videos", json=BODY, headers=AUTH)).json()
+            patient = asyncio.create_task(env.runner.ended(video["id"], 30))
+            await asyncio.sleep(0.05)
+            assert await env.runner.ended(video["id"], 0.05) is False  # a second waiter gives up first
+            env.pipeline.gate.set()
+            assert await asyncio.wait_for(patient, 10) is True
+
+    run(main())

@@ -123,6 +123,7 @@ def test_request_id_is_the_idempotency_key(storage: Storage) -> None:
     ({"sensitive_word_check": {"type": "ALL", "status": "DISABLE"}}, "sensitive_word_check"),
     ({"duration": 60}, "duration"),
     ({"size": "1000x1000"}, "size"),
+    ({"duration": True}, "duration"),  # not 1 second
 ])
 def test_what_cannot_be_done_is_a_400_naming_the_field_and_creates_nothing(storage: Storage, fields, param) -> None:
     async def main() -> None:
@@ -141,6 +142,10 @@ def test_honoured_and_ignored_values_are_accepted(storage: Storage) -> None:
             body = sdk_body(model=MODEL, prompt="a lighthouse", style="general", with_audio=False, off_peak=False,
                             movement_amplitude="auto", aspect_ratio="4:3", watermark_enabled=False,
                             sensitive_word_check={"type": "ALL", "status": "ENABLE"}, **SMALL)
+            r = await env.client.post(CREATE, json=body, headers=AUTH)
+            assert r.status_code == 200, r.text
+            body = sdk_body(model=MODEL, prompt="a harbour", sensitive_word_check={"type": "ALL", "status": None},
+                            **SMALL)  # null is absent, inside an object too
             r = await env.client.post(CREATE, json=body, headers=AUTH)
             assert r.status_code == 200, r.text
 
