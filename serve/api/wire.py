@@ -107,6 +107,10 @@ class ModelInfo(BaseModel):
     max_frames: int
     max_side: int = Field(description="Largest width or height; both multiples of 16.")
     max_steps: int
+    inputs: list[Literal["text", "image"]] = Field(
+        description="What a request brings: ['text'] (text-to-video) or ['text', 'image'] (image-to-video: the "
+                    "image is required).")
+    size_rule: str = Field(description="The sizes it makes, in words (image-to-video models make fewer).")
 
 
 class ModelList(BaseModel):

@@ -2,7 +2,8 @@
 
 The job layer's first step (`VideoService.create`), and the way back from a stored job record to the stages'
 `SamplingParams` (`GenerationParams.sampling`). Checks what CogVideoX can actually do: frames 8N+1 (16N+1 for CogVideoX1.5), sides multiples of 16,
-the family's limits, prompt length, known model names. Nothing here touches a GPU or S3.
+the family's size rule (the image-to-video transformers make fewer sizes), the family's limits, prompt length, known
+model names. Nothing here touches a GPU or S3.
 """
 
 from __future__ import annotations
@@ -23,13 +24,9 @@ SDK_SECONDS = ("4", "8", "12")
 SDK_SIZES = ("720x1280", "1280x720", "1024x1792", "1792x1024")
 
 
-def _side_ok(preset: Preset, side: int) -> bool:
-    return side % preset.side_multiple == 0 and preset.min_side <= side <= preset.max_side
-
-
 def sizes_honoured(preset: Preset) -> list[str]:
     """The SDK's sizes this family can generate."""
-    return [s for s in SDK_SIZES if all(_side_ok(preset, int(v)) for v in s.split("x"))]
+    return [s for s in SDK_SIZES if preset.size_allowed(*(int(v) for v in s.split("x")))]
 
 
 def seconds_honoured(preset: Preset, fps: int) -> list[str]:
@@ -39,6 +36,14 @@ def seconds_honoured(preset: Preset, fps: int) -> list[str]:
 
 def _longest_seconds(preset: Preset, fps: int) -> str:
     return _format_seconds((preset.max_frames - 1) / fps)
+
+
+def _side_at_fault(preset: Preset, width: int, height: int) -> str:
+    """The field a size-rule 400 names when width and height came as fields: the first one off the rule."""
+    if preset.size_rule == "native":
+        return "width" if width != preset.width else "height"
+    short_name, long_name = ("height", "width") if height <= width else ("width", "height")
+    return short_name if min(width, height) != min(preset.width, preset.height) else long_name
 
 
 def _bad(param: str, message: str) -> ServiceError:
@@ -94,16 +99,23 @@ def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig)
         raise ServiceError(400, f"unknown model {req.model!r}; this deployment serves {model.names}",
                        param="model", code="model_not_found")
     if req.input_reference is not None:
-        raise _bad("input_reference", "input_reference is not supported: this service is text-to-video only")
+        raise _bad("input_reference", "input_reference is not supported yet: this service generates from text; "
+                                      "send a prompt without input_reference to a text-to-video model")
+
 
     # 2. Geometry
     width, height, size_param = _geometry(req, preset.width, preset.height)
-    for name, side in (("width", width), ("height", height)):
-        if not _side_ok(preset, side):
-            raise _bad(size_param or name, f"{name} must be a multiple of {preset.side_multiple} between "
-                                           f"{preset.min_side} and {preset.max_side}, got {side} "
-                                           f"(size {width}x{height}); this model's native size is {preset.size}, "
-                                           f"and of the SDK's sizes it makes {sizes_honoured(preset)}")
+    if preset.size_rule == "sides":
+        for name, side in (("width", width), ("height", height)):
+            if not preset.side_allowed(side):
+                raise _bad(size_param or name, f"{name} must be a multiple of {preset.side_multiple} between "
+                                               f"{preset.min_side} and {preset.max_side}, got {side} "
+                                               f"(size {width}x{height}); this model's native size is {preset.size}, "
+                                               f"and of the SDK's sizes it makes {sizes_honoured(preset)}")
+    elif not preset.size_allowed(width, height):
+        raise _bad(size_param or _side_at_fault(preset, width, height),
+                   f"{preset.size_rule_text()}, got {width}x{height}; its native size is {preset.size}, and of the "
+                   f"SDK's sizes it makes {sizes_honoured(preset) or 'none'}")
 
     # 3. Time: frames and fps
     fps = preset.fps if req.fps is None else req.fps

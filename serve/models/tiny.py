@@ -1,9 +1,15 @@
 """Tiny random-initialised CogVideoX checkpoints for CPU tests and local development.
 
 Sits before everything else in the data flow: it writes a model directory in the standard diffusers
-layout that the stages (serve/stages/) and diffusers' own `CogVideoXPipeline` both load. The three
-variants mirror the *structure* of the real checkpoints (scheduler class, positional embeddings,
-temporal patching, VAE scaling factor) at a size that runs a full request in seconds on a CPU.
+layout that the stages (serve/stages/) and diffusers' own `CogVideoXPipeline` (the image-to-video
+variants: `CogVideoXImageToVideoPipeline`) both load. The variants mirror the *structure* of the real
+checkpoints (scheduler class, positional embeddings, temporal patching, VAE scaling factor, image
+latents as extra input channels, the ofs embedding) at a size that runs a full request in seconds on a CPU.
+
+The tiny 5b-i2v, like CogVideoX-5b-I2V, has learned positional embeddings fitted to one size: it makes
+only 48x32 (its `sample_width`/`sample_height` in latents), as the real one makes only 720x480. The tiny
+1.5-i2v makes any size whose sides are at most 128 px (its rotary grid), as the real one's 300x300 latents
+cover the sizes CogVideoX1.5-5B-I2V is trained for.
 
     python -m serve.models.tiny --variant 2b --out ./models/tiny-2b
     python -m serve.models.tiny --all --out-root ./models
@@ -16,8 +22,12 @@ import string
 from pathlib import Path
 from typing import Literal
 
-Variant = Literal["2b", "5b", "1.5"]
-VARIANTS: tuple[Variant, ...] = ("2b", "5b", "1.5")
+Variant = Literal["2b", "5b", "1.5", "5b-i2v", "1.5-i2v"]
+VARIANTS: tuple[Variant, ...] = ("2b", "5b", "1.5", "5b-i2v", "1.5-i2v")
+# the text-to-video variant each image-to-video one is built on (its scheduler and VAE)
+_I2V_BASE: dict[str, Variant] = {"5b-i2v": "5b", "1.5-i2v": "1.5"}
+# the tiny 5b-i2v's only size, in pixels (its learned positional embeddings are fitted to it)
+TINY_5B_I2V_SIZE = (48, 32)
 
 _TEXT_DIM = 32  # T5 d_model == transformer text_embed_dim
 
@@ -61,6 +71,7 @@ def _tokenizer_vocab() -> list[tuple[str, float]]:
 
 
 def _transformer_config(variant: Variant) -> dict:
+    base = _I2V_BASE.get(variant, variant)
     config = {
         "num_attention_heads": 2,
         "attention_head_dim": 16,  # rotary embeddings need a multiple of 16
@@ -75,17 +86,33 @@ def _transformer_config(variant: Variant) -> dict:
         "patch_size": 2,
         "temporal_compression_ratio": 4,
         "max_text_seq_length": 226,  # sin-cos (2b) positions must match the 226-token prompt
-        "use_rotary_positional_embeddings": variant != "2b",
+        "use_rotary_positional_embeddings": base != "2b",
     }
-    if variant == "1.5":
+    if base == "1.5":
         # CogVideoX1.5-5B (text-to-video): temporal patches of 2 latent frames, no patch bias.
         # Its ofs embedding exists only in the image-to-video model (CogVideoXPipeline never
         # passes `ofs`), so ofs_embed_dim stays None as in the real T2V config.
         config.update(patch_size_t=2, patch_bias=False, sample_frames=17)
+    if variant in _I2V_BASE:
+        # noise latents and image latents joined on the channel axis; the prediction is for the noise only
+        config.update(in_channels=32, out_channels=16)
+    if variant == "5b-i2v":
+        # CogVideoX-5b-I2V adds learned positions (saved with the weights) to its rotary ones; diffusers refuses any
+        # latent size but sample_height x sample_width, and at any other frame count than sample_frames it adds
+        # freshly computed sin-cos positions instead of the stored ones
+        width, height = TINY_5B_I2V_SIZE
+        config.update(use_learned_positional_embeddings=True, sample_width=width // 8, sample_height=height // 8,
+                      sample_frames=9)
+    if variant == "1.5-i2v":
+        # the ofs embedding is added to the time embedding, so its width is time_embed_dim (512 both in the real
+        # config); the rotary grid is sliced from sample_height x sample_width patches (real: 300x300 latents),
+        # which bounds the sizes this model makes: 16 latents = 128 px
+        config.update(ofs_embed_dim=config["time_embed_dim"], sample_width=16, sample_height=16, sample_frames=17)
     return config
 
 
 def _vae_config(variant: Variant) -> dict:
+    base = _I2V_BASE.get(variant, variant)
     return {
         # Four blocks: the pipelines derive the spatial factor as 2 ** (len(blocks) - 1) == 8.
         "block_out_channels": (8, 8, 8, 8),
@@ -97,19 +124,22 @@ def _vae_config(variant: Variant) -> dict:
         # proportions add up to the right output size (the tile stride is rounded in latents).
         "sample_height": 480,
         "sample_width": 720,
-        "scaling_factor": 1.15258426 if variant == "2b" else 0.7,
-        # The 1.5 VAE stores inverted image-latent scaling (used by image-to-video only).
-        "invert_scale_latents": variant == "1.5",
+        "scaling_factor": 1.15258426 if base == "2b" else 0.7,
+        # The 1.5 VAEs store inverted image-latent scaling (used by image-to-video only): image latents are
+        # divided by scaling_factor, not multiplied.
+        "invert_scale_latents": base == "1.5",
     }
 
 
 def build_tiny_pipeline(variant: Variant, seed: int = 0):
-    """Construct (in memory) a tiny `CogVideoXPipeline` of the given variant."""
+    """Construct (in memory) a tiny `CogVideoXPipeline` (`CogVideoXImageToVideoPipeline` for the image-to-video
+    variants) of the given variant."""
     import torch
     from diffusers import (
         AutoencoderKLCogVideoX,
         CogVideoXDDIMScheduler,
         CogVideoXDPMScheduler,
+        CogVideoXImageToVideoPipeline,
         CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
@@ -145,7 +175,8 @@ def build_tiny_pipeline(variant: Variant, seed: int = 0):
         scheduler = CogVideoXDDIMScheduler(**_SCHEDULER_BASE, snr_shift_scale=3.0)
     else:
         scheduler = CogVideoXDPMScheduler(**_SCHEDULER_BASE, snr_shift_scale=1.0)
-    return CogVideoXPipeline(
+    pipeline_class = CogVideoXImageToVideoPipeline if variant in _I2V_BASE else CogVideoXPipeline
+    return pipeline_class(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
 

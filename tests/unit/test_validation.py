@@ -141,7 +141,8 @@ def test_the_sdks_seconds_are_made_where_the_model_can_and_named_where_not(famil
 
 
 @pytest.mark.parametrize("size", ["720x1280", "1280x720", "1024x1792", "1792x1024"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# the image-to-video families make none of them (tests/unit/test_i2v_presets.py)
+@pytest.mark.parametrize("family", sorted(f for f, p in FAMILIES.items() if not p.image_input))
 def test_the_sdks_sizes_are_made_by_every_family(family, size):
     p = resolve(family, size=size, num_frames=9 if FAMILIES[family].frame_multiple == 8 else 17)
     assert p.size == size
@@ -151,3 +152,12 @@ def test_a_size_the_model_cannot_make_names_the_sdks_sizes_it_can():
     err = error("cogvideox-2b", size="4096x720")
     assert err.param == "size" and "native size is 720x480" in err.message
     assert "'1280x720'" in err.message and "'1792x1024'" in err.message
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_makes_its_own_defaults(family):
+    """A preset whose default size or frames broke its own rules would refuse every request that sends none."""
+    preset = FAMILIES[family]
+    p = resolve(family)
+    assert (p.width, p.height, p.num_frames, p.fps) == (preset.width, preset.height, preset.num_frames, preset.fps)
+    assert preset.size_allowed(preset.width, preset.height) and preset.frames_allowed(preset.num_frames)
