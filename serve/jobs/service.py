@@ -92,6 +92,12 @@ class VideoService:
             raise ServiceError(400, f"unknown model {req.model!r}; this deployment serves {names}", param="model",
                            code="model_not_found")
         params = resolve_request(req, model, self._config.api)
+        if model.preset().image_input:
+            # an image-to-video model generates from an image and a prompt; image input is not on the API yet
+            t2v = [m.name for m in self._config.all_models() if not m.preset().image_input]
+            raise ServiceError(400, f"{model.name} ({model.family}) generates from an image and a prompt and needs "
+                                    f"input_reference, which this deployment does not take yet; text-to-video "
+                                    f"models: {t2v}", param="input_reference", code="image_required")
         now = self._clock()
         admitted = await self.admission.check(req, params, principal, new_job_id(int(now * 1000)), idempotency_key)
         if headers is not None:
@@ -171,7 +177,8 @@ class VideoService:
             out.append(ModelInfo(id=m.name, default=m.name == self._config.model.name, aliases=list(m.aliases),
                                  family=m.family, width=p.width, height=p.height, num_frames=p.num_frames, fps=p.fps,
                                  frame_rule=f"{p.frame_multiple}N+1", max_frames=p.max_frames, max_side=p.max_side,
-                                 max_steps=p.max_steps))
+                                 max_steps=p.max_steps, inputs=["text", "image"] if p.image_input else ["text"],
+                                 size_rule=p.size_rule_text()))
         return ModelList(data=out)
 
     async def list(self, after: str | None, limit: int, order: str = "desc", *, tenant: str) -> VideoList:

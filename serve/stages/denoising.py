@@ -30,7 +30,8 @@ from serve.stages.accel import (
     eager_calls,
     reset_accel,
 )
-from serve.stages.types import Latents, PromptEmbeddings, SamplingParams
+from serve.stages.image_encoding import generator_after, latent_frame_count
+from serve.stages.types import ImageLatents, Latents, PromptEmbeddings, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +155,6 @@ class DenoisingStage:
         transformer = CogVideoXTransformer3DModel.from_pretrained(
             path, subfolder="transformer", revision=revision, dtype=dtype
         )
-        if transformer.config.ofs_embed_dim or transformer.config.in_channels != transformer.config.out_channels:
-            # Image-to-video checkpoints take image latents concatenated to the noise and an `ofs`
-            # input; `CogVideoXPipeline` (and this loop) cannot drive them.
-            raise ValueError(
-                f"{path} holds an image-to-video CogVideoX transformer (in_channels="
-                f"{transformer.config.in_channels}, ofs_embed_dim={transformer.config.ofs_embed_dim}); "
-                "point the model source at a text-to-video checkpoint"
-            )
         # Any scheduler class reads scheduler_config.json; `_class_name` says which one it is.
         scheduler_config = CogVideoXDDIMScheduler.load_config(path, subfolder="scheduler", revision=revision)
         scheduler_cls = getattr(diffusers, scheduler_config["_class_name"])
@@ -177,6 +170,11 @@ class DenoisingStage:
             accel=accel,
         )
 
+    @property
+    def takes_image(self) -> bool:
+        """An image-to-video transformer: its input is the noise latents joined with image latents."""
+        return self.transformer.config.in_channels != self.transformer.config.out_channels
+
     @torch.inference_mode()
     def denoise(
         self,
@@ -186,8 +184,10 @@ class DenoisingStage:
         should_cancel: Callable[[], bool] | None = None,
         use_cache: bool | None = None,
         compile_new_shape: bool = False,
+        image: ImageLatents | None = None,
     ) -> Latents:
-        """Run the denoising loop for one request.
+        """Run the denoising loop for one request (`CogVideoXImageToVideoPipeline`'s with `image`, the image
+        encoder's output, for an image-to-video model).
 
         `use_cache` engages the configured step cache (lossy); None: when `params.quality` is "speed".
         `compile_new_shape` (warm-up only) lets torch.compile compile graphs for a shape that has none
@@ -205,6 +205,9 @@ class DenoisingStage:
             raise ValueError(
                 f"`height` and `width` have to be divisible by 8 but are {params.height} and {params.width}."
             )
+        if self.takes_image != (image is not None):
+            raise ValueError("an image-to-video model needs the image latents (ImageEncodingStage.encode)"
+                             if self.takes_image else "a text-to-video model takes no image")
         do_cfg = params.do_classifier_free_guidance
         if do_cfg and emb.negative is None:
             raise ValueError("guidance_scale > 1 needs negative embeddings, but `emb.negative` is None.")
@@ -215,7 +218,8 @@ class DenoisingStage:
         # A CPU generator, as in `pipe(generator=torch.Generator("cpu").manual_seed(seed))`:
         # `randn_tensor` then draws on the CPU and moves to `device`, so a seed gives the same
         # video on any accelerator.
-        generator = torch.Generator("cpu").manual_seed(params.seed)
+        # Image-to-video: the image encoder drew from it first; carry on where it left off.
+        generator = generator_after(image, params.seed)
 
         # 3. Prompt embeddings, `[negative, positive]` (unconditional first)
         # torch.tensor copies: inputs may be read-only (Ray zero-copy reads, the cached negative).
@@ -232,20 +236,28 @@ class DenoisingStage:
         # 5. Prepare latents. CogVideoX 1.5 patches 2 latent frames at a time: an odd latent count
         # is made even by sampling extra latent frames, which sit at the front and are dropped
         # after the loop (exactly as the pipeline does, so the seed's noise lines up).
-        latent_frames = (params.num_frames - 1) // self.vae_scale_factor_temporal + 1
-        patch_size_t = config.patch_size_t
-        additional_frames = 0
-        if patch_size_t is not None and latent_frames % patch_size_t != 0:
-            additional_frames = patch_size_t - latent_frames % patch_size_t
+        # (The image-to-video pipeline pads its frame count before `prepare_latents`: the same shape.)
+        latent_frames, additional_frames = latent_frame_count(
+            params.num_frames, self.vae_scale_factor_temporal, config.patch_size_t)
         shape = (
             1,
-            latent_frames + additional_frames,
-            config.in_channels,
+            latent_frames,
+            config.out_channels if image is not None else config.in_channels,
             params.height // self.vae_scale_factor_spatial,
             params.width // self.vae_scale_factor_spatial,
         )
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         latents = latents * scheduler.init_noise_sigma
+        image_latents = None
+        if image is not None:
+            image_latents = torch.tensor(image.latents, device=device, dtype=dtype)
+            if image_latents.shape[1] != latents.shape[1] or image_latents.shape[3:] != latents.shape[3:]:
+                raise ValueError(f"image latents {tuple(image_latents.shape)} do not fit the noise latents "
+                                 f"{tuple(latents.shape)}")
+            if do_cfg:
+                image_latents = torch.cat([image_latents] * 2)
+        # CogVideoX1.5-I2V's `ofs` embedding, with the value the pipeline passes
+        ofs = None if config.ofs_embed_dim is None else latents.new_full((1,), fill_value=2.0)
 
         # 6. Prepare extra step kwargs (eta=0 for DDIM; both schedulers take the generator)
         step_params = set(inspect.signature(scheduler.step).parameters)
@@ -281,6 +293,8 @@ class DenoisingStage:
 
                     latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
                     latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+                    if image_latents is not None:
+                        latent_model_input = torch.cat([latent_model_input, image_latents], dim=2)
                     timestep = t.expand(latent_model_input.shape[0])
 
                     # 8a. Predict the noise (cache_context lets diffusers' cache hooks key their state)
@@ -291,6 +305,7 @@ class DenoisingStage:
                             timestep=timestep,
                             image_rotary_emb=image_rotary_emb,
                             return_dict=False,
+                            **({} if ofs is None else {"ofs": ofs}),
                         )[0]
                     noise_pred = noise_pred.float()
 

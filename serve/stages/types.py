@@ -98,6 +98,17 @@ class Latents:
 
 
 @dataclass(frozen=True)
+class ImageLatents:
+    """Image-to-video: the input image's latents as `CogVideoXImageToVideoPipeline.prepare_latents` makes them
+    (scaled, zero-padded to the video's latent frames, float32 ``[1, latent_frames, C, H/8, W/8]``), and the
+    request generator's state after the encoder's sample (`torch.Generator.get_state()` bytes): the denoiser
+    draws its noise from there, so the draws happen in the pipeline's order (serve/stages/image_encoding.py)."""
+
+    latents: np.ndarray
+    generator_state: bytes
+
+
+@dataclass(frozen=True)
 class StageTiming:
     """Seconds spent by one stage call, recorded into the job's metadata."""
 
