@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import (
     Field,
     SecretStr,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -180,6 +181,52 @@ class ApiConfig(Strict):
         return self
 
 
+# The defaults of serve/media/images.py (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS), written out because a config section
+# imports no feature module (Pillow would come with it); tests/unit/test_fetch.py checks that they agree.
+_DEFAULT_IMAGE_BYTES = 10 * 1024 * 1024
+_DEFAULT_IMAGE_PIXELS = 40_000_000
+
+
+class ImagesConfig(Strict):
+    """`images:` — input images of image-to-video requests: their caps, and whether the ingress may fetch one
+    from a URL the client names (serve/media/fetch.py)."""
+
+    remote_fetch: bool = Field(
+        default=False,
+        description="Fetch an input image given as an https:// URL. Off by default: the ingress then makes an HTTP "
+                    "request to a host the client chose, checked by the same SSRF guard as webhooks (no private, "
+                    "loopback or metadata addresses unless allow-listed, pinned to the checked address, no "
+                    "redirects followed), within fetch_timeout_s and max_bytes.")
+    allow_http: bool = Field(
+        default=False, description="Also fetch plain http:// URLs (private deployments and tests).")
+    allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Exact `host` or `host:port` entries (IPv6 as `[::1]:8080`) fetched even when they resolve to "
+                    "non-public addresses, as webhooks.allow_hosts: an in-cluster image store, tests.")
+    fetch_timeout_s: float = Field(
+        default=10.0, gt=0, le=60,
+        description="Wall-clock limit of one fetch, from the address check to the last byte.")
+    max_bytes: int = Field(
+        default=_DEFAULT_IMAGE_BYTES, ge=1,
+        description="Largest accepted input image, in bytes (whatever form it comes in); a fetch stops reading "
+                    "past it.")
+    max_pixels: int = Field(
+        default=_DEFAULT_IMAGE_PIXELS, ge=1,
+        description="Largest accepted input image, in pixels (width x height, read from the header before "
+                    "decoding).")
+    max_url_chars: int = Field(
+        default=8192, ge=64,
+        description="Longest accepted image URL (presigned URLs with session tokens run past 2,000 characters).")
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _normalise_hosts(cls, hosts: list[str]) -> list[str]:
+        try:  # webhooks' rules and spelling, so one entry means the same in both sections
+            return WebhookConfig.model_validate({"allow_hosts": hosts}).allow_hosts
+        except ValidationError as e:
+            raise ValueError(str(e.errors()[0].get("ctx", {}).get("error", e))) from None
+
+
 class IdempotencyConfig(Strict):
     """`idempotency:` — how long an Idempotency-Key maps to its job (records in S3, per tenant)."""
 
@@ -252,6 +299,10 @@ class IngressSettings(Strict):
     idempotency: IdempotencyConfig = Field(default_factory=IdempotencyConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig, description="Prompt policy before any GPU work.")
     webhooks: WebhookConfig = Field(default_factory=WebhookConfig, description="Signed video.* events.")
+    images: ImagesConfig = Field(
+        default_factory=ImagesConfig,
+        description="Input images of image-to-video requests: byte and pixel caps, remote fetching (issue 12: "
+                    "read by serve/media/fetch.py; the API takes no image yet).")
     usage: UsageConfig = Field(default_factory=UsageConfig)
 
     @field_validator("model")
