@@ -32,23 +32,21 @@ from serve.errors import ServiceError
 from serve.jobs.service import VideoService
 from serve.tenancy.keys import KeyRing, Principal
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorEnvelope} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 431, 500, 503)
-}
+# every error status an operation can answer (the framework's and the middlewares' included), in the envelope of
+# its routes: OpenAI's, or Zhipu's on /api/paas/v4
+_ERROR_STATUSES = (400, 401, 403, 404, 409, 413, 415, 422, 429, 431, 500, 503)
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorEnvelope} for code in _ERROR_STATUSES}
+_BINARY = {media: {"schema": {"type": "string", "format": "binary"}} for media in ("video/mp4", "image/jpeg")}
 _CONTENT: dict[int | str, dict[str, Any]] = {
     **_ERRORS, 416: {"model": ErrorEnvelope},
-    200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}},
-                      "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+    200: {"content": _BINARY},
     302: {"description": "With api.content_redirect: the presigned S3 URL to fetch instead",
           "headers": {"Location": {"description": "Presigned S3 URL", "schema": {"type": "string"}}}},
-    206: {"description": "The requested byte range", "content": {
-        "video/mp4": {"schema": {"type": "string", "format": "binary"}},
-        "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}},
+    206: {"description": "The requested byte range", "content": _BINARY},
 }
 POLL_AFTER_MS = "1000"
 _ZHIPU_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": zhipu.ZhipuErrorEnvelope} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 431, 500, 503)
-}
+    code: {"model": zhipu.ZhipuErrorEnvelope} for code in _ERROR_STATUSES}
 
 
 def _body_schema(model: type[BaseModel], multipart: bool = True) -> dict[str, Any]:
@@ -160,7 +158,8 @@ def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -
     @app.post("/v1/videos/sync", response_model=Video, openapi_extra=_body_schema(CreateVideoRequest),
               responses={**_ERRORS, 202: {
                   "model": Video, "description": "The wait ended first: the job goes on; poll the `Location`",
-                  "headers": {"Location": {"description": "GET /v1/videos/{id} of the job", "schema": {"type": "string"}}}}})
+                  "headers": {"Location": {"description": "GET /v1/videos/{id} of the job",
+                                           "schema": {"type": "string"}}}}})
     async def create_video_sync(
             request: Request, caller: Caller, response: Response,
             wait_s: Annotated[float | None, Query(gt=0, description="Seconds to wait (default api.sync_wait_s, "

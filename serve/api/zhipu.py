@@ -259,7 +259,6 @@ def as_zhipu_error(exc: ServiceError) -> ServiceError:
     if exc.param == IDEMPOTENCY_HEADER:
         message = exc.message.replace(IDEMPOTENCY_HEADER, "request_id")
         return ServiceError(exc.status, message, param="request_id", code=exc.code, headers=exc.headers)
-    if exc.param == "seconds":
-        message = exc.message.replace("seconds", "duration seconds", 1)
-        return ServiceError(exc.status, message, param="duration", code=exc.code, headers=exc.headers)
+    if exc.param == "seconds":  # the message speaks of seconds and frames, which `duration` is too
+        return ServiceError(exc.status, exc.message, param="duration", code=exc.code, headers=exc.headers)
     return exc

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 # ---- fair dispatch --------------------------------------------------------------------------------------------
 
@@ -100,16 +101,24 @@ class Backlog:
     running: int
     starts_per_s: float | None = None
 
+    @cached_property
+    def _by_tenant(self) -> dict[str, list[str]]:
+        """Each tenant's queued ids, oldest first: derived once per scan, not per read of a queued job."""
+        out: dict[str, list[str]] = {}
+        for job_id, tenant in self.waiting:
+            out.setdefault(tenant, []).append(job_id)
+        return out
+
     def position(self, job_id: str, tenant: str) -> int:
         """Jobs that should start before `job_id` (0: it is next). A job newer than the scan counts as the
         newest of its tenant."""
-        mine = [j for j, t in self.waiting if t == tenant and j != job_id]
+        mine = self._by_tenant.get(tenant, [])
         rounds = bisect_left(mine, job_id)  # its tenant's older jobs: it starts in round rounds + 1
-        first_of = {t: j for j, t in reversed(self.waiting)}  # each tenant's oldest waiting job
-        my_first = min(job_id, first_of.get(tenant, job_id))
+        my_first = min(job_id, mine[0]) if mine else job_id
         ahead = rounds
-        for other, count in Counter(t for _, t in self.waiting if t != tenant).items():
-            ahead += min(count, rounds) + (1 if count > rounds and first_of[other] < my_first else 0)
+        for other, ids in self._by_tenant.items():
+            if other != tenant:
+                ahead += min(len(ids), rounds) + (1 if len(ids) > rounds and ids[0] < my_first else 0)
         return ahead
 
     def estimated_start(self, job_id: str, tenant: str, now: float) -> float | None:

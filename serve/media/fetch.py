@@ -63,9 +63,9 @@ async def _fetch(url: str, cfg: ImagesConfig, param: str, resolver: Resolver,
                  transport: httpx.AsyncBaseTransport | None) -> bytes:
     # 2. The SSRF guard (blocking DNS, hence a thread)
     try:
-        target = await asyncio.to_thread(check_url, url, _guard_config(cfg), resolver)
+        target = await asyncio.to_thread(check_url, url, _guard_config(cfg), resolver, param)
     except _UrlProblem as p:
-        raise ServiceError(400, _reword(p.message, param), param=param, code="invalid_image_url") from None
+        raise ServiceError(400, p.message, param=param, code="invalid_image_url") from None
     shown = redact_url(url)
     # 3. One GET to the checked address, the body streamed under the byte cap
     async with _client(cfg, transport) as client, client.stream(
@@ -97,14 +97,6 @@ def _guard_config(cfg: ImagesConfig) -> WebhookConfig:
     max_url_chars); any port is accepted, as an image store may listen on any."""
     return WebhookConfig(allow_hosts=cfg.allow_hosts, require_https=not cfg.allow_http,
                          max_url_chars=cfg.max_url_chars)
-
-
-def _reword(message: str, param: str) -> str:
-    """The guard's reasons speak of webhooks; say them about the image parameter."""
-    message = (message.replace("webhook_url", param)
-               .replace("; authenticate with the signature", "")
-               .replace("webhooks go to public addresses only", "images are fetched from public addresses only"))
-    return message if message.startswith(param) else f"{param} is not fetched: {message}"
 
 
 def _client(cfg: ImagesConfig, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:

@@ -185,36 +185,38 @@ def _resolve(resolver: Resolver, host: str, port: int) -> list[str]:
     return addresses
 
 
-def check_url(url: str, cfg: WebhookConfig, resolver: Resolver = socket.getaddrinfo) -> _Target:
-    """Parse, normalise and (unless allow-listed) check every address `url` resolves to; raises _UrlProblem.
+def check_url(url: str, cfg: WebhookConfig, resolver: Resolver = socket.getaddrinfo,
+              what: str = "webhook_url") -> _Target:
+    """Parse, normalise and (unless allow-listed) check every address `url` resolves to; raises _UrlProblem,
+    whose message names the URL as `what` (the request field it came in: webhook_url, or an image's URL).
 
     Blocking (DNS): call it through `asyncio.to_thread` from async code.
     """
     # 1. shape of the URL
     if not isinstance(url, str) or not url:
-        raise _UrlProblem("webhook_url must be a non-empty string")
+        raise _UrlProblem(f"{what} must be a non-empty string")
     if len(url) > cfg.max_url_chars:
-        raise _UrlProblem(f"webhook_url is {len(url)} characters long; at most {cfg.max_url_chars} are accepted")
+        raise _UrlProblem(f"{what} is {len(url)} characters long; at most {cfg.max_url_chars} are accepted")
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-        raise _UrlProblem("webhook_url must not contain whitespace or control characters")
+        raise _UrlProblem(f"{what} must not contain whitespace or control characters")
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
-        raise _UrlProblem(f"webhook_url must use https (or http where allowed), got scheme {parts.scheme!r}")
+        raise _UrlProblem(f"{what} must use https (or http where allowed), got scheme {parts.scheme!r}")
     if scheme == "http" and cfg.require_https:
-        raise _UrlProblem("webhook_url must use https")
+        raise _UrlProblem(f"{what} must use https")
     if "@" in parts.netloc:
-        raise _UrlProblem("webhook_url must not carry credentials (user:password@); authenticate with the signature")
+        raise _UrlProblem(f"{what} must not carry credentials (user:password@)")
     try:
         port = parts.port or _DEFAULT_PORTS[scheme]
     except ValueError:
-        raise _UrlProblem(f"webhook_url has an invalid port in {parts.netloc!r}") from None
+        raise _UrlProblem(f"{what} has an invalid port in {parts.netloc!r}") from None
     if parts.port == 0 or (cfg.allowed_ports and port not in cfg.allowed_ports):
         allowed = ", ".join(map(str, cfg.allowed_ports)) or "1..65535"
-        raise _UrlProblem(f"webhook_url port {port} is not accepted (allowed: {allowed})")
+        raise _UrlProblem(f"{what} port {port} is not accepted (allowed: {allowed})")
     raw_host = (parts.hostname or "").rstrip(".")
     if not raw_host:
-        raise _UrlProblem("webhook_url has no host")
+        raise _UrlProblem(f"{what} has no host")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
     # 2. the host: an IP literal (any spelling) or a host name
@@ -251,7 +253,7 @@ def check_url(url: str, cfg: WebhookConfig, resolver: Resolver = socket.getaddri
                 problem = "not an IP address"
             if problem:
                 via = "" if ip is not None else f" resolves to {a}, which"
-                raise _UrlProblem(f"host {host!r}{via} is {problem}; webhooks go to public addresses only")
+                raise _UrlProblem(f"host {host!r}{via} is {problem}; {what} must lead to a public address")
     return _Target(scheme, host, port, path, tuple(addresses), ip is not None)
 
 

@@ -344,7 +344,9 @@ def _nginx_binary() -> str:
     exe = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
                                          if Path(p).is_file()), None)
     if exe is None:
-        pytest.skip("nginx is not installed (scripts/setup.sh --test-tools installs Debian's nginx)")
+        # fail, not skip (as tests/k8s/kube.py does for kubectl): README's test command installs it
+        pytest.fail("nginx is not installed: run scripts/setup.sh --test-tools (installs Debian's nginx)",
+                    pytrace=False)
     return exe
 
 
