@@ -5,6 +5,7 @@ the replicas run, next to diffusers' own `CogVideoXPipeline` (eager, no offload)
 in one process on one card, and appends a section with the results to BENCHMARKS.md.
 
     python benchmarks/gpu_benchmark.py --models 2b,5b --out BENCHMARKS.md        # on the GPU machine
+    python benchmarks/gpu_benchmark.py --models 5b-i2v --out BENCHMARKS.md       # image-to-video only
     python benchmarks/gpu_benchmark.py --dry-run --out /tmp/BENCHMARKS.md        # CPU, tiny models
 
 What it measures and what it does not:
@@ -20,6 +21,11 @@ What it measures and what it does not:
   the per-step time is taken over the last `--steps-measured` steps, and the 50-step time is that
   mean x 50 (an extrapolation, not a 50-step run). Cache hit patterns of a short schedule differ
   from a 50-step one.
+- Image-to-video (`5b-i2v`, row `i2v`): CogVideoX-5b-I2V's architecture at its only size (49x480x720, learned
+  positional embeddings: `--frames/--height/--width` do not apply), a random input picture, the stages the
+  replicas run (ImageEncodingStage on the VaeDecoder's VAE, DenoisingStage with the image latents,
+  DecodingStage) against diffusers' `CogVideoXImageToVideoPipeline` built from the same modules. Image encode and
+  decode are timed once each, after one warm-up of each.
 """
 
 from __future__ import annotations
@@ -44,9 +50,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serve.config.accel import AccelConfig  # noqa: E402
-from serve.models.tiny import _SCHEDULER_BASE, _tokenizer_vocab, build_tiny_pipeline  # noqa: E402
+from serve.models.tiny import (  # noqa: E402
+    _SCHEDULER_BASE,
+    TINY_5B_I2V_SIZE,
+    _tokenizer_vocab,
+    build_tiny_pipeline,
+)
 from serve.stages.decoding import DecodingStage  # noqa: E402
 from serve.stages.denoising import DenoisingStage  # noqa: E402
+from serve.stages.image_encoding import ImageEncodingStage  # noqa: E402
 from serve.stages.text_encoding import TextEncodingStage  # noqa: E402
 from serve.stages.types import AccelUnavailable, Latents, SamplingParams  # noqa: E402
 
@@ -65,6 +77,10 @@ TRANSFORMER_CONFIGS = {
     "5b": {**_TRANSFORMER_COMMON, "num_attention_heads": 48, "num_layers": 42,
            "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": False},
 }
+# THUDM/CogVideoX-5b-I2V: the 5b transformer taking noise | image latents (32 channels, predicting 16) and adding
+# learned positional embeddings (fitted to sample_frames x sample_height x sample_width: 49x480x720 only)
+TRANSFORMER_CONFIGS["5b-i2v"] = {**TRANSFORMER_CONFIGS["5b"], "in_channels": 32,
+                                 "use_learned_positional_embeddings": True}
 _VAE_COMMON = {
     "act_fn": "silu", "block_out_channels": (128, 256, 256, 512), "down_block_types": ("CogVideoXDownBlock3D",) * 4,
     "force_upcast": True, "in_channels": 3, "latent_channels": 16, "latents_mean": None, "latents_std": None,
@@ -73,6 +89,7 @@ _VAE_COMMON = {
     "up_block_types": ("CogVideoXUpBlock3D",) * 4, "use_post_quant_conv": False, "use_quant_conv": False,
 }
 VAE_CONFIGS = {"2b": {**_VAE_COMMON, "scaling_factor": 1.15258426}, "5b": {**_VAE_COMMON, "scaling_factor": 0.7}}
+VAE_CONFIGS["5b-i2v"] = VAE_CONFIGS["5b"]  # CogVideoX-5b-I2V's VAE is the 5b's (it also encodes the image)
 # google/t5-v1_1-xxl, encoder only (both models use it)
 T5_XXL_CONFIG = {
     "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24, "vocab_size": 32128,
@@ -81,7 +98,11 @@ T5_XXL_CONFIG = {
 }
 # (scheduler class, snr_shift_scale, weights dtype of the preset, dynamic CFG) per model
 MODELS = {"2b": ("CogVideoXDDIMScheduler", 3.0, torch.float16, False),
-          "5b": ("CogVideoXDPMScheduler", 1.0, torch.bfloat16, True)}
+          "5b": ("CogVideoXDPMScheduler", 1.0, torch.bfloat16, True),
+          "5b-i2v": ("CogVideoXDPMScheduler", 1.0, torch.bfloat16, True)}  # (serve/presets.py cogvideox-5b-i2v)
+# models whose only row is the image-to-video one (no denoiser settings), and their fixed geometry
+I2V_MODELS = {"5b-i2v"}
+I2V_GEOMETRY = {"5b-i2v": (49, 480, 720)}  # frames, height, width: the learned positional embeddings' size
 
 # 2. Settings and the plan. `_use_cache` (default: whether a cache is set) says whether the request
 # engages the configured cache. The fp8 settings prepare the first-block cache without using it, so
@@ -104,26 +125,31 @@ SETTINGS: dict[str, dict | None] = {
 }
 # Rows that measure a stage rather than a denoiser setting (tables of their own)
 PROBES = {"attention": "one SDPA call per kernel at the full sequence vs an fp32 reference",
-          "vae": "VAE decode: diffusers' post-processing vs ours on the device, tiled, cudnn.benchmark"}
+          "vae": "VAE decode: diffusers' post-processing vs ours on the device, tiled, cudnn.benchmark",
+          "i2v": "image-to-video at its native size: image encode, steps, decode vs CogVideoXImageToVideoPipeline"}
 LOSSY = {"fp8", "cudnn_fp8", "fastest", "cudnn_fastest", "first_block", "pab", "faster"}
 # The order of value: if time runs out, what is left out matters least. 5b plain diffusers against this
 # project's lossless path (sdpa, cudnn, and cuDNN's deviation at the full sequence), then compile, then
 # fp8 + compile, then the fastest path, the VAE once (for the per-video ratios), then the same three with
-# cuDNN attention, then 2b, then the eager caches. (Rows for image-to-video, enhancement and parallel
-# denoising come here when those stages exist.)
+# cuDNN attention, then 2b, then the eager caches, then image-to-video (its own model, `--models 5b-i2v` alone
+# for a call of its own). (Rows for enhancement and parallel denoising come here when those stages exist.)
 PLAN: list[tuple[str, str]] = [
     ("5b", "pipeline"), ("5b", "sdpa"), ("5b", "cudnn"), ("5b", "attention"),
     ("5b", "compile"), ("5b", "fp8"), ("5b", "fastest"), ("5b", "vae"),
     ("5b", "cudnn_compile"), ("5b", "cudnn_fp8"), ("5b", "cudnn_fastest"),
     ("2b", "pipeline"), ("2b", "sdpa"), ("2b", "cudnn"), ("2b", "compile"), ("2b", "fp8"), ("2b", "fastest"),
     ("5b", "first_block"), ("5b", "pab"), ("5b", "faster"), ("5b", "flash"),
+    ("5b-i2v", "i2v"),
 ]
 # Priors for the time plan, refined by what the run measures. Step: one CFG step at 49x480x720, eager,
 # H200 (FIELD-NOTES); build: random init on the GPU; compile: regional inductor compile of one block
 # (a guess until measured; the first compiled row's setup replaces it for the next).
 PRIORS = {"5b": {"step_s": 1.76, "build_s": 15.0, "compile_s": 60.0},
           "2b": {"step_s": 0.64, "build_s": 6.0, "compile_s": 45.0}}
+# 5b-I2V: the 5b's token count and blocks (only the patch embedding is wider): the 5b's priors, not a measurement
+PRIORS["5b-i2v"] = dict(PRIORS["5b"])
 T5_BUILD_S, VAE_BUILD_S, T5_ENCODE_S, QUANTIZE_S = 20.0, 3.0, 0.05, 5.0
+IMAGE_ENCODE_S = 1.0  # VAE encode of one 480x720 picture: a guess until measured
 VAE_UNTILED_S, VAE_TILED_S, CUDNN_AUTOTUNE_S = 2.2, 3.2, 10.0
 PROMPT = "A panda playing a guitar in a bamboo forest, cinematic close up shot, golden light"
 NEGATIVE = "blurry, low quality"
@@ -172,6 +198,41 @@ class VaeTimes:
 
     def seconds(self, name: str) -> float | None:
         return next((s for n, s, _, _ in self.rows if n == name), None)
+
+
+@dataclass
+class I2vSide:
+    """One way of running an image-to-video request: seconds per stage, final latents' deviation."""
+    name: str
+    status: str = "ok"
+    t5_s: float | None = None
+    encode_s: float | None = None
+    steps: list[float] = field(default_factory=list)
+    decode_s: float | None = None
+    peak_gib: float | None = None
+    dev_max_abs: float | None = None
+    dev_rel_l2: float | None = None
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.steps) if self.steps else None
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.steps) if self.steps else None
+
+    @property
+    def video_s(self) -> float | None:
+        """T5 + image encode + 50 steps + decode, extrapolated."""
+        parts = (self.t5_s, self.encode_s, self.mean, self.decode_s)
+        return None if any(p is None for p in parts) else self.t5_s + self.encode_s + 50 * self.mean + self.decode_s
+
+
+@dataclass
+class I2vTimes:
+    model: str
+    geometry: tuple[int, int, int] = (0, 0, 0)
+    sides: list[I2vSide] = field(default_factory=list)  # [diffusers, ours]
 
 
 @dataclass
@@ -425,6 +486,142 @@ def measure_attention(model: str, c: dict, geometry, clock: Clock, device: torch
     return result
 
 
+def i2v_geometry(model: str, dry_run: bool) -> tuple[int, int, int]:
+    """The only size the model makes (learned positional embeddings): the tiny model's with --dry-run."""
+    if dry_run:
+        width, height = TINY_5B_I2V_SIZE
+        return 9, height, width  # serve/models/tiny.py: sample_frames 9
+    return I2V_GEOMETRY[model]
+
+
+def measure_i2v(model: str, c: dict, st: dict, args, clock: Clock, device: torch.device) -> I2vTimes:
+    """One image-to-video request two ways with the same modules, seed and picture: diffusers'
+    `CogVideoXImageToVideoPipeline`, and the replicas' stages (ImageEncodingStage on the VaeDecoder's VAE ->
+    DenoisingStage(image=...) -> DecodingStage). Per stage seconds; ours' final latents vs the pipeline's."""
+    from diffusers import CogVideoXImageToVideoPipeline
+    from PIL import Image
+
+    from serve.stages.decoding import to_uint8
+
+    geometry = i2v_geometry(model, args.dry_run)
+    frames, height, width = geometry
+    n_steps = args.steps_warm + args.steps_measured
+    result = I2vTimes(model=model, geometry=geometry)
+    transformer, vae = c["transformer"], c["vae"]
+    dtype = transformer.dtype
+    picture = Image.fromarray(np.random.default_rng(args.seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    params = SamplingParams(num_frames=frames, height=height, width=width, num_inference_steps=n_steps,
+                            guidance_scale=6.0, use_dynamic_cfg=c["dynamic_cfg"], seed=args.seed, fps=8)
+    encoder = ImageEncodingStage(vae, latent_channels=transformer.config.in_channels // 2,
+                                 patch_size_t=transformer.config.patch_size_t, device=str(device), latents_dtype=dtype)
+    decoder: DecodingStage = st["decode"]
+    pipe = CogVideoXImageToVideoPipeline(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], vae=vae,
+                                         transformer=transformer,
+                                         scheduler=c["scheduler_cls"].from_config(c["scheduler_config"]))
+    pipe.set_progress_bar_config(disable=True)
+    # warm-ups (neither side pays the first VAE encode's and decode's one-off costs)
+    warm = encoder.encode(picture, params)
+    decoder.decode_uint8(Latents(latents=np.zeros((1, warm.latents.shape[1], 16, height // 8, width // 8),
+                                                  dtype=np.float32)))
+    reference: np.ndarray | None = None
+
+    # 1. diffusers: its encode_prompt, its image preprocessing + prepare_latents (the VAE encode, timed alone as the
+    # pipeline runs it before its loop), then the whole call (which encodes the image again) for the step times,
+    # then its decode_latents + postprocess_video
+    ref = I2vSide("diffusers CogVideoXImageToVideoPipeline")
+    result.sides.append(ref)
+    try:
+        clock.reset_peak()
+        t0 = clock.now()
+        with torch.inference_mode():
+            prompt_embeds, negative_embeds = pipe.encode_prompt(
+                PROMPT, NEGATIVE, do_classifier_free_guidance=True, max_sequence_length=226, device=device,
+                dtype=dtype)
+        ref.t5_s = clock.now() - t0
+        with torch.inference_mode():
+            t0 = clock.now()
+            pixels = pipe.video_processor.preprocess(picture, height=height, width=width).to(device, dtype=dtype)
+            pipe.prepare_latents(pixels, 1, transformer.config.in_channels // 2, frames, height, width, dtype, device,
+                                 torch.Generator("cpu").manual_seed(args.seed))
+            ref.encode_s = clock.now() - t0
+        marks: list[float] = []
+
+        def on_step_end(_pipe, _i, _t, kwargs):
+            marks.append(clock.now())
+            return kwargs
+
+        start = clock.now()
+        out = pipe(image=picture, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
+                   num_frames=frames, height=height, width=width, num_inference_steps=n_steps, guidance_scale=6.0,
+                   use_dynamic_cfg=c["dynamic_cfg"], generator=torch.Generator("cpu").manual_seed(args.seed),
+                   output_type="latent", callback_on_step_end=on_step_end).frames
+        ref.steps = step_durations(start, marks)[-args.steps_measured:]
+        reference = out.float().cpu().numpy()
+        with torch.inference_mode():
+            t0 = clock.now()
+            to_uint8(pipe.video_processor.postprocess_video(pipe.decode_latents(out), output_type="np"))
+            ref.decode_s = clock.now() - t0
+        ref.peak_gib = clock.peak_gib()
+        del out
+    except Exception as exc:  # one side failing (out of memory) must not lose the other
+        ref.status = f"error: {type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")[:200]
+
+    # 2. ours: the TextEncoder's, the VaeDecoder's (image encode), the Denoiser's and the VaeDecoder's calls
+    ours = I2vSide("ours: ImageEncodingStage + DenoisingStage + DecodingStage")
+    result.sides.append(ours)
+    try:
+        clock.reset_peak()
+        t0 = clock.now()
+        emb = st["text"].encode(PROMPT, NEGATIVE, do_cfg=True)
+        ours.t5_s = clock.now() - t0
+        t0 = clock.now()
+        image_latents = encoder.encode(picture, params)
+        ours.encode_s = clock.now() - t0
+        marks = []
+        start = clock.now()
+        latents = st["denoise"].denoise(emb, params, on_step=lambda i, n: marks.append(clock.now()),
+                                        image=image_latents)
+        ours.steps = step_durations(start, marks)[-args.steps_measured:]
+        t0 = clock.now()
+        decoder.decode_uint8(latents)
+        ours.decode_s = clock.now() - t0
+        ours.peak_gib = clock.peak_gib()
+        ours.dev_max_abs, ours.dev_rel_l2 = deviation(latents.latents, reference)
+    except Exception as exc:
+        ours.status = f"error: {type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")[:200]
+    return result
+
+
+def render_i2v(i2v: I2vTimes, args) -> list[str]:
+    frames, height, width = i2v.geometry
+    ref, ours = (i2v.sides + [None, None])[:2]
+    lines = ["", f"Image-to-video ({i2v.model}, its native {frames}x{height}x{width}, CFG batch 2, one request of "
+             f"{args.steps_warm + args.steps_measured} steps, step times over the last {args.steps_measured}; image "
+             "encode and decode once each after a warm-up; video s = T5 + image encode + 50 steps + decode, "
+             "extrapolated; deviation: ours' final latents vs the pipeline's, same seed and picture):", "",
+             "| path | status | T5 s | image encode s | s/step median | s/step mean | 50 steps s (extrap.) | decode s "
+             "| video s | x diffusers | peak GiB | max abs dev | rel L2 dev | measured step times s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for side in i2v.sides:
+        ratio = side.video_s / ref.video_s if side is not ref and side.video_s and ref and ref.video_s else None
+        lines.append(
+            f"| {side.name} | {side.status} | {fmt(side.t5_s)} | {fmt(side.encode_s)} | {fmt(side.median)} "
+            f"| {fmt(side.mean)} | {fmt(side.mean * 50 if side.mean else None, 1)} | {fmt(side.decode_s, 2)} "
+            f"| {fmt(side.video_s, 1)} | {fmt(ratio if side is not ref else (1.0 if ref.video_s else None), 2)} "
+            f"| {fmt(side.peak_gib, 1)} | {fmt(side.dev_max_abs, sci=True)} | {fmt(side.dev_rel_l2, sci=True)} "
+            f"| {' '.join(f'{s:.3f}' for s in side.steps) or '-'} |")
+    if ref is not None and ours is not None:
+        def ratio(a, b):
+            return a / b if a is not None and b else None
+        lines.append(
+            f"| ours / diffusers | - | {fmt(ratio(ours.t5_s, ref.t5_s), 2)} | {fmt(ratio(ours.encode_s, ref.encode_s), 2)} "
+            f"| {fmt(ratio(ours.median, ref.median), 2)} | {fmt(ratio(ours.mean, ref.mean), 2)} "
+            f"| {fmt(ratio(ours.mean, ref.mean), 2)} | {fmt(ratio(ours.decode_s, ref.decode_s), 2)} "
+            f"| {fmt(ratio(ours.video_s, ref.video_s), 2)} | - | {fmt(ratio(ours.peak_gib, ref.peak_gib), 2)} "
+            f"| - | - | - |")
+    return lines
+
+
 # 5. The time plan
 @dataclass
 class Planner:
@@ -451,6 +648,9 @@ class Planner:
                               if gpu else 1.0)
         if setting == "attention":
             return seconds + (6.0 if gpu else 0.5)
+        if setting == "i2v":  # both sides: T5, steps, image encode (+ warm-up), decode (+ warm-up)
+            return seconds + ((2 * (self.n_steps * step + T5_ENCODE_S) + 3 * IMAGE_ENCODE_S + 3 * VAE_UNTILED_S)
+                              if gpu else 2 * self.n_steps * step + 1.0)
         run = self.n_steps * step + T5_ENCODE_S
         if setting == "pipeline":
             return seconds + run + 1.0
@@ -556,7 +756,7 @@ def environment(device: torch.device) -> dict[str, str]:
 
 def render(args, env, geometry, rows: list[Row], stage_times: dict[str, StageTimes], vae: VaeTimes | None,
            attention: AttentionTimes | None, started: str, finished: bool, plan_text: str,
-           skipped_probes: list[str]) -> str:
+           skipped_probes: list[str], i2v: I2vTimes | None = None) -> str:
     frames, height, width = geometry
     kind = "CPU dry run, tiny models: checks the code path, the numbers mean nothing" if args.dry_run else \
         "full-size architectures, random weights"
@@ -601,6 +801,8 @@ def render(args, env, geometry, rows: list[Row], stage_times: dict[str, StageTim
                   " kernel):", "", "| kernel | status | s per call | max abs dev | rel L2 dev |", "|---|---|---|---|---|"]
         lines += [f"| {name} | {status} | {fmt(s, 4)} | {fmt(a, sci=True)} | {fmt(r, sci=True)} |"
                   for name, status, s, a, r in attention.rows]
+    if i2v is not None:
+        lines += render_i2v(i2v, args)
     if skipped_probes:
         lines += ["", "Not measured: " + "; ".join(skipped_probes)]
     lines += ["", "Setup s: applying the setting plus, for compiled settings, one 2-step warm-up request (compilation)"
@@ -622,7 +824,8 @@ def write_report(path: Path, prior: str, section: str) -> None:
 # 7. The run
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="5b,2b", help="comma-separated: 5b,2b")
+    parser.add_argument("--models", default="5b,2b,5b-i2v", help="comma-separated: 5b,2b,5b-i2v (5b-i2v: the "
+                        "image-to-video row `i2v` only)")
     rows = [*SETTINGS, *PROBES]
     parser.add_argument("--settings", default=",".join(rows), help=f"comma-separated of {rows}")
     parser.add_argument("--steps-warm", type=int, default=2, help="steps per request not measured (>= 1)")
@@ -763,6 +966,7 @@ def main(argv: list[str] | None = None) -> int:
     stage_times: dict[str, StageTimes] = {}
     vae: VaeTimes | None = None
     attention: AttentionTimes | None = None
+    i2v: I2vTimes | None = None
     comps: dict[str, dict] = {}
     stages: dict[str, dict] = {}
     latents_of: dict[tuple[str, str], np.ndarray] = {}
@@ -770,7 +974,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(finished: bool = False) -> None:
         write_report(args.out, prior, render(args, env, geometry, rows, stage_times, vae, attention, started,
-                                             finished, plan_text, skipped_probes))
+                                             finished, plan_text, skipped_probes, i2v))
 
     for model, setting in plan:
         row = Row(model, setting)
@@ -804,6 +1008,11 @@ def main(argv: list[str] | None = None) -> int:
                 vae = measure_vae(model, st, c, geometry, clock)
             elif setting == "attention":
                 attention = measure_attention(model, c, geometry, clock, device)
+            elif setting == "i2v":
+                i2v = measure_i2v(model, c, st, args, clock, device)
+                failed = [f"{side.name}: {side.status}" for side in i2v.sides if side.status != "ok"]
+                if failed:
+                    row.status = "; ".join(failed)[:200]
             else:
                 rows.append(row)
                 latents_of[(model, setting)] = measure_setting(setting, model, c, st, args, geometry, clock, row,
@@ -831,7 +1040,8 @@ def main(argv: list[str] | None = None) -> int:
         report()
 
     report(finished=True)
-    print(render(args, env, geometry, rows, stage_times, vae, attention, started, True, plan_text, skipped_probes))
+    print(render(args, env, geometry, rows, stage_times, vae, attention, started, True, plan_text, skipped_probes,
+                 i2v))
     print(f"total {time.monotonic() - t_start:.0f}s; table written to {args.out}", flush=True)
     return 0
 

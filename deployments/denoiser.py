@@ -32,7 +32,9 @@ class Denoiser(StageReplica):
                                without_cfg=accel.warmup_without_cfg)
 
     @stage_call(DENOISER)
-    async def denoise(self, req: GenerationRequest, encoded: Handoff) -> Handoff:
+    async def denoise(self, req: GenerationRequest, encoded: Handoff, image: Handoff | None = None) -> Handoff:
+        """`encoded`: the prompt embeddings; `image` (image-to-video): the VaeDecoder's image latents, with the
+        generator's state the loop's noise is drawn from."""
         from serve.jobs.progress import ProgressReporter
 
         progress = ProgressReporter(self._store, req.job_id, DENOISER.phase, self._settings.progress_interval_s,
@@ -48,9 +50,19 @@ class Denoiser(StageReplica):
             # the lock is kept until the loop has stopped (at its next step) when the request is cancelled
             latents = await run_to_end(self._stage.denoise, encoded.value, req.params,
                                        on_step=self._metrics.step_timer(progress), should_cancel=cancel.is_set,
-                                       on_cancel=stop_at_next_step)
+                                       on_cancel=stop_at_next_step, image=None if image is None else image.value)
             await asyncio.to_thread(progress.flush)
             self._metrics.count_uncompiled_runs(self._stage)
-            info = {**encoded.info, DENOISER.key: self._stage.last_run_info()}
-        return Handoff(value=latents, timings={**encoded.timings, DENOISER.timing_key: timer.seconds}, info=info,
-                       gpus={**encoded.gpus, **self._gpus})
+            ran = self._stage.last_run_info()  # in the lock: the next request's run changes it
+        before = [encoded] if image is None else [encoded, image]
+        return Handoff(value=latents, timings={**_merged(before, "timings"), DENOISER.timing_key: timer.seconds},
+                       info={**_merged(before, "info"), DENOISER.key: ran},
+                       gpus={**_merged(before, "gpus"), **self._gpus})
+
+
+def _merged(handoffs: list[Handoff], part: str) -> dict:
+    """The stages so far, in chain order: their timings, info or GPUs in one dict."""
+    out: dict = {}
+    for handoff in handoffs:
+        out.update(getattr(handoff, part))
+    return out

@@ -1,4 +1,5 @@
-"""Ingress deployment: the HTTP API (FastAPI) and the job runner that chains the three stage handles.
+"""Ingress deployment: the HTTP API (FastAPI) and the job runner that chains the stage handles (three, and for
+image-to-video the VaeDecoder's image encode beside the text encoder).
 
 The chain passes each `DeploymentResponse` straight into the next stage, so embeddings and latents go
 replica to replica and only the VAE's small result (object keys) comes back here.
@@ -23,6 +24,7 @@ from serve.jobs.runner import NonRetryableError
 from serve.jobs.wiring import IngressGraph
 from serve.stages.stage import (
     DENOISER,
+    IMAGE_ENCODER,
     STAGES,
     TEXT_ENCODER,
     VAE_DECODER,
@@ -51,14 +53,22 @@ class RayPipeline:
     async def run(self, job: JobRecord) -> ChainResult:
         req = GenerationRequest(job_id=job.id, prompt=job.prompt, negative_prompt=job.params.negative_prompt,
                                 params=job.params.sampling, model=job.model, attempt=job.attempts,
-                                tenant=job.tenant)
+                                tenant=job.tenant, image=job.input_image)
         encoded = self._te.encode.remote(req)
-        denoised = self._den.denoise.remote(req, encoded)
+        calls = [(TEXT_ENCODER, encoded)]
+        if req.image is None:
+            denoised = self._den.denoise.remote(req, encoded)
+        else:  # image-to-video: the VAE encodes the stored image beside the text encoder's call
+            image = self._vae.encode_image.remote(req)
+            calls.append((IMAGE_ENCODER, image))
+            denoised = self._den.denoise.remote(req, encoded, image)
         result = self._vae.decode.remote(req, denoised)
+        calls += [(DENOISER, denoised), (VAE_DECODER, result)]
+        responses = [response for _, response in calls]
         try:
             return await result
         except asyncio.CancelledError:
-            for response in (encoded, denoised, result):
+            for response in responses:
                 response.cancel()
             raise
         except StageRefused as exc:  # the request itself is bad for the model: retrying cannot help
@@ -67,9 +77,9 @@ class RayPipeline:
             raise
         except Exception as exc:  # Ray's own: a replica died or could not be reached; which one?
             try:
-                stage = await first_failed([(TEXT_ENCODER, encoded), (DENOISER, denoised), (VAE_DECODER, result)])
+                stage = await first_failed(calls)
             finally:  # an upstream stage may still be computing for this attempt: stop it (also when cancelled)
-                for response in (encoded, denoised, result):
+                for response in responses:
                     response.cancel()
             raise StageUnavailable((stage or VAE_DECODER).deployment, type(exc).__name__) from None
 

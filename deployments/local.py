@@ -96,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     # 1. The tiny model, in the diffusers layout, loaded later through from_pretrained like real weights
     from serve.models.tiny import ensure_tiny_model
 
-    source = Path(app_cfg.model.source)
-    if source.name.startswith("tiny-"):  # a local tiny model is written if missing; real sources are used as is
-        ensure_tiny_model(source.name.removeprefix("tiny-"), source)
+    for model in app_cfg.all_models():
+        source = Path(model.source)
+        if source.name.startswith("tiny-"):  # a local tiny model is written if missing; real sources are used as is
+            ensure_tiny_model(source.name.removeprefix("tiny-"), source)
 
     # 2. Local S3 (moto server mode) unless one already answers at the endpoint
     from serve.local_s3 import LocalS3Server

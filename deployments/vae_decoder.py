@@ -1,4 +1,11 @@
-"""VaeDecoder deployment: latents -> frames -> mp4 + cover + metadata in S3; returns only object keys."""
+"""VaeDecoder deployment: latents -> frames -> mp4 + cover + metadata in S3; returns only object keys.
+
+For an image-to-video model it also runs the chain's first image call, `encode_image`: the stored input image ->
+image latents (the VAE *encoder*, serve/stages/image_encoding.py). It lives here, not in a deployment of its own,
+because this replica holds the VAE already: one copy of the weights serves both directions, and the encode (one
+frame) is a small fraction of a decode (the whole video), so a GPU of its own would mostly idle. The two calls share
+the replica's one computation slot; the image's S3 read and decode run outside it.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,8 @@ from deployments.compute import run_to_end, stage_call
 from deployments.stage import StageReplica
 from serve.config import ModelAppArgs
 from serve.jobs.record import ChainResult
-from serve.stages.stage import UPLOADING, VAE_DECODER
-from serve.stages.types import GenerationRequest, Handoff
+from serve.stages.stage import IMAGE_ENCODER, UPLOADING, VAE_DECODER
+from serve.stages.types import GenerationRequest, Handoff, InputImage
 
 
 class VaeDecoder(StageReplica):
@@ -21,9 +28,50 @@ class VaeDecoder(StageReplica):
         from serve.stages.loading import load_stage, warmup_shapes
 
         self._stage = load_stage(DecodingStage, self._args, cudnn_benchmark=self._model.vae_cudnn_benchmark)
+        self._encoder = None
+        if self._model.preset().image_input:
+            from serve.stages.image_encoding import ImageEncodingStage
+            from serve.stages.loading import local_model_path
+
+            self._encoder = ImageEncodingStage.sharing(
+                self._stage.vae, local_model_path(self._model, self._args.s3), device=str(self._stage.device),
+                dtype=self._stage.vae.dtype, revision=self._model.revision)
         if self._model.accel.warmup_on_start:
             self._stage.warmup(warmup_shapes(self._model, self._model.accel))
 
+    @stage_call(IMAGE_ENCODER)
+    async def encode_image(self, req: GenerationRequest) -> Handoff:
+        """Image-to-video: the job's stored input image -> `ImageLatents` (and the generator's state after the
+        encoder's draw), for the Denoiser."""
+        if self._encoder is None or req.image is None:
+            raise ValueError(f"{self._model.name} takes no input image" if self._encoder is None
+                             else "an image-to-video job needs its input image")
+        picture = await asyncio.to_thread(self._stored_picture, req.image)
+        async with self.computing(req, report_phase=False) as timer:
+            latents = await run_to_end(self._encoder.encode, picture, req.params)
+        return Handoff(value=latents, timings={IMAGE_ENCODER.timing_key: timer.seconds},
+                       info={IMAGE_ENCODER.key: {"input_image": req.image.summary()}},
+                       gpus={IMAGE_ENCODER.key: self._gpus[VAE_DECODER.key]})
+
+    def _stored_picture(self, image: InputImage):
+        """The accepted bytes from S3, checked against their hash and decoded as the ingress decoded them."""
+        import hashlib
+
+        from serve.errors import ServiceError
+        from serve.media.images import decode_image
+        from serve.storage import NotFound
+
+        try:
+            data = self._storage.get_bytes(image.key)
+        except NotFound:  # the job was deleted while it ran: another attempt cannot help
+            raise ValueError("the input image is no longer stored (the job was deleted)") from None
+        if hashlib.sha256(data).hexdigest() != image.sha256:
+            raise ValueError("the stored input image does not match the SHA-256 recorded when it was accepted")
+        try:  # the ingress applied the caps; these bytes passed them
+            return decode_image(data, param="input_reference", max_bytes=len(data),
+                                max_pixels=image.width * image.height, min_side=1).image
+        except ServiceError as exc:
+            raise ValueError(f"the stored input image no longer decodes: {exc.message}") from None
     @stage_call(VAE_DECODER)
     async def decode(self, req: GenerationRequest, denoised: Handoff) -> ChainResult:
         from serve.jobs.delivery import publish_if_wanted

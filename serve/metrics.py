@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from serve.stages.stage import DENOISER, VAE_DECODER
+from serve.stages.stage import BILLED_STAGES, DENOISER, VAE_DECODER
 from serve.stages.stage import STAGES as PIPELINE_STAGES
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ JOB_STATUSES = ("completed", "failed", "cancelled")
 JOB_REASONS = ("none", "cancelled", "deadline_exceeded", "internal_error", "stage_timeout", "replica_died",
                "stage_error", "prompt_too_long", "other")
 ATTEMPT_KINDS = ("first", "retry")
-GPU_STAGE_LABELS = tuple(stage.key for stage in PIPELINE_STAGES)
+GPU_STAGE_LABELS = tuple(stage.key for stage in BILLED_STAGES)
 S3_OPERATIONS = ("put", "conditional_put", "get", "head", "head_bucket", "list", "delete", "create_bucket")
 S3_ERROR_CODES = (
     "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "NoSuchBucket", "SlowDown",

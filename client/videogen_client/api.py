@@ -3,7 +3,8 @@
 Depends on httpx only, never on server modules, so it works when installed alone. Every call retries a 429/503
 (honouring `Retry-After`, bounded) and a connection that could not be opened; a call that is safe to repeat also
 retries a connection lost mid-request. `create` sends an `Idempotency-Key`, the same on every retry, so a retried
-POST never makes two jobs.
+POST never makes two jobs. `create(..., image=...)` sends an image-to-video request as multipart/form-data (the
+image as the file part `input_reference`, as the OpenAI SDK does); its retries resend the same bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ RETRY_STATUSES = frozenset({429, 503})
 USER_AGENT = "videogen-cli/0.1"
 
 Variant = Literal["video", "thumbnail"]
+# (filename, bytes, media type), or (filename, bytes) to have the type read from the bytes, like the OpenAI SDK's
+# `input_reference=("a.png", data, "image/png")`; a path is read whole
+ImageInput = str | os.PathLike[str] | tuple[str, bytes] | tuple[str, bytes, str]
+MAX_IMAGE_BYTES = 10 * 1024 * 1024  # the server's default cap on an input image (a deployment may set its own)
 
 
 class ClientError(Exception):
@@ -177,6 +182,35 @@ def _video(response: httpx.Response) -> Video:
                           f"{response.request.url} answered with JSON that is not a video job") from None
 
 
+def image_media_type(data: bytes) -> str:
+    """The image's type from its first bytes (PNG, JPEG, WebP); anything else is `application/octet-stream`, which
+    the server refuses with a message naming the formats it takes."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+def image_part(image: ImageInput) -> tuple[str, bytes, str]:
+    """`(filename, bytes, media type)` of the `input_reference` file part; a path is read here, once."""
+    if isinstance(image, tuple):
+        name, data = image[0], image[1]
+        media_type = image[2] if len(image) > 2 else image_media_type(data)  # type: ignore[misc]
+        return str(name), bytes(data), media_type
+    path = Path(image)
+    data = path.read_bytes()
+    return path.name, data, image_media_type(data)
+
+
+def _form_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def normalize_base_url(base_url: str) -> str:
     """`http://host:8000` means `http://host:8000/v1` (the OpenAI SDK convention is a base URL ending in /v1)."""
     url = httpx.URL(base_url.strip())
@@ -212,13 +246,23 @@ class VideogenClient:
 
     # -- endpoints -------------------------------------------------------------------------------
     def create(self, prompt: str, *, idempotency_key: str | None = None, webhook_url: str | None = None,
-               **options: Any) -> Video:
-        """`POST /v1/videos`; options are the wire fields (size, seconds, num_frames, seed, ...), None = omitted."""
+               image: ImageInput | None = None, **options: Any) -> Video:
+        """`POST /v1/videos`; options are the wire fields (size, seconds, num_frames, seed, ...), None = omitted.
+
+        Without `image` the body is JSON. With one (a path, or `(filename, bytes[, media type])`) it is
+        multipart/form-data: the fields as text parts and the image as the file part `input_reference`, an
+        image-to-video job (the model must take an image: `GET /v1/models` lists `inputs`).
+        """
         body = {"prompt": prompt, **{k: v for k, v in options.items() if v is not None}}
         if webhook_url is not None:
             body["webhook_url"] = webhook_url
         headers = {"Idempotency-Key": idempotency_key or f"videogen-{uuid.uuid4()}"}
-        return _video(self._request("POST", "/videos", json=body, headers=headers, idempotent=True))
+        if image is None:
+            return _video(self._request("POST", "/videos", json=body, headers=headers, idempotent=True))
+        # the bytes are read once, here: every retry re-encodes the same image, with the same key
+        part = image_part(image)
+        return _video(self._request("POST", "/videos", data={k: _form_value(v) for k, v in body.items()},
+                                    files={"input_reference": part}, headers=headers, idempotent=True))
 
     def get(self, video_id: str) -> Video:
         return _video(self._request("GET", f"/videos/{video_id}"))

@@ -1,6 +1,7 @@
 """`videogen`: the command line for people, over the public HTTP API (through `videogen_client.api` only).
 
     videogen generate "a red fox in the snow" --out fox.mp4 --seed 7
+    videogen generate "the fox starts running" --image fox.png --model cogvideox-tiny-5b-i2v
     videogen jobs list | show ID | cancel ID | delete ID | download ID --out f.mp4
     videogen usage --start 2025-01-01
 
@@ -17,16 +18,19 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import date, datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
 
 from videogen_client.api import (
     DEFAULT_BASE_URL,
+    MAX_IMAGE_BYTES,
     ClientError,
     ServerUnreachable,
     Video,
     VideogenClient,
+    image_media_type,
 )
 
 ENV_BASE_URL = "VIDEOGEN_BASE_URL"
@@ -153,9 +157,36 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _read_image(path_text: str) -> tuple[str, bytes, str]:
+    """The `--image` file as `(filename, bytes, media type)`, or a usage error naming the path; nothing is sent."""
+    path = Path(path_text)
+    cap = f"{MAX_IMAGE_BYTES // (1024 * 1024)} MiB"
+    try:
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"--image {path_text}: is a directory, not an image file")
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise argparse.ArgumentTypeError(
+                f"--image {path_text}: {size} bytes is over the {cap} limit of an input image "
+                "(the server may have its own, lower cap); make it smaller")
+        with path.open("rb") as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)  # a file that grew, or a pipe, is still bounded
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(f"--image {path_text}: no such file") from None
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"--image {path_text}: cannot read it: {exc.strerror or exc}") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise argparse.ArgumentTypeError(f"--image {path_text}: over the {cap} limit of an input image "
+                                         "(the server may have its own, lower cap); make it smaller")
+    if not data:
+        raise argparse.ArgumentTypeError(f"--image {path_text}: the file is empty")
+    return path.name, data, image_media_type(data)
+
+
 # -- commands ----------------------------------------------------------------------------------------
 
 def cmd_generate(client: VideogenClient, args: argparse.Namespace) -> int:
+    image = None if args.image is None else _read_image(args.image)  # before any request
     options = {
         "model": args.model, "size": args.size, "seconds": None if args.seconds is None else f"{args.seconds:g}",
         "num_frames": args.frames, "fps": args.fps, "num_inference_steps": args.steps,
@@ -163,7 +194,7 @@ def cmd_generate(client: VideogenClient, args: argparse.Namespace) -> int:
         "use_dynamic_cfg": args.dynamic_cfg,
     }
     try:
-        video = client.create(args.prompt, webhook_url=args.webhook_url, **options)
+        video = client.create(args.prompt, webhook_url=args.webhook_url, image=image, **options)
     except KeyboardInterrupt:
         _err("\ninterrupted before the server answered; the job may exist: videogen jobs list")
         return EXIT_INTERRUPTED
@@ -309,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="retries of a request refused with 429/503 or not connected (3)")
 
     parser = argparse.ArgumentParser(prog="videogen", parents=[common],
-                                     description="Text to video from the command line (videogen-serve API).")
+                                     description="Text (or image) to video from the command line "
+                                                 "(videogen-serve API).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", parents=[common], help="make a video and wait for it")
@@ -327,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dynamic-cfg", action=argparse.BooleanOptionalAction, default=None,
                      help="CogVideoX's cosine guidance schedule")
     gen.add_argument("--model")
+    gen.add_argument("--image", metavar="PATH",
+                     help="a PNG, JPEG or WebP image to start from: makes an image-to-video job, which needs an "
+                          "image-to-video model (e.g. --model cogvideox-tiny-5b-i2v locally; GET /v1/models "
+                          f"lists each model's inputs, [\"text\", \"image\"] for these). At most "
+                          f"{MAX_IMAGE_BYTES // (1024 * 1024)} MiB here; the server may have its own cap")
     gen.add_argument("--webhook-url", help="URL the server calls when the job ends")
     gen.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     gen.add_argument("--json", action="store_true", help="print the job as JSON on stdout")

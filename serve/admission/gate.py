@@ -24,6 +24,7 @@ from serve.admission.safety import PromptPolicy, enforce
 from serve.api.wire import CreateVideoRequest
 from serve.config import AppConfig
 from serve.config.limits import TenantLimits
+from serve.config.tenancy import Plan
 from serve.errors import ServiceError
 from serve.jobs.record import JobRecord
 from serve.jobs.store import JobStore
@@ -66,11 +67,18 @@ class Admission:
             raise decision.as_error()
         return decision
 
-    async def check(self, req: CreateVideoRequest, params: GenerationParams, principal: Principal,
-                    job_id: str, idempotency_key: str | None) -> Admitted:
-        """Run the gates in order; raises the first refusal as an `ServiceError`."""
+    def check_plan(self, params: GenerationParams, principal: Principal) -> Plan:
+        """The caller's plan, if it allows what `params` ask (the inputs, steps and cost): the first gate, also
+        run on its own before an input image is read."""
         plan = resolve_plan(self._config.plans, principal.plan)
         check_cost(plan, params, plan_name=principal.plan)
+        return plan
+
+    async def check(self, req: CreateVideoRequest, params: GenerationParams, principal: Principal,
+                    job_id: str, idempotency_key: str | None, *, fingerprint: dict[str, Any] | None = None) -> Admitted:
+        """Run the gates in order; raises the first refusal as an `ServiceError`. `fingerprint` replaces fields of
+        `req` in the idempotency fingerprint (an input image by its hash)."""
+        plan = self.check_plan(params, principal)
         limits = TenantLimits.from_plan(plan)
         decision = await self._admit(principal.tenant, limits)  # the rate, charged on every request
         headers = dict(decision.headers)
@@ -83,7 +91,7 @@ class Admission:
         admitted = Admitted(job_id=job_id, limits=limits, headers=headers)
         if idempotency_key is not None:
             admitted.key = validate_key(idempotency_key)
-            body = body_hash(canonical_body(req.model_dump(exclude_none=True)))
+            body = body_hash(canonical_body({**req.model_dump(exclude_none=True), **(fingerprint or {})}))
             res = await self._idem.resolve(principal.tenant, admitted.key, body, job_id, self._store.get,
                                            wait_s=self._config.idempotency.replay_wait_s,
                                            poll_s=self._config.idempotency.poll_s)

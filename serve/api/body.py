@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from serve.api.wire import UploadedFile
 from serve.errors import ServiceError
 
 M = TypeVar("M", bound=BaseModel)
@@ -36,6 +37,13 @@ ACCEPTED = (JSON, MULTIPART, URLENCODED)
 MAX_JSON_DEPTH = 32  # the request is one flat object; 32 leaves room for a wrong-typed value to be named by the schema
 MAX_FIELDS = 64  # CreateVideoRequest has 15
 MAX_FIELD_BYTES = 1024 * 1024  # per form field, as Starlette's own form parser
+# multipart fields that may be file parts (the input image); each at most MAX_FILE_BYTES here, the images section's
+# own (smaller) cap is applied where the image is decoded (serve/media/reference.py), whose 400 names the limit
+FILE_FIELDS = ("input_reference",)
+MAX_FILE_BYTES = 64 * 1024 * 1024
+# object fields a form spells `name[key]` (how the `openai` SDK flattens `input_reference={"image_url": ...}`)
+OBJECT_FIELDS = {"input_reference": ("image_url", "file_id")}
+_BRACKETED = re.compile(r"^([a-z_]+)\[([a-z_]+)\]$")
 
 # lone surrogates (a JSON "\ud800" escape, or, through surrogateescape, a byte that is not UTF-8) and C0 controls
 # but for \t \n \r
@@ -201,15 +209,17 @@ def urlencoded_pairs(body: bytes) -> list[tuple[str, str]]:
 
 
 class _Multipart:
-    """Callbacks for python-multipart's streaming parser: text fields only, each at most MAX_FIELD_BYTES."""
+    """Callbacks for python-multipart's streaming parser: text fields, each at most MAX_FIELD_BYTES, and file
+    parts only for FILE_FIELDS (`UploadedFile`, at most MAX_FILE_BYTES)."""
 
     def __init__(self) -> None:
-        self.pairs: list[tuple[str, str]] = []
+        self.pairs: list[tuple[str, str | UploadedFile]] = []
         self.ended = False
         self._name = bytearray()
         self._value = bytearray()
         self._headers: dict[bytes, bytes] = {}
         self._field: str | None = None
+        self._file: tuple[str | None, str | None] | None = None  # (filename, declared type) of a file part
         self._data = bytearray()
 
     def callbacks(self) -> dict[str, Any]:
@@ -221,6 +231,7 @@ class _Multipart:
     def _part_begin(self) -> None:
         self._headers = {}
         self._field = None
+        self._file = None
         self._data = bytearray()
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
@@ -239,11 +250,18 @@ class _Multipart:
             raise _refuse("a multipart part has no Content-Disposition name", "invalid_multipart")
         name = _utf8(options[b"name"])
         check_text(name, None)
-        if b"filename" in options:
-            raise _refuse(f"file uploads are not supported (field {name!r})", "invalid_value", name)
         if len(self.pairs) >= MAX_FIELDS:
             raise _refuse(f"more than {MAX_FIELDS} multipart fields", "invalid_multipart")
-        _, params = parse_options_header(self._headers.get(b"content-type"))
+        ctype, params = parse_options_header(self._headers.get(b"content-type"))
+        if b"filename" in options:
+            if name not in FILE_FIELDS:
+                raise _refuse(f"field {name!r} is a file upload; only {' and '.join(FILE_FIELDS)} may be a file",
+                              "invalid_value", name)
+            filename = _utf8(options[b"filename"])
+            declared = ctype.decode("latin-1").strip().lower() or None
+            self._file = (filename if _clean(filename) else None, declared)
+            self._field = name
+            return
         charset = params.get(b"charset")
         if charset is not None and charset.lower() not in (b"utf-8", b"utf8"):
             raise _refuse(f"field {name!r} is declared {charset.decode('latin-1')!a}; send UTF-8",
@@ -254,7 +272,11 @@ class _Multipart:
         self._field = name
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if len(self._data) + (end - start) > MAX_FIELD_BYTES:
+        if self._file is not None:
+            if len(self._data) + (end - start) > MAX_FILE_BYTES:
+                raise _refuse(f"file {self._field!r} is longer than {MAX_FILE_BYTES:,} bytes", "image_too_large",
+                              self._field)
+        elif len(self._data) + (end - start) > MAX_FIELD_BYTES:
             raise _refuse(f"field {self._field!r} is longer than {MAX_FIELD_BYTES} bytes", "invalid_value",
                           self._field)
         self._data += data[start:end]
@@ -262,13 +284,17 @@ class _Multipart:
     def _part_end(self) -> None:
         if self._field is None:  # not reached: a part's headers come first, or the parser fails
             raise _refuse("a multipart part ended before its headers", "invalid_multipart")
-        self.pairs.append((self._field, _utf8(bytes(self._data))))
+        if self._file is not None:
+            filename, declared = self._file
+            self.pairs.append((self._field, UploadedFile(bytes(self._data), declared, filename)))
+        else:
+            self.pairs.append((self._field, _utf8(bytes(self._data))))
 
     def _end(self) -> None:
         self.ended = True
 
 
-async def multipart_pairs(request: Request, params: dict[bytes, bytes]) -> list[tuple[str, str]]:
+async def multipart_pairs(request: Request, params: dict[bytes, bytes]) -> list[tuple[str, str | UploadedFile]]:
     boundary = params.get(b"boundary")
     if not boundary:
         raise _refuse("multipart/form-data without a boundary parameter", "invalid_multipart")
@@ -287,14 +313,34 @@ async def multipart_pairs(request: Request, params: dict[bytes, bytes]) -> list[
     return form.pairs
 
 
+def fold_objects(raw: dict[str, Any]) -> dict[str, Any]:
+    """A form's `name[key]` fields (OBJECT_FIELDS) as the object `name: {key: value}` that JSON sends; the same name
+    also sent whole (a file, or a plain value) is refused as given twice."""
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        bracketed = _BRACKETED.match(name)
+        if bracketed is None or bracketed.group(1) not in OBJECT_FIELDS:
+            out[name] = value
+            continue
+        outer, key = bracketed.groups()
+        if key not in OBJECT_FIELDS[outer]:
+            raise _refuse(f"unknown field {name!r}; {outer} takes {[f'{outer}[{k}]' for k in OBJECT_FIELDS[outer]]}",
+                          "invalid_value", name)
+        if outer in raw:
+            raise _refuse(f"{outer} is given twice ({outer} and {name}); send one image", "invalid_value", outer)
+        out.setdefault(outer, {})[key] = value
+    return out
+
+
 async def read_fields(request: Request) -> dict[str, Any]:
-    """The body's fields by name, whatever its media type, each checked the same way; or a 4xx ServiceError."""
+    """The body's fields by name, whatever its media type, each checked the same way; or a 4xx ServiceError. A
+    multipart file part (FILE_FIELDS only) comes as an `UploadedFile`."""
     mtype, params = media_type(request)
     if mtype == JSON:
         return fields(json_pairs(await request.body()))
     if mtype == MULTIPART:
-        return fields(await multipart_pairs(request, params))
-    return fields(urlencoded_pairs(await request.body()))
+        return fold_objects(fields(await multipart_pairs(request, params)))
+    return fold_objects(fields(urlencoded_pairs(await request.body())))
 
 
 def validated(model: type[M], raw: dict[str, Any]) -> M:
@@ -310,5 +356,6 @@ def validated(model: type[M], raw: dict[str, Any]) -> M:
         elif first["type"] == "missing":
             msg = f"{param} is required"
         else:
-            msg = f"{param}: {first['msg']} (got {first.get('input')!r})"
+            shown = repr(first.get("input"))  # a wrong-typed value may be megabytes (a data URL): show its start
+            msg = f"{param}: {first['msg']} (got {shown if len(shown) <= 200 else shown[:200] + '...'})"
         raise ServiceError(400, msg, param=param, code="invalid_value") from None

@@ -25,7 +25,14 @@ from serve.api.errors import ErrorEnvelope, install_error_handlers
 from serve.api.hardening import BodyLimit, HeaderLimits
 from serve.api.ranges import byte_range
 from serve.api.request_id import RequestIds, request_id_of
-from serve.api.wire import CreateVideoRequest, ModelList, Video, VideoDeleted, VideoList
+from serve.api.wire import (
+    CreateVideoRequest,
+    ModelList,
+    UploadedFile,
+    Video,
+    VideoDeleted,
+    VideoList,
+)
 from serve.billing.usage import UsageResponse
 from serve.config import AppConfig
 from serve.errors import ServiceError
@@ -93,9 +100,12 @@ def _auth_dependency(current: Callable[[], KeyRing]) -> Callable[[Request], Prin
     return authenticate
 
 
-async def _parse_create(request: Request) -> CreateVideoRequest:
-    # JSON, multipart and urlencoded bodies share one decoding and validation path (serve/api/body.py)
-    return validated(CreateVideoRequest, await read_fields(request))
+async def _parse_create(request: Request) -> tuple[CreateVideoRequest, UploadedFile | None]:
+    # JSON, multipart and urlencoded bodies share one decoding and validation path (serve/api/body.py); a
+    # multipart file part `input_reference` (the input image) comes apart from the validated fields
+    raw = await read_fields(request)
+    upload = raw.pop("input_reference") if isinstance(raw.get("input_reference"), UploadedFile) else None
+    return validated(CreateVideoRequest, raw), upload
 
 
 def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -> FastAPI:
@@ -147,10 +157,10 @@ def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -
 
     @app.post("/v1/videos", response_model=Video, responses=_ERRORS, openapi_extra=_body_schema(CreateVideoRequest))
     async def create_video(request: Request, caller: Caller, response: Response) -> Video:
-        req = await _parse_create(request)
+        req, upload = await _parse_create(request)
         headers: dict[str, str] = {}
         video = await live.service.create(req, caller, request.headers.get("idempotency-key"), headers,
-                                          **_trace(request))
+                                          **_trace(request), upload=upload)
         response.headers.update(headers)
         response.headers["openai-poll-after-ms"] = POLL_AFTER_MS
         return video
@@ -171,10 +181,10 @@ def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -
         if wait_s is not None and wait_s > api.sync_max_wait_s:
             raise ServiceError(400, f"wait_s may be at most {api.sync_max_wait_s:g} seconds here, got {wait_s:g}",
                                param="wait_s", code="invalid_value")
-        req = await _parse_create(request)
+        req, upload = await _parse_create(request)
         headers: dict[str, str] = {}
         video = await live.service.create(req, caller, request.headers.get("idempotency-key"), headers,
-                                          **_trace(request))
+                                          **_trace(request), upload=upload)
         response.headers.update(headers)
         video = await live.service.wait(video.id, caller.tenant, api.sync_wait_s if wait_s is None else wait_s)
         if video.status in ("queued", "in_progress"):
@@ -251,7 +261,7 @@ def create_app(live: Live, readiness: Callable[[], Awaitable[dict[str, Any]]]) -
         headers: dict[str, str] = {}
         try:
             video = await live.service.create(create, caller, key, headers, **_trace(request, req.request_id),
-                                              user_id=req.user_id)
+                                              user_id=req.user_id, image_param="image_url")
         except ServiceError as exc:
             raise zhipu.as_zhipu_error(exc) from None
         response.headers.update(headers)

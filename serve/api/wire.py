@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """A multipart file part: its bytes (never in the repr, so never in a log line), declared type and name."""
+
+    data: bytes = field(repr=False)
+    content_type: str | None = None
+    filename: str | None = None
+
+
+class InputReference(BaseModel):
+    """`input_reference` as an object (the SDK's `ImageInputReferenceParam`); in a multipart form, the fields
+    `input_reference[image_url]` and `input_reference[file_id]`. A file part is the other form
+    (serve/media/reference.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_url: str | None = Field(
+        default=None, description="A base64 data URL (`data:image/png;base64,...`), or an https:// URL where the "
+                                  "operator enabled remote fetching.")
+    file_id: str | None = Field(default=None, description="Not accepted: this service stores no uploaded files.")
 
 
 class CreateVideoRequest(BaseModel):
@@ -18,7 +41,11 @@ class CreateVideoRequest(BaseModel):
     size: str | None = Field(default=None, description="WIDTHxHEIGHT, each a multiple of 16.")
     width: int | None = Field(default=None, description="With `height`, instead of `size` (as vLLM-Omni accepts).")
     height: int | None = Field(default=None, description="With `width`, instead of `size`.")
-    input_reference: str | None = Field(default=None, description="Not supported (text-to-video only).")
+    input_reference: InputReference | None = Field(
+        default=None, description="Image-to-video: the input image, as an object with `image_url` (a base64 data "
+                                  "URL, or an https:// URL where the operator enabled fetching); or, in a multipart "
+                                  "body, a file part named input_reference (PNG, JPEG or WebP). Only for models "
+                                  "whose `inputs` (GET /v1/models) include 'image'.")
     negative_prompt: str | None = Field(default=None, description="What the video should not show.")
     seed: int | None = Field(default=None, description="0..2**32-1; random when omitted (returned).")
     num_inference_steps: int | None = Field(default=None, description="Denoising steps.")
@@ -31,6 +58,12 @@ class CreateVideoRequest(BaseModel):
     deadline_seconds: float | None = Field(
         default=None, description="Give up (status failed, code deadline_exceeded) this long after submission.")
     webhook_url: str | None = Field(default=None, description="POSTed signed video.* events for this job.")
+
+    @field_validator("input_reference", mode="before")
+    @classmethod
+    def _url_alone(cls, value: object) -> object:
+        # a bare string (a JSON string, or a multipart text field named input_reference) is the image_url
+        return {"image_url": value} if isinstance(value, str) else value
 
 
 class VideoError(BaseModel):

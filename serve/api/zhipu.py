@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from serve.admission.idempotency import HEADER as IDEMPOTENCY_HEADER
-from serve.api.wire import CreateVideoRequest, Video
+from serve.api.wire import CreateVideoRequest, InputReference, Video
 from serve.config import AppConfig
 from serve.errors import ServiceError
 from serve.jobs.record import MAX_REQUEST_ID_LEN, is_request_id
@@ -49,11 +49,12 @@ class ZhipuCreateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="A served model's name or alias (e.g. cogvideox-flash, when so aliased).")
-    prompt: str | None = Field(default=None, description="What the video shows (required: text-to-video).")
+    prompt: str | None = Field(default=None, description="What the video shows (required, with an image too).")
     quality: Literal["quality", "speed"] | None = Field(
         default=None, description="'speed' uses the deployment's step cache (faster, lossy); default 'quality'.")
     image_url: str | list[str] | dict[str, Any] | None = Field(
-        default=None, description="Image-to-video input; refused until this deployment serves image-to-video.")
+        default=None, description="Image-to-video: the input image, as a URL (fetched only where the operator "
+                                  "enabled it), a data URL or bare base64 (PNG, JPEG or WebP); a list of one.")
     with_audio: bool | None = Field(default=None, description="Only false: no audio is produced.")
     size: str | None = Field(default=None, description="WIDTHxHEIGHT; default: the model's native size.")
     # strict: JSON `true` is not 1 second (the route reads JSON, where numbers come typed)
@@ -129,12 +130,10 @@ def _ratio(text: str) -> tuple[int, int] | None:
 
 def to_create_request(req: ZhipuCreateRequest, config: AppConfig) -> CreateVideoRequest:
     """The `/v1/videos` request this Zhipu request asks for, or a 400 naming the field this service cannot do."""
-    if req.image_url is not None:
-        raise _refuse("image_url", "image_url (image-to-video) is not served by this deployment yet; send a "
-                                   "prompt without image_url for text-to-video")
+    reference = None if req.image_url is None else InputReference(image_url=_image_url(req.image_url))
     if req.prompt is None or not req.prompt.strip():
-        raise ServiceError(400, "prompt is required (this deployment generates video from text)", param="prompt",
-                           code="missing_prompt")
+        raise ServiceError(400, "prompt is required: this deployment generates video from a prompt (with image_url, "
+                                "from an image and a prompt)", param="prompt", code="missing_prompt")
     if req.with_audio:
         raise _refuse("with_audio", "with_audio: true is not possible: this service produces video without audio; "
                                     "send with_audio false or leave it out")
@@ -158,8 +157,29 @@ def to_create_request(req: ZhipuCreateRequest, config: AppConfig) -> CreateVideo
     return CreateVideoRequest(
         prompt=req.prompt, model=req.model, size=req.size, fps=req.fps, quality=req.quality,
         seconds=None if req.duration is None else str(req.duration), negative_prompt=req.negative_prompt,
-        seed=req.seed,
+        seed=req.seed, input_reference=reference,
     )
+
+
+# a bare base64 image has no media type: it goes on as a typeless data URL, and its bytes say what it is
+_BARE_BASE64 = "data:;base64,"
+
+
+def _image_url(value: str | list[str] | dict[str, Any]) -> str:
+    """Zhipu's `image_url` as one `input_reference.image_url`: a URL or data URL as it is, bare base64 as a data
+    URL. A list is one image (CogVideoX-I2V takes one); a first-and-last-frame pair is refused."""
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], str):
+            raise _refuse("image_url", f"image_url holds {len(value)} images; this service generates from one image "
+                                       f"(no first-and-last-frame videos): send one URL or base64 image")
+        value = value[0]
+    if not isinstance(value, str):
+        raise ServiceError(400, "image_url must be an image URL, a data URL or base64 image bytes (or a list of "
+                                "one)", param="image_url", code="invalid_value")
+    text = value.strip()
+    if ":" in text[:16]:  # a scheme: https://..., data:...
+        return text
+    return _BARE_BASE64 + text
 
 
 def _check_aspect(req: ZhipuCreateRequest, config: AppConfig) -> None:

@@ -30,11 +30,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.errors import ServiceError
 from serve.jobs.record import JobRecord
-from serve.stages.stage import STAGES
+from serve.stages.stage import BILLED_STAGES, IMAGE_ENCODER
 from serve.storage import PreconditionFailed, Storage
 
-GPU_STAGES: tuple[str, ...] = tuple(stage.key for stage in STAGES)
-_TIMING_KEY = {stage.key: stage.timing_key for stage in STAGES}  # JobRecord.timings keys written by the stages
+GPU_STAGES: tuple[str, ...] = tuple(stage.key for stage in BILLED_STAGES)
+_TIMING_KEY = {stage.key: stage.timing_key for stage in BILLED_STAGES}  # JobRecord.timings keys the stages write
+# a stage call that runs on another stage's replica is billed at that replica's GPUs when neither the record nor
+# the override names its own (the image encode runs on the VaeDecoder: `usage.gpus_per_stage: {vae_decoder: 1}`)
+_BILLED_LIKE = {IMAGE_ENCODER.key: next(s.key for s in BILLED_STAGES
+                                        if s.deployment == IMAGE_ENCODER.deployment and s is not IMAGE_ENCODER)}
 _DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _DAYS_DIR = "_days"
 
@@ -45,7 +49,7 @@ def gpus_per_stage(job: JobRecord, override: Mapping[str, float] | None = None) 
     """GPUs billed per stage for `job`: those its stage replicas reported holding (Ray's assignment, in the
     job record), or `override` (`usage.gpus_per_stage`, e.g. a CPU run billed as if each stage held one)."""
     held = job.gpus if override is None else override
-    return {s: float(held.get(s, 0.0)) for s in GPU_STAGES}
+    return {s: float(held.get(s, held.get(_BILLED_LIKE.get(s, s), 0.0))) for s in GPU_STAGES}
 
 
 def _ms(seconds: float) -> int:
@@ -53,7 +57,7 @@ def _ms(seconds: float) -> int:
 
 
 def gpu_seconds_from_timings(timings: Mapping[str, float], gpus_per_stage: Mapping[str, float]) -> dict[str, float]:
-    """GPU-seconds per stage (`text_encoder`, `denoiser`, `vae_decoder`), to the millisecond.
+    """GPU-seconds per stage (`text_encoder`, `image_encoder`, `denoiser`, `vae_decoder`), to the millisecond.
 
     `timings` are a job's wall seconds per stage (`text_encoder_s`, ...; other keys such as `encode_s` and
     `upload_s` are CPU work and not billed); a missing stage counts 0.
@@ -83,7 +87,9 @@ class UsageRecord(BaseModel):
     model: str
     completed_at: int = Field(description="Unix seconds of the job's completion.")
     day: str = Field(description="UTC yyyy-mm-dd of completed_at: the bucket it is billed in.")
-    gpu_seconds: dict[str, float] = Field(description="Per stage: text_encoder, denoiser, vae_decoder.")
+    gpu_seconds: dict[str, float] = Field(
+        description="Per stage call: text_encoder, image_encoder (the VAE encode of an image-to-video job's input "
+                    "image, 0 for text-to-video), denoiser, vae_decoder.")
     gpu_seconds_total: float
     output_seconds: float = Field(description="Length of the video: (num_frames - 1) / fps.")
     width: int
@@ -91,6 +97,7 @@ class UsageRecord(BaseModel):
     num_frames: int
     fps: int
     steps: int = Field(description="Denoising steps.")
+    image_input: bool = Field(default=False, description="Generated from an input image (image-to-video).")
 
     @classmethod
     def from_job(cls, job: JobRecord, gpus: Mapping[str, float]) -> UsageRecord:
@@ -104,7 +111,7 @@ class UsageRecord(BaseModel):
             day=day_of(job.completed_at), gpu_seconds=per_stage,
             gpu_seconds_total=sum(_ms(v) for v in per_stage.values()) / 1000,
             output_seconds=float(p.seconds), width=p.width, height=p.height, num_frames=p.num_frames, fps=p.fps,
-            steps=p.num_inference_steps,
+            steps=p.num_inference_steps, image_input=job.input_image is not None,
         )
 
 
@@ -147,6 +154,7 @@ class _Acc:
 
 class GpuSeconds(BaseModel):
     text_encoder: float = 0.0
+    image_encoder: float = Field(default=0.0, description="The VAE encode of image-to-video input images.")
     denoiser: float = 0.0
     vae_decoder: float = 0.0
     total: float = Field(default=0.0, description="Sum of the stages.")

@@ -248,7 +248,8 @@ class UsageConfig(Strict):
     enabled: bool = Field(default=True, description="Write usage records and serve GET /v1/usage.")
     gpus_per_stage: dict[str, float] | None = Field(
         default=None,
-        description="GPUs billed per stage replica (text_encoder/denoiser/vae_decoder); default: the GPUs Ray "
+        description="GPUs billed per stage replica (text_encoder/denoiser/vae_decoder; image_encoder, the image "
+        "encode on the VaeDecoder, defaults to vae_decoder's); default: the GPUs Ray "
         "assigned the replicas that ran the job (each stage reports its own, so every model bills what it holds).")
     max_range_days: int = Field(default=92, ge=1, le=366, description="Longest period GET /v1/usage accepts.")
     read_concurrency: int = Field(default=16, ge=1, le=128, description="Parallel S3 GETs while summarising.")

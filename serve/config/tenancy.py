@@ -47,9 +47,10 @@ class Plan(BaseModel):
     max_concurrent_jobs: int = Field(default=2, ge=1, description="Queued + in-progress jobs at a time.")
     daily_gpu_seconds: float = Field(default=1800, gt=0, description="GPU-seconds per UTC day, all stages.")
     max_cost: int = Field(
-        default=150_000_000, ge=1, description="Per-request ceiling of frames x width x height x steps."
-    )
+        default=150_000_000, ge=1,
+        description="Per-request ceiling of frames x width x height x steps (+ an input image's VAE encode).")
     max_steps: int = Field(default=50, ge=1, description="Most denoising steps one request may ask for.")
+    image_input: bool = Field(default=True, description="Image-to-video requests (an input image) are allowed.")
 
 
 def _default_plans() -> dict[str, Plan]:

@@ -98,10 +98,6 @@ def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig)
     if req.model is not None and req.model not in model.names:
         raise ServiceError(400, f"unknown model {req.model!r}; this deployment serves {model.names}",
                        param="model", code="model_not_found")
-    if req.input_reference is not None:
-        raise _bad("input_reference", "input_reference is not supported yet: this service generates from text; "
-                                      "send a prompt without input_reference to a text-to-video model")
-
 
     # 2. Geometry
     width, height, size_param = _geometry(req, preset.width, preset.height)
@@ -157,7 +153,8 @@ def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig)
     return GenerationParams(
         negative_prompt=req.negative_prompt, width=width, height=height, size=f"{width}x{height}",
         num_frames=num_frames, fps=fps, seconds=_format_seconds((num_frames - 1) / fps), num_inference_steps=steps,
-        guidance_scale=float(guidance), use_dynamic_cfg=bool(dynamic), seed=seed, quality=req.quality or "quality")
+        guidance_scale=float(guidance), use_dynamic_cfg=bool(dynamic), seed=seed, quality=req.quality or "quality",
+        image_input=preset.image_input)
 
 
 def _format_seconds(value: float) -> str:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.config.tenancy import TENANT_PATTERN
 from serve.stages.stage import DENOISER, PHASES, TEXT_ENCODER, UPLOADING, VAE_DECODER
-from serve.stages.types import GenerationParams
+from serve.stages.types import GenerationParams, InputImage
 
 JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
@@ -141,6 +141,9 @@ class JobRecord(BaseModel):
     user_id: str | None = Field(
         default=None, max_length=128,
         description="The caller's end user, as its request named them (Zhipu's `user_id`), for abuse tracing.")
+    input_image: InputImage | None = Field(
+        default=None, description="Image-to-video: the accepted input image, stored beside the video (its key, "
+                                  "SHA-256 and size; never the image). Every attempt encodes these bytes.")
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
     gpus: dict[str, float] = Field(
         default_factory=dict, description="GPUs each stage's replica held for this job (text_encoder, ...), as "

@@ -18,12 +18,13 @@ from serve.api.wire import (
     CreateVideoRequest,
     ModelInfo,
     ModelList,
+    UploadedFile,
     Video,
     VideoDeleted,
     VideoList,
 )
 from serve.billing.usage import UsageLedger, UsageResponse, parse_usage_period
-from serve.config import AppConfig
+from serve.config import AppConfig, ModelConfig
 from serve.errors import ServiceError
 from serve.jobs.params import resolve_request
 from serve.jobs.record import JobError, JobRecord, is_job_id, new_job_id
@@ -31,7 +32,9 @@ from serve.jobs.runner import JobRunner
 from serve.jobs.store import JobStore
 from serve.jobs.view import VideoView
 from serve.logcontext import bind_job
-from serve.media.publishing import video_keys
+from serve.media.publishing import input_image_key, video_keys
+from serve.media.reference import AcceptedImage, accept_image, has_image
+from serve.stages.types import InputImage
 from serve.storage import NotFound, Storage
 from serve.tenancy.keys import Principal
 
@@ -79,11 +82,13 @@ class VideoService:
     # -- create ----------------------------------------------------------------------------------
     async def create(self, req: CreateVideoRequest, principal: Principal | str,
                      idempotency_key: str | None = None, headers: dict[str, str] | None = None, *,
-                     request_id: str | None = None, user_id: str | None = None) -> Video:
+                     request_id: str | None = None, user_id: str | None = None, upload: UploadedFile | None = None,
+                     image_param: str = "input_reference") -> Video:
         """Validate and admit, write the job record (queued), start driving it; returns at once.
 
         `headers` receives the rate-limit headers (and `Idempotent-Replayed` for a replay). `request_id` and
-        `user_id` (the caller's end user) are stored on the job."""
+        `user_id` (the caller's end user) are stored on the job. An image-to-video request's image is
+        `req.input_reference` or `upload` (a multipart file); refusals of it name `image_param`."""
         if isinstance(principal, str):
             principal = self.principal(principal)
         model = self._config.model if req.model is None else self._config.model_named(req.model)
@@ -92,14 +97,15 @@ class VideoService:
             raise ServiceError(400, f"unknown model {req.model!r}; this deployment serves {names}", param="model",
                            code="model_not_found")
         params = resolve_request(req, model, self._config.api)
-        if model.preset().image_input:
-            # an image-to-video model generates from an image and a prompt; image input is not on the API yet
-            t2v = [m.name for m in self._config.all_models() if not m.preset().image_input]
-            raise ServiceError(400, f"{model.name} ({model.family}) generates from an image and a prompt and needs "
-                                    f"input_reference, which this deployment does not take yet; text-to-video "
-                                    f"models: {t2v}", param="input_reference", code="image_required")
+        self._check_image_fits(model, has_image(req.input_reference, upload), image_param)
+        # the plan may leave image input out: refused before a byte of the image is read
+        self.admission.check_plan(params, principal)
+        accepted = await accept_image(req.input_reference, upload, self._config.images, param=image_param)
         now = self._clock()
-        admitted = await self.admission.check(req, params, principal, new_job_id(int(now * 1000)), idempotency_key)
+        # an idempotent retry sends the same image in any form: the image's hash stands for it in the fingerprint
+        fingerprint = None if accepted is None else {"input_reference": {"sha256": accepted.image.sha256}}
+        admitted = await self.admission.check(req, params, principal, new_job_id(int(now * 1000)), idempotency_key,
+                                              fingerprint=fingerprint)
         if headers is not None:
             headers.update(admitted.headers)
         if admitted.replay is not None:
@@ -113,20 +119,56 @@ class VideoService:
             prompt=req.prompt, params=params, updated_at=now,
             deadline_at=now + req.deadline_seconds if req.deadline_seconds else None, webhook_url=req.webhook_url,
             request_id=request_id, user_id=user_id,
+            input_image=None if accepted is None else self._input_image(admitted.job_id, accepted),
         )
         # shielded: a client that disconnects mid-create must not leave a written record whose slot and
         # idempotency claim were given back (a retry would then create a second job)
-        job = await asyncio.shield(asyncio.ensure_future(self._create_and_submit(job, admitted)))
+        image_data = None if accepted is None else accepted.image.data
+        job = await asyncio.shield(asyncio.ensure_future(self._create_and_submit(job, admitted, image_data)))
         return self.to_wire(job)
 
-    async def _create_and_submit(self, job: JobRecord, admitted: Admitted) -> JobRecord:
+    def _check_image_fits(self, model: ModelConfig, given: bool, param: str) -> None:
+        """An image-to-video model needs an image; a text-to-video model takes none. Each 400 names the models
+        that do what the request asked."""
+        if model.preset().image_input == given:
+            return
+        takes = [m.name for m in self._config.all_models() if m.preset().image_input == given]
+        if given:
+            raise ServiceError(400, f"{model.name} ({model.family}) generates from text and takes no {param}; models "
+                                    f"that take an image: {takes or 'none on this deployment'}", param=param,
+                               code="image_not_supported")
+        raise ServiceError(400, f"{model.name} ({model.family}) generates from an image and a prompt: send the image "
+                                f"as {param}; text-to-video models: {takes or 'none on this deployment'}",
+                           param=param, code="image_required")
+
+    def _input_image(self, job_id: str, accepted: AcceptedImage) -> InputImage:
+        image = accepted.image
+        return InputImage(key=input_image_key(self._storage, job_id, image.format), sha256=image.sha256,
+                          size_bytes=image.size_bytes, media_type=image.media_type, width=image.width,
+                          height=image.height, source=accepted.source)
+
+    async def _create_and_submit(self, job: JobRecord, admitted: Admitted, image: bytes | None = None) -> JobRecord:
         try:
-            job = await asyncio.to_thread(self._store.create, job)
+            if job.input_image is not None:  # the image first: a record never names an image that is not stored
+                await asyncio.to_thread(self._storage.put_bytes, job.input_image.key, image,
+                                        job.input_image.media_type)
+            try:
+                job = await asyncio.to_thread(self._store.create, job)
+            except Exception:
+                if job.input_image is not None:
+                    await asyncio.to_thread(self._delete_quietly, job.input_image.key)
+                raise
         except Exception:
             await self.admission.failed_to_create(job.tenant, admitted)
             raise
         self._runner.submit(job.id, job.tenant)
         return job
+
+    def _delete_quietly(self, key: str) -> None:
+        try:
+            self._storage.delete_many([key])
+        except Exception:  # noqa: BLE001 - an orphan image costs storage, not correctness
+            log.warning("could not delete the input image of a job that was not created", exc_info=True)
 
     # -- read ------------------------------------------------------------------------------------
     async def _load(self, job_id: str, tenant: str) -> JobRecord:
@@ -251,9 +293,12 @@ class VideoService:
     # -- delete ----------------------------------------------------------------------------------
     async def delete(self, job_id: str, tenant: str) -> VideoDeleted:
         """Delete the job and its objects; a running chain is cancelled (its owner loses the lease)."""
-        await self._load(job_id, tenant)
+        job = await self._load(job_id, tenant)
         # objects first, record last: a DELETE that fails half-way can be retried (the record still answers)
-        await asyncio.to_thread(self._storage.delete_many, list(video_keys(self._storage, job_id).values()))
+        keys = list(video_keys(self._storage, job_id).values())
+        if job.input_image is not None:
+            keys.append(job.input_image.key)
+        await asyncio.to_thread(self._storage.delete_many, keys)
         job = await asyncio.to_thread(self._store.delete, job_id)
         self._runner.cancel_local(job_id)  # at once if this replica drives it; others see it at their heartbeat
         if job is not None:

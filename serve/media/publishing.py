@@ -25,6 +25,12 @@ def video_keys(storage: Storage, job_id: str) -> dict[str, str]:
     }
 
 
+def input_image_key(storage: Storage, job_id: str, fmt: str) -> str:
+    """Where an image-to-video job's input image is stored: beside its video, so the lifecycle rule that expires
+    the job's videos after `jobs.retention_s` expires it too, and a DELETE of the job removes it with them."""
+    return storage.key("videos", f"{job_id}.input.{'jpg' if fmt == 'jpeg' else fmt}")
+
+
 def publish_video(storage: Storage, keys: dict[str, str], req: GenerationRequest, frames: np.ndarray,
                   timings: dict[str, float], computed: dict[str, Any] | None = None) -> dict[str, float]:
     """Encode and upload; returns the added timings (encode and upload seconds).
@@ -53,6 +59,8 @@ def publish_video(storage: Storage, keys: dict[str, str], req: GenerationRequest
         "height": int(frames.shape[1]),
         "width": int(frames.shape[2]),
         "bytes": {"video": len(mp4), "cover": len(cover)},
+        # image-to-video: what identifies the input image (its hash and size), never the image
+        "input_image": req.image.summary() if req.image is not None else None,
         "timings_s": {**timings, **added},
         "computed_with": computed or {},
         "ai_generated": True,

@@ -393,6 +393,15 @@ class DenoisingStage:
                 "compiled calls eagerly (slower); an input differs from the warm-up's (e.g. the prompt's token "
                 "count)", bucket[0], bucket[1], counter.count - before)
 
+    def _blank_image(self, params: SamplingParams) -> ImageLatents:
+        """Zero image latents of the shape a request of `params` brings (warm-up of an image-to-video model)."""
+        config = self.transformer.config
+        frames, _ = latent_frame_count(params.num_frames, self.vae_scale_factor_temporal, config.patch_size_t)
+        shape = (1, frames, config.in_channels - config.out_channels, params.height // self.vae_scale_factor_spatial,
+                 params.width // self.vae_scale_factor_spatial)
+        state = torch.Generator("cpu").manual_seed(params.seed).get_state().numpy().tobytes()
+        return ImageLatents(latents=np.zeros(shape, dtype=np.float32), generator_state=state)
+
     def warmup(self, shapes: Sequence[tuple[int, int, int]], steps: int = 2, cfg: bool = True,
                without_cfg: bool = False) -> dict[str, float]:
         """One short request per `(num_frames, height, width)`, so that no real request pays for
@@ -413,6 +422,7 @@ class DenoisingStage:
                 )
                 emb = PromptEmbeddings(positive=zeros, negative=zeros if guided else None)
                 t0 = time.perf_counter()
-                self.denoise(emb, params, use_cache=False, compile_new_shape=True)
+                self.denoise(emb, params, use_cache=False, compile_new_shape=True,
+                             image=self._blank_image(params) if self.takes_image else None)
                 seconds[f"{num_frames}x{height}x{width}{'' if guided else '/nocfg'}"] = time.perf_counter() - t0
         return seconds

@@ -50,16 +50,25 @@ class ImageEncodingStage:
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
                         revision: str | None = None) -> ImageEncodingStage:
-        from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+        from diffusers import AutoencoderKLCogVideoX
 
         vae = AutoencoderKLCogVideoX.from_pretrained(path, subfolder="vae", revision=revision, dtype=dtype)
+        return cls.sharing(vae.to(device).eval(), path, device=device, dtype=dtype, revision=revision)
+
+    @classmethod
+    def sharing(cls, vae, path: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                revision: str | None = None) -> ImageEncodingStage:
+        """On a VAE that is loaded already (the VaeDecoder replica's, `DecodingStage.vae`): one copy of the weights
+        serves the encode and the decode."""
+        from diffusers import CogVideoXTransformer3DModel
+
         # the transformer's config (not its weights) says how the image latents are laid out
         config = CogVideoXTransformer3DModel.load_config(path, subfolder="transformer", revision=revision)
         if config["in_channels"] == config["out_channels"]:
             raise ValueError(f"{path} holds a text-to-video CogVideoX transformer (in_channels == out_channels "
                              f"== {config['in_channels']}): it takes no image")
-        return cls(vae.to(device).eval(), latent_channels=config["in_channels"] // 2,
-                   patch_size_t=config.get("patch_size_t"), device=device, latents_dtype=dtype)
+        return cls(vae, latent_channels=config["in_channels"] // 2, patch_size_t=config.get("patch_size_t"),
+                   device=device, latents_dtype=dtype)
 
     @torch.inference_mode()
     def encode(self, image, params: SamplingParams) -> ImageLatents:
@@ -78,9 +87,14 @@ class ImageEncodingStage:
 
         pixels = self.video_processor.preprocess(image, height=params.height, width=params.width)
         pixels = pixels.to(self.device, dtype=dtype).unsqueeze(2)  # [B, C, F=1, H, W]
-        # the encoder runs in the VAE's dtype (the same as the model's in a one-dtype pipeline)
-        encoded = [retrieve_latents(self.vae.encode(img.unsqueeze(0).to(self.vae.dtype)), generator)
-                   for img in pixels]
+        # the encoder runs in the VAE's dtype (the same as the model's in a one-dtype pipeline), untiled as in the
+        # pipeline, also on a VAE whose decode the replica tiles (tiling would change the encoder's numbers)
+        tiled, self.vae.use_tiling = getattr(self.vae, "use_tiling", False), False
+        try:
+            encoded = [retrieve_latents(self.vae.encode(img.unsqueeze(0).to(self.vae.dtype)), generator)
+                       for img in pixels]
+        finally:
+            self.vae.use_tiling = tiled
         latents = torch.cat(encoded, dim=0).to(dtype).permute(0, 2, 1, 3, 4)  # [B, F, C, H, W]
         scaling = self.vae.config.scaling_factor
         if not self.vae.config.invert_scale_latents:

@@ -1,4 +1,4 @@
-"""Typed values that cross stage boundaries (TextEncoder -> Denoiser -> VaeDecoder).
+"""Typed values that cross stage boundaries (TextEncoder [+ the VaeDecoder's image encode] -> Denoiser -> VaeDecoder).
 
 Everything here is plain numpy on the CPU so Ray can ship it between replicas without copying
 through the GPU (see FIELD-NOTES: CUDA tensors get copied to CPU and back anyway).
@@ -40,6 +40,13 @@ class SamplingParams:
         return self.guidance_scale > 1.0
 
 
+# The VAE encode of one input image, in the cost's unit (one frame through one denoising step at the same size).
+# An estimate, to be replaced by what the GPU benchmark's image-to-video row measures (image encode seconds over
+# denoise seconds per frame-step): the CogVideoX VAE encoder at 720x480 does roughly the work of a few frame-steps of
+# the 5B DiT. It is what the per-request ceiling counts; usage bills the encode's measured seconds.
+IMAGE_ENCODE_FRAME_STEPS = 4
+
+
 class GenerationParams(BaseModel):
     """Everything one video is generated with, resolved once from the request (serve/jobs/params.py), stored
     in its job record and given to the stages (as `sampling`): frozen, never re-derived."""
@@ -60,6 +67,7 @@ class GenerationParams(BaseModel):
     use_dynamic_cfg: bool
     seed: int = Field(ge=0)
     quality: str = Field(default="quality", description="'quality' or 'speed' (validated at the API).")
+    image_input: bool = Field(default=False, description="Image-to-video: generated from an input image.")
 
     @property
     def sampling(self) -> SamplingParams:
@@ -72,8 +80,38 @@ class GenerationParams(BaseModel):
 
     @property
     def cost(self) -> int:
-        """frames x width x height x steps: how much DiT work it asks for (plans cap it)."""
+        """frames x width x height x steps, how much DiT work it asks for, plus an image-to-video job's VAE encode
+        counted as IMAGE_ENCODE_FRAME_STEPS frame-steps at the video's size (plans cap the sum)."""
+        return self.denoise_cost + self.image_encode_cost
+
+    @property
+    def denoise_cost(self) -> int:
         return self.num_frames * self.width * self.height * self.num_inference_steps
+
+    @property
+    def image_encode_cost(self) -> int:
+        return IMAGE_ENCODE_FRAME_STEPS * self.width * self.height if self.image_input else 0
+
+
+class InputImage(BaseModel):
+    """An image-to-video job's accepted input image, as its job record keeps it: where its bytes are stored (the
+    client's original bytes, `serve/media/images.py`) and what identifies them. Never the image itself: the record,
+    the metadata JSON and every log line carry this, and only the VAE replica reads the bytes (by `key`)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    key: str = Field(description="S3 key of the stored bytes (beside the job's video: same prefix, same lifetime).")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the bytes the client sent.")
+    size_bytes: int = Field(ge=1)
+    media_type: str = Field(description="image/png, image/jpeg or image/webp (sniffed from the bytes).")
+    width: int = Field(ge=1, description="Upright width (EXIF orientation applied), before the stretch to the video.")
+    height: int = Field(ge=1)
+    source: str = Field(default="upload", description="How it came: upload, data_url, base64 or url.")
+
+    def summary(self) -> dict[str, object]:
+        """What the metadata JSON records of it: the hash and size, not the image or where it is."""
+        return {"sha256": self.sha256, "bytes": self.size_bytes, "media_type": self.media_type,
+                "width": self.width, "height": self.height, "source": self.source}
 
 
 @dataclass(frozen=True)
@@ -127,6 +165,7 @@ class GenerationRequest:
     model: str
     attempt: int = 1
     tenant: str | None = None  # whose job: the stage replicas' log lines say it (serve/logcontext.py)
+    image: InputImage | None = None  # image-to-video: the stored input image the VAE replica encodes
 
 
 @dataclass(frozen=True)

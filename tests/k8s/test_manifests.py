@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from serve.config import AppConfig, DeploymentOptions
+from serve.config import AppConfig, DeploymentOptions, DeploymentsConfig
+from serve.stages.stage import STAGES as MODEL_STAGES
 from tests.k8s.kube import (
     CRD_FILES,
     K8S,
@@ -43,6 +44,9 @@ GPU = "nvidia.com/gpu"
 H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 DASHBOARDS = K8S / "monitoring" / "dashboards"
 RULES = K8S / "monitoring" / "alerts.rules.yaml"
+# the image-to-video model each overlay serves beside its text-to-video default: (name, family, weights' repo)
+I2V_MODELS = {"dev": ("cogvideox-5b-i2v", "cogvideox-5b-i2v", "CogVideoX-5b-I2V"),
+              "prod": ("cogvideox1.5-5b-i2v", "cogvideox1.5-5b-i2v", "CogVideoX1.5-5B-I2V")}
 # what kustomize v5 deprecates (`kustomize edit fix` rewrites them) and what replaced each
 KUSTOMIZE_DEPRECATED = {"bases": "resources", "patchesStrategicMerge": "patches", "patchesJson6902": "patches",
                         "commonLabels": "labels", "vars": "replacements", "imageTags": "images"}
@@ -114,24 +118,45 @@ def _replica_range(opts: DeploymentOptions) -> tuple[int, int]:
     return opts.num_replicas, opts.num_replicas
 
 
-def _placement(rs: dict[str, Any], app: AppConfig) -> dict[str, list[tuple[str, int, DeploymentOptions]]]:
-    """group -> [(stage, replicas one pod holds, options)]; asserts each stage lands on exactly one group."""
+def _stage_options(serve_config: dict[str, Any], app: AppConfig) -> list[tuple[str, str, DeploymentOptions]]:
+    """(application, stage, options) of the Ingress and of every model application's stages (each model its own
+    replicas: they share the worker groups' slots), the section's fields over the code's defaults as Serve
+    applies them (deployments/serve_config.py `_options`)."""
+    out: list[tuple[str, str, DeploymentOptions]] = [("videogen", "ingress", app.deployments.ingress)]
+    defaults = DeploymentsConfig()
+    for application in serve_config["applications"]:
+        if application["import_path"] != IMPORT_PATHS[0]:
+            continue
+        sections = {d["name"]: d for d in application.get("deployments") or []}
+        for stage in MODEL_STAGES:
+            fields = {k: v for k, v in sections.get(stage.deployment, {}).items() if k not in ("name", "user_config")}
+            default = getattr(defaults, stage.key)
+            out.append((application["name"], stage.key,
+                        DeploymentOptions.model_validate({**default.model_dump(exclude_none=True), **fields})))
+    return out
+
+
+def _placement(rs: dict[str, Any], app: AppConfig, serve_config: dict[str, Any]
+               ) -> dict[str, list[tuple[str, int, DeploymentOptions]]]:
+    """group -> [(stage, replicas one pod holds, options)] over every application; asserts each stage lands on
+    exactly one group."""
     groups = _groups(rs)
     hosted: dict[str, list[tuple[str, int, DeploymentOptions]]] = {name: [] for name in groups}
-    for stage in STAGES:
-        opts: DeploymentOptions = getattr(app.deployments, stage)
+    for app_name, stage, opts in _stage_options(serve_config, app):
+        assert stage in STAGES, stage
         actor = opts.ray_actor_options
         wanted = actor.resources or {}
-        assert wanted, f"{stage}: ray_actor_options.resources must name its worker group's custom resource"
+        assert wanted, f"{app_name} {stage}: ray_actor_options.resources must name its worker group's custom resource"
         hosts = [n for n, g in groups.items() if all(_ray_resources(g).get(k, 0) >= v for k, v in wanted.items())]
-        assert len(hosts) == 1, f"{stage} asks for {wanted}: exactly one worker group must advertise it, got {hosts}"
+        assert len(hosts) == 1, \
+            f"{app_name} {stage} asks for {wanted}: exactly one worker group must advertise it, got {hosts}"
         group = groups[hosts[0]]
         slots = min(math.floor(_ray_resources(group)[k] / v) for k, v in wanted.items())
         if actor.num_gpus:
             slots = min(slots, math.floor(_pod_gpus(group) / actor.num_gpus + 1e-9))
         if actor.num_cpus:
             slots = min(slots, math.floor(_pod_cpus(group) / actor.num_cpus + 1e-9))
-        assert slots >= 1, f"{stage} ({actor}) does not fit one pod of group {hosts[0]}"
+        assert slots >= 1, f"{app_name} {stage} ({actor}) does not fit one pod of group {hosts[0]}"
         hosted[hosts[0]].append((stage, slots, opts))
     return hosted
 
@@ -270,15 +295,62 @@ def _without_k8s_changes(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _as_prods_i2v(config: dict[str, Any]) -> dict[str, Any]:
+    """configs/gpu-5b.yaml with prod's image-to-video model: CogVideoX1.5-5B-I2V where the file has CogVideoX-5b-I2V
+    (the same stage options)."""
+    config = copy.deepcopy(config)
+    name, family, _ = I2V_MODELS["prod"]
+    for app in config["applications"]:
+        if app["name"] == "model-cogvideox-5b-i2v":
+            app["name"] = f"model-{name}"
+            app["args"]["model"].update(name=name, family=family)  # (the catalogue's entry is the same object)
+    return config
+
+
 def test_prod_serve_config_is_configs_gpu_5b() -> None:
-    # dev is CogVideoX-2b on fewer GPUs: its own config, held to the same structural tests
+    # dev is CogVideoX-2b + 5b-I2V on fewer GPUs: its own config, held to the same structural tests
     require_kubectl()
     serve_config = yaml.safe_load(_one(render(K8S / "overlays" / "prod"), "RayService")["spec"]["serveConfigV2"])
     expected = yaml.safe_load((ROOT / "configs" / "gpu-5b.yaml").read_text())
-    assert _without_k8s_changes(serve_config) == _without_k8s_changes(expected), \
-        "the RayService's serveConfigV2 and configs/gpu-5b.yaml differ (beyond model.source and resources)"
-    assert serve_config["applications"][0]["args"]["model"]["source"].startswith("s3://")
+    assert _without_k8s_changes(serve_config) == _without_k8s_changes(_as_prods_i2v(expected)), \
+        "the RayService's serveConfigV2 and configs/gpu-5b.yaml differ (beyond model.source, resources and " \
+        "the image-to-video model)"
+    for app in serve_config["applications"][:-1]:
+        assert app["args"]["model"]["source"].startswith("s3://"), app["name"]
     assert serve_config["applications"][0]["name"] == "model-cogvideox-5b"
+    assert {m["name"]: m["source"] for m in (a["args"]["model"] for a in expected["applications"][:-1])} == {
+        "cogvideox-5b": "THUDM/CogVideoX-5b", "cogvideox-5b-i2v": "THUDM/CogVideoX-5b-I2V"}
+
+
+def test_overlay_serves_its_image_to_video_model(serve_config: dict[str, Any], app_config: AppConfig,
+                                                 overlay: str) -> None:
+    """dev: CogVideoX-5b-I2V beside CogVideoX-2b; prod: CogVideoX1.5-5B-I2V beside CogVideoX-5b. Each an application
+    of its own (its three stages: the VaeDecoder also encodes the image) with the same entry in the ingress's
+    catalogue, no aliases (the Zhipu names stay on the text-to-video default)."""
+    from serve.presets import preset_for
+
+    name, family, repo = I2V_MODELS[overlay]
+    apps = {a["name"]: a for a in serve_config["applications"]}
+    app = apps.get(f"model-{name}")
+    assert app is not None, f"{overlay}: no application model-{name} (got {sorted(apps)})"
+    assert app["import_path"] == IMPORT_PATHS[0] and app["route_prefix"] is None
+    assert {d["name"] for d in app["deployments"]} == {s.deployment for s in MODEL_STAGES}
+    model = app["args"]["model"]
+    assert (model["name"], model["family"], model.get("aliases", [])) == (name, family, [])
+    assert model["source"].startswith("s3://") and model["source"].rstrip("/").endswith("/" + repo), model["source"]
+    assert preset_for(family).image_input, f"{family} is not an image-to-video family"
+    # the ingress's catalogue: a further model (not the default), the very entry its application loads
+    [ingress] = apps["videogen"]["deployments"]
+    catalogue = {m["name"]: m for m in ingress["user_config"].get("models", [])}
+    assert catalogue.get(name) == model, f"{overlay}: the Ingress's user_config `models` lacks {name}'s entry"
+    assert app_config.model.name != name and not preset_for(app_config.model.family).image_input
+    served = app_config.model_named(name)
+    assert served is not None and served.family == family and served.source == model["source"]
+    # its Denoiser takes a whole GPU (the 5B transformer), its VaeDecoder shares one with a TextEncoder
+    stages = {stage: opts for app_name, stage, opts in _stage_options(serve_config, app_config)
+              if app_name == f"model-{name}"}
+    assert stages["denoiser"].ray_actor_options.num_gpus == 1
+    assert stages["text_encoder"].ray_actor_options.num_gpus + stages["vae_decoder"].ray_actor_options.num_gpus == 1
 
 
 def test_ray_version_matches_the_project(rayservice: dict[str, Any]) -> None:
@@ -314,27 +386,42 @@ def test_worker_groups_never_restart_pods(rayservice: dict[str, Any]) -> None:
         assert group["template"]["spec"].get("restartPolicy") == "Never", name
 
 
-def test_each_stage_has_a_worker_group_sized_to_its_replicas(rayservice: dict[str, Any],
-                                                             app_config: AppConfig) -> None:
-    for name, stages in _placement(rayservice, app_config).items():
+def test_each_stage_has_a_worker_group_sized_to_its_replicas(rayservice: dict[str, Any], app_config: AppConfig,
+                                                             serve_config: dict[str, Any]) -> None:
+    # every model's stages share the groups' slots: a group's pod range covers the sum of their replica ranges
+    placement = _placement(rayservice, app_config, serve_config)
+    for name, stages in placement.items():
         group = _groups(rayservice)[name]
         assert stages, f"worker group {name} hosts no deployment"
-        # one pod holds one full set of its stages' slots: GPUs exactly used, CPUs enough
-        gpus = sum(slots * opts.ray_actor_options.num_gpus for _, slots, opts in stages)
-        cpus = sum(slots * opts.ray_actor_options.num_cpus for _, slots, opts in stages)
+        # one pod holds one full set of its stages' slots, any model's replica in a slot: GPUs exactly used, CPUs
+        # enough (so every model's replicas of one stage ask for the same GPUs and CPUs)
+        kinds: dict[str, tuple[int, float, float]] = {}
+        for stage, slots, opts in stages:
+            actor = opts.ray_actor_options
+            kind = kinds.setdefault(stage, (slots, actor.num_gpus, actor.num_cpus))
+            assert kind == (slots, actor.num_gpus, actor.num_cpus), \
+                f"{name}: {stage} replicas of different models ask for different amounts ({kind} vs {actor})"
+        gpus = sum(slots * num_gpus for slots, num_gpus, _ in kinds.values())
+        cpus = sum(slots * num_cpus for slots, _, num_cpus in kinds.values())
         assert math.isclose(_pod_gpus(group), gpus), f"{name}: {GPU} {_pod_gpus(group)} != replicas' {gpus}"
         assert cpus <= _pod_cpus(group), f"{name}: replicas need {cpus} CPUs, a pod advertises {_pod_cpus(group)}"
-        # Serve's replica range maps onto the group's pod range
-        need_min = max(math.ceil(_replica_range(opts)[0] / slots) for _, slots, opts in stages)
-        need_max = max(math.ceil(_replica_range(opts)[1] / slots) for _, slots, opts in stages)
+        # Serve's replica range maps onto the group's pod range: per stage kind, all models' replicas together
+        totals: dict[str, list[int]] = {}
+        for stage, slots, opts in stages:
+            low, high = _replica_range(opts)
+            total = totals.setdefault(stage, [0, 0, slots])
+            total[0] += low
+            total[1] += high
+        need_min = max(math.ceil(low / slots) for low, _, slots in totals.values())
+        need_max = max(math.ceil(high / slots) for _, high, slots in totals.values())
         assert (group["minReplicas"], group["maxReplicas"]) == (need_min, need_max), \
             f"{name}: pods {group['minReplicas']}..{group['maxReplicas']}, Serve needs {need_min}..{need_max}"
         assert group.get("replicas", 0) == group["minReplicas"], name
 
 
 def test_stage_groups_have_gpus_the_ingress_none(rayservice: dict[str, Any], app_config: AppConfig,
-                                                 overlay: str) -> None:
-    placement = _placement(rayservice, app_config)
+                                                 serve_config: dict[str, Any], overlay: str) -> None:
+    placement = _placement(rayservice, app_config, serve_config)
     for name, group in _groups(rayservice).items():
         spec = group["template"]["spec"]
         limits = _ray_container(group["template"])["resources"]["limits"]
@@ -373,8 +460,10 @@ def test_every_ray_container_runs_offline_and_exports_metrics(rayservice: dict[s
             {k: p[k] for k in ("name", "containerPort")} for p in container["ports"]], name
 
 
-def test_gpu_groups_mount_the_model_cache(rayservice: dict[str, Any], app_config: AppConfig) -> None:
-    for name, stages in _placement(rayservice, app_config).items():
+def test_gpu_groups_mount_the_model_cache(rayservice: dict[str, Any], app_config: AppConfig,
+                                          serve_config: dict[str, Any]) -> None:
+    assert {m.cache_dir for m in app_config.all_models()} == {app_config.model.cache_dir}, "one cache for all models"
+    for name, stages in _placement(rayservice, app_config, serve_config).items():
         if not any(opts.ray_actor_options.num_gpus for _, _, opts in stages):
             continue
         spec = _groups(rayservice)[name]["template"]["spec"]
@@ -396,8 +485,9 @@ def _secret_mount(template: dict[str, Any], path: str) -> tuple[dict[str, Any], 
 
 
 def test_tenant_keys_and_webhook_secrets_are_directory_mounts_on_the_ingress(rayservice: dict[str, Any],
-                                                                            app_config: AppConfig) -> None:
-    placement = _placement(rayservice, app_config)
+                                                                            app_config: AppConfig,
+                                                                            serve_config: dict[str, Any]) -> None:
+    placement = _placement(rayservice, app_config, serve_config)
     ingress_group = next(name for name, stages in placement.items() if any(s == "ingress" for s, _, _ in stages))
     files = {"keys": app_config.keys.keys_file, "webhooks": app_config.webhooks.secrets_file}
     assert files["keys"] == "/etc/videogen/keys/keys.json"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -22,7 +23,14 @@ from urllib.parse import parse_qs
 
 import httpx
 import pytest
-from videogen_client.api import ClientError, ServerUnreachable, Video, VideogenClient
+from videogen_client.api import (
+    MAX_IMAGE_BYTES,
+    ClientError,
+    ServerUnreachable,
+    Video,
+    VideogenClient,
+    image_media_type,
+)
 from videogen_client.cli import ProgressView, main
 
 KEY = "sk-cli-test"
@@ -38,14 +46,36 @@ def _error(status: int, message: str, code: str, param: str | None = None,
     return httpx.Response(status, json=body, headers=headers)
 
 
+def _multipart(request: httpx.Request) -> tuple[dict[str, str], dict[str, tuple[str, bytes, str]]]:
+    """A multipart/form-data body as (text fields, file parts as (filename, bytes, content type)), parsed by hand
+    so that the bytes are the bytes on the wire."""
+    boundary = request.headers["content-type"].split("boundary=", 1)[1].encode()
+    fields: dict[str, str] = {}
+    files: dict[str, tuple[str, bytes, str]] = {}
+    for chunk in request.content.split(b"--" + boundary)[1:-1]:
+        head, _, value = chunk.removeprefix(b"\r\n").removesuffix(b"\r\n").partition(b"\r\n\r\n")
+        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
+        disposition = headers["Content-Disposition"]
+        name = re.search(r'name="([^"]*)"', disposition).group(1)  # type: ignore[union-attr]
+        filename = re.search(r'filename="([^"]*)"', disposition)
+        if filename is None:
+            fields[name] = value.decode()
+        else:
+            files[name] = (filename.group(1), value, headers.get("Content-Type", ""))
+    return fields, files
+
+
 class FakeApi:
-    """In-memory `/v1`: each GET of a running job moves it one stage or one denoising step forward."""
+    """In-memory `/v1`: each GET of a running job moves it one stage or one denoising step forward. A create with
+    an image comes as multipart/form-data (the image the file part `input_reference`); one that is not PNG, JPEG or
+    WebP is refused 400 the way the server does."""
 
     def __init__(self, *, fail_at: str | None = None, interrupt_on_get: int | None = None) -> None:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.timeline: dict[str, list[tuple[str, str | None, int]]] = {}
         self.by_key: dict[str, str] = {}
         self.posts: list[httpx.Request] = []
+        self.images: list[tuple[str, bytes, str] | None] = []  # the input_reference of each multipart create
         self.requests: list[httpx.Request] = []
         self.refuse_posts = 0  # answer the next POSTs 503 Retry-After: 0
         self.limit_gets = 0  # answer the next GETs 429 Retry-After: 0
@@ -108,11 +138,21 @@ class FakeApi:
 
     def _create(self, request: httpx.Request) -> httpx.Response:
         self.posts.append(request)
+        multipart = request.headers["content-type"].startswith("multipart/form-data")
+        if multipart:
+            fields, files = _multipart(request)
+            self.images.append(files.get("input_reference"))
         if self.refuse_posts:
             self.refuse_posts -= 1
             return _error(503, "the object store is unavailable; retry later", "storage_unavailable",
                           headers={"Retry-After": "0"})
-        body = json.loads(request.content)
+        if multipart:
+            body = {k: int(v) if k in ("num_inference_steps", "num_frames", "seed") else v for k, v in fields.items()}
+            if files.get("input_reference", ("", b"", ""))[2] not in ("image/png", "image/jpeg", "image/webp"):
+                return _error(400, "input_reference must be a PNG, JPEG or WebP image", "invalid_image",
+                              "input_reference")
+        else:
+            body = json.loads(request.content)
         if "prompt" not in body:
             return _error(400, "prompt is required", "invalid_value", "prompt")
         if body.get("size", "96x64") == "33x10":
@@ -378,6 +418,120 @@ def test_a_server_that_is_not_the_api_gets_a_clear_error(capsys):
     html = httpx.MockTransport(lambda r: httpx.Response(200, text="<html>dashboard</html>"))
     assert main(["jobs", "show", "video_x", *CONN], transport=html) == 1
     assert "is the base URL the videogen API (ending in /v1)?" in capsys.readouterr().err
+
+
+# -- image to video (--image) ------------------------------------------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4 + b"\r\n--\r\n"  # CRLFs and a dash pair inside, on purpose
+
+
+def test_generate_with_image_sends_multipart_with_the_file_part_and_the_text_fields(api, tmp_path, capsys):
+    image = tmp_path / "fox start.png"
+    image.write_bytes(PNG)
+    assert run(api, "generate", "the fox starts running", "--image", str(image), "--model",
+               "cogvideox-tiny-5b-i2v", "--steps", "2", "--seed", "7", "--seconds", "2", "--guidance", "6",
+               "--dynamic-cfg", "--webhook-url", "https://hooks.test/v", "--no-wait") == 0
+    capsys.readouterr()
+    (post,) = api.posts
+    assert post.headers["content-type"].startswith("multipart/form-data; boundary=")
+    assert post.headers["idempotency-key"].startswith("videogen-")
+    fields, files = _multipart(post)
+    assert files == {"input_reference": ("fox start.png", PNG, "image/png")}
+    assert fields == {"prompt": "the fox starts running", "model": "cogvideox-tiny-5b-i2v", "seconds": "2",
+                      "num_inference_steps": "2", "guidance_scale": "6.0", "seed": "7", "use_dynamic_cfg": "true",
+                      "webhook_url": "https://hooks.test/v"}
+    assert len(api.jobs) == 1
+
+    # without --image the create is JSON, as before, with no image field
+    assert run(api, "generate", "a fox", "--no-wait", "--no-dynamic-cfg") == 0
+    assert api.posts[-1].headers["content-type"] == "application/json"
+    assert json.loads(api.posts[-1].content) == {"prompt": "a fox", "use_dynamic_cfg": False}
+
+
+def test_the_image_type_comes_from_its_bytes_not_its_name(api, tmp_path, capsys):
+    jpeg, webp = b"\xff\xd8\xff\xe0" + b"\0" * 64, b"RIFF\x10\0\0\0WEBPVP8 " + b"\0" * 64
+    assert (image_media_type(PNG), image_media_type(jpeg), image_media_type(webp)) == \
+        ("image/png", "image/jpeg", "image/webp")
+    assert image_media_type(b"GIF89a" + b"\0" * 16) == image_media_type(b"RIFF\0\0\0\0WAVE") == \
+        image_media_type(b"") == "application/octet-stream"
+    misnamed = tmp_path / "photo.png"
+    misnamed.write_bytes(jpeg)
+    assert run(api, "generate", "a fox", "--image", str(misnamed), "--no-wait") == 0
+    assert api.images[-1] == ("photo.png", jpeg, "image/jpeg")
+    # not an image the client knows: sent as application/octet-stream, and the server's 400 is printed as usual
+    gif = tmp_path / "anim.gif"
+    gif.write_bytes(b"GIF89a" + b"\0" * 16)
+    assert run(api, "generate", "a fox", "--image", str(gif), "--no-wait") == 1
+    assert api.images[-1] == ("anim.gif", b"GIF89a" + b"\0" * 16, "application/octet-stream")
+    assert ("error: input_reference must be a PNG, JPEG or WebP image (invalid_image, param input_reference)"
+            in capsys.readouterr().err)
+
+
+def test_a_retried_image_create_resends_the_same_image_with_the_same_key(api, tmp_path, capsys):
+    image = tmp_path / "fox.png"
+    image.write_bytes(PNG)
+    api.refuse_posts = 1  # 503 with Retry-After: 0
+    assert run(api, "generate", "a fox", "--image", str(image), "--no-wait") == 0
+    assert api.images == [("fox.png", PNG, "image/png")] * 2
+    keys = [p.headers["idempotency-key"] for p in api.posts]
+    assert len(keys) == 2 and keys[0] == keys[1] and len(api.jobs) == 1
+
+    # a connection lost after the request went out: retried with the same bytes too (image given as bytes)
+    posts: list[httpx.Request] = []
+
+    def drops_once(request: httpx.Request) -> httpx.Response:
+        request.read()
+        posts.append(request)
+        if len(posts) == 1:
+            raise httpx.ReadError("connection reset", request=request)
+        return httpx.Response(200, json={"id": "video_1", "status": "queued"})
+
+    client = VideogenClient(BASE, KEY, transport=httpx.MockTransport(drops_once), sleep=lambda _s: None)
+    assert client.create("a fox", image=("start.webp", b"RIFF\0\0\0\0WEBP" + PNG)).id == "video_1"
+    parts = [_multipart(p)[1]["input_reference"] for p in posts]
+    assert parts == [("start.webp", b"RIFF\0\0\0\0WEBP" + PNG, "image/webp")] * 2
+    assert posts[0].headers["idempotency-key"] == posts[1].headers["idempotency-key"]
+    # a path works as well, read once
+    posts.clear()
+    client.create("a fox", image=image)
+    assert _multipart(posts[-1])[1]["input_reference"] == ("fox.png", PNG, "image/png")
+
+
+def test_image_that_is_missing_a_directory_or_too_large_is_a_usage_error_and_sends_nothing(api, tmp_path, capsys):
+    missing = tmp_path / "nope.png"
+    assert run(api, "generate", "a fox", "--image", str(missing)) == 2
+    assert f"error: --image {missing}: no such file" in capsys.readouterr().err
+
+    assert run(api, "generate", "a fox", "--image", str(tmp_path)) == 2
+    assert f"error: --image {tmp_path}: is a directory" in capsys.readouterr().err
+
+    big = tmp_path / "big.png"
+    with big.open("wb") as f:
+        f.write(PNG)
+        f.truncate(MAX_IMAGE_BYTES + 1)
+    assert run(api, "generate", "a fox", "--image", str(big)) == 2
+    err = capsys.readouterr().err
+    assert f"error: --image {big}: {MAX_IMAGE_BYTES + 1} bytes is over the 10 MiB limit" in err
+    assert "the server may have its own" in err
+
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    assert run(api, "generate", "a fox", "--image", str(empty)) == 2
+    assert f"error: --image {empty}: the file is empty" in capsys.readouterr().err
+    assert api.requests == []
+
+    # exactly at the limit is sent
+    with big.open("r+b") as f:
+        f.truncate(MAX_IMAGE_BYTES)
+    assert run(api, "generate", "a fox", "--image", str(big), "--no-wait") == 0
+    assert len(api.images[-1][1]) == MAX_IMAGE_BYTES  # type: ignore[index]
+
+
+def test_image_help_says_it_needs_an_image_to_video_model(capsys):
+    assert main(["generate", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--image PATH" in help_text and "image-to-video" in help_text
+    assert "cogvideox-tiny-5b-i2v" in help_text and "/v1/models" in help_text
 
 
 # -- jobs and usage ----------------------------------------------------------------------------------

@@ -603,9 +603,9 @@ def test_framework_and_multipart_errors_use_the_envelope(storage: Storage) -> No
                                 + b"X-Header: " + b"h" * 20_000 + b"\r\n\r\na cat\r\n--b--\r\n")):
                 r = await env.client.post("/v1/videos", content=raw, headers={**AUTH, "Content-Type": ctype})
                 assert_error(r, 400, "invalid_multipart")
-            form, ctype = multipart({"prompt": "a cat"}, files={"input_reference": ("cat.png", b"\x89PNG", "image/png")})
+            form, ctype = multipart({"prompt": "a cat"}, files={"seed": ("seed.txt", b"7", "text/plain")})
             r = await env.client.post("/v1/videos", content=form, headers={**AUTH, "Content-Type": ctype})
-            assert_error(r, 400, "invalid_value", "input_reference")
+            assert_error(r, 400, "invalid_value", "seed")  # a file part where only input_reference may be one
             # a part declared in another charset, or transfer-encoded, is refused naming it
             for head in (b"Content-Type: text/plain; charset=iso-8859-1\r\n", b"Content-Transfer-Encoding: base64\r\n"):
                 raw = (b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n' + head

@@ -305,7 +305,9 @@ BAD_REQUESTS: list[tuple[dict[str, Any], str, str]] = [
     ({"prompt": "a cat", "num_inference_steps": 0}, "num_inference_steps", "invalid_value"),
     ({"prompt": "a cat", "num_inference_steps": "many"}, "num_inference_steps", "invalid_value"),
     ({"prompt": "a cat", "guidance_scale": 99}, "guidance_scale", "invalid_value"),
-    ({"prompt": "a cat", "input_reference": "https://example.com/cat.png"}, "input_reference", "invalid_value"),
+    # the served model is text-to-video: an image is refused, naming the models that take one
+    ({"prompt": "a cat", "input_reference": "https://example.com/cat.png"}, "input_reference",
+     "image_not_supported"),
     ({"prompt": "a cat", "model": "sora-2"}, "model", "model_not_found"),
     ({"prompt": "   "}, "prompt", "invalid_value"),
     ({"prompt": "x" * 2001}, "prompt", "invalid_value"),
@@ -332,7 +334,10 @@ def test_bad_requests_get_400_naming_the_field_and_write_nothing(storage: Storag
             form, ctype = multipart({"prompt": "a cat"},
                                     files={"input_reference": ("cat.png", b"\x89PNG", "image/png")})
             r = await env.client.post("/v1/videos", content=form, headers={**AUTH, "Content-Type": ctype})
-            assert_error(r, 400, "invalid_value", "input_reference")
+            assert_error(r, 400, "image_not_supported", "input_reference")
+            form, ctype = multipart({"prompt": "a cat"}, files={"negative_prompt": ("n.txt", b"x", "text/plain")})
+            r = await env.client.post("/v1/videos", content=form, headers={**AUTH, "Content-Type": ctype})
+            assert_error(r, 400, "invalid_value", "negative_prompt")  # only input_reference may be a file
 
             for content in (b"{not json", b"", b"[1, 2]", b'"a cat"'):
                 r = await env.client.post("/v1/videos", content=content,

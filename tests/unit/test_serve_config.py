@@ -181,9 +181,12 @@ def test_normalised_files_spell_out_what_was_checked(tmp_path, monkeypatch):
     data = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     monkeypatch.chdir(tmp_path)  # a replica elsewhere must not resolve ./models against its own directory
     out = normalised(data)
-    [model_app, ingress_app] = out["applications"]
+    [model_app, i2v_app, ingress_app] = out["applications"]
     assert model_app["args"]["model"]["source"] == str(tmp_path / "models" / "tiny-2b")
     assert ingress_app["deployments"][0]["user_config"]["model"] == model_app["args"]["model"]
+    # the quick start serves a tiny image-to-video model beside the text-to-video one
+    assert i2v_app["args"]["model"]["family"] == "cogvideox-5b-i2v"
+    assert ingress_app["deployments"][0]["user_config"]["models"] == [i2v_app["args"]["model"]]
     assert ingress_app["deployments"][0]["user_config"]["api"]["api_keys"] == ["sk-local-dev"]  # not masked
     assert data["applications"][0]["args"]["model"]["source"] == "./models/tiny-2b"  # the input is left alone
 

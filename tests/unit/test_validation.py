@@ -80,7 +80,8 @@ def test_prompt_rules_and_model_names():
     assert error(prompt="x" * 51).param == "prompt"
     assert error(model="sora-2").code == "model_not_found"
     assert resolve(model="alias").width == 720
-    assert error(input_reference="file").param == "input_reference"
+    # an image is the service's business (which models take one, its bytes): params take it as given
+    assert resolve(input_reference="data:image/png;base64,AAAA").width == 720
 
 
 def test_overrides_change_defaults_and_limits():
