@@ -60,7 +60,12 @@ from serve.stages.decoding import DecodingStage  # noqa: E402
 from serve.stages.denoising import DenoisingStage  # noqa: E402
 from serve.stages.image_encoding import ImageEncodingStage  # noqa: E402
 from serve.stages.text_encoding import TextEncodingStage  # noqa: E402
-from serve.stages.types import AccelUnavailable, Latents, SamplingParams  # noqa: E402
+from serve.stages.types import (  # noqa: E402
+    IMAGE_ENCODE_FRAME_STEPS,
+    AccelUnavailable,
+    Latents,
+    SamplingParams,
+)
 
 # 1. The real architectures (config.json of each checkpoint's subfolder; no weights needed)
 _TRANSFORMER_COMMON = {
@@ -619,6 +624,12 @@ def render_i2v(i2v: I2vTimes, args) -> list[str]:
             f"| {fmt(ratio(ours.mean, ref.mean), 2)} | {fmt(ratio(ours.decode_s, ref.decode_s), 2)} "
             f"| {fmt(ratio(ours.video_s, ref.video_s), 2)} | - | {fmt(ratio(ours.peak_gib, ref.peak_gib), 2)} "
             f"| - | - | - |")
+    if ours is not None and ours.encode_s and ours.mean:
+        # what the cost ceiling's estimate (serve/stages/types.py IMAGE_ENCODE_FRAME_STEPS) should be: the encode in
+        # frame-steps, one frame through one denoising step at the video's size (CFG batch as served)
+        frame_steps = ours.encode_s / (ours.mean / frames)
+        lines += ["", f"Image encode = {frame_steps:.1f} frame-steps (encode s / (s per step / {frames} frames)); "
+                      f"the cost ceiling counts IMAGE_ENCODE_FRAME_STEPS = {IMAGE_ENCODE_FRAME_STEPS}."]
     return lines
 
 

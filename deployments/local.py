@@ -1,10 +1,11 @@
-"""The local quick start: tiny model + moto S3 + local Ray + the Serve app, then one sample video.
+"""The local quick start: tiny models + moto S3 + local Ray + the Serve app, then one sample video of each kind.
 
     python -m deployments.local [--config configs/local.yaml] [--prompt "..."] [--no-wait]
 
-Writes the tiny model if missing, starts moto's S3 server on 127.0.0.1:9000 (unless something already
-answers there), starts the app on http://127.0.0.1:8000, submits a prompt through the HTTP API, waits,
-prints the S3 URI and a downloaded mp4 path, and keeps serving until Ctrl-C.
+Writes the tiny models if missing, starts moto's S3 server on 127.0.0.1:9000 (unless something already
+answers there), starts the app on http://127.0.0.1:8000, submits a prompt through the HTTP API, waits, then
+(when an image-to-video model is served) animates that video's cover with a second prompt, prints the S3 URIs
+and the downloaded mp4 paths, and keeps serving until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -76,6 +77,18 @@ def deploy(serve_config: dict[str, Any], timeout_s: float = 300) -> None:
     raise TimeoutError(f"applications {sorted(names)} not running after {timeout_s:.0f} s")
 
 
+def _sample(client, out: Path, prompt: str, **options):
+    """One video through the public API (submit, poll, download); (None, None) when it did not complete."""
+    video = client.create(prompt, **options)
+    log.info("submitted %s (%s)", video.id, video.model)
+    for video in client.poll(video.id):
+        log.info("%s: %s %s%%", video.id, video.status, video.progress)
+    if video.status != "completed":
+        print(f"job {video.id} ended {video.status}: {video.error}", file=sys.stderr)
+        return None, None
+    return video, client.download(video.id, out / f"{video.id}.mp4")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/local.yaml")
@@ -126,18 +139,23 @@ def main(argv: list[str] | None = None) -> int:
     # 4. One sample video through the public HTTP API, with the project's own client
     from videogen_client.api import VideogenClient
 
+    out = Path(args.out)
+    i2v = next((m for m in app_cfg.all_models() if m.preset().image_input), None)
     with VideogenClient(f"{base}/v1", key, timeout=60) as client:
-        video = client.create(args.prompt)
-        log.info("submitted %s", video.id)
-        for video in client.poll(video.id):
-            log.info("%s: %s %s%%", video.id, video.status, video.progress)
-        if video.status != "completed":
-            print(f"job {video.id} ended {video.status}: {video.error}", file=sys.stderr)
+        video, mp4 = _sample(client, out, args.prompt)
+        if video is None:
             return 1
-        mp4 = client.download(video.id, Path(args.out) / f"{video.id}.mp4")
+        made = [(video, mp4)]
+        if i2v is not None:  # image-to-video: the first video's cover and a prompt become a second video
+            cover = client.download(video.id, out / f"{video.id}.jpg", variant="thumbnail")
+            video, mp4 = _sample(client, out, "the scene comes alive", image=cover, model=i2v.name)
+            if video is None:
+                return 1
+            made.append((video, mp4))
     prefix = app_cfg.s3.prefix
-    print(f"\nvideo:     s3://{app_cfg.s3.bucket}/{prefix}videos/{video.id}.mp4")
-    print(f"local mp4: {mp4.resolve()}")
+    for video, mp4 in made:
+        print(f"\n{video.model}: s3://{app_cfg.s3.bucket}/{prefix}videos/{video.id}.mp4")
+        print(f"local mp4: {mp4.resolve()}")
     print("(a tiny random model draws noise; see README for real CogVideoX weights)")
     if args.no_wait:
         serve.shutdown()

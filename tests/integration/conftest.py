@@ -52,8 +52,12 @@ def write_keys(path: Path) -> dict[str, str]:
 SMALL = {"width": 48, "height": 32, "num_frames": 9, "num_inference_steps": 4, "max_side": 128}
 
 
+I2V_MODEL = "cogvideox-tiny-5b-i2v"
+I2V_SMALL = {"width": 48, "height": 32, "num_frames": 9, "num_inference_steps": 4}  # the tiny variant's native size
+
+
 def app_config(model_dir: Path, endpoint: str, bucket: str, keys_file: Path | None = None,
-               webhook_hosts: list[str] = (), second_model_dir: Path | None = None):
+               webhook_hosts: list[str] = (), second_model_dir: Path | None = None, i2v_model_dir: Path | None = None):
     from serve.config import AppConfig
 
     zero_cpu = {"ray_actor_options": {"num_cpus": 0}, "num_replicas": 1}
@@ -62,9 +66,12 @@ def app_config(model_dir: Path, endpoint: str, bucket: str, keys_file: Path | No
                   "device": "cpu", "defaults": SMALL, "aliases": ["cogvideox-flash"]},  # a Zhipu model name
         # a second model, with its own three stage deployments: requests pick it by name; its denoiser
         # has a step cache that requests with quality="speed" use (the tiny weights need a high threshold)
-        "models": [{"name": "cogvideox-tiny-5b", "source": str(second_model_dir), "family": "cogvideox-5b",
+        "models": ([{"name": "cogvideox-tiny-5b", "source": str(second_model_dir), "family": "cogvideox-5b",
                     "device": "cpu", "defaults": SMALL,
-                    "accel": {"cache": "first_block", "first_block": {"threshold": 0.5}}}] if second_model_dir else [],
+                    "accel": {"cache": "first_block", "first_block": {"threshold": 0.5}}}] if second_model_dir else [])
+        # image-to-video (a picture and a prompt), its own three stage deployments too
+        + ([{"name": I2V_MODEL, "source": str(i2v_model_dir), "family": "cogvideox-5b-i2v", "device": "cpu",
+             "defaults": I2V_SMALL}] if i2v_model_dir else []),
         "s3": {"bucket": bucket, "endpoint_url": endpoint, "create_bucket": True},
         "api": {"api_keys": [API_KEY]},
         "keys": {"keys_file": str(keys_file) if keys_file else None, "allow_legacy_keys": True,
@@ -165,10 +172,12 @@ def cluster(s3_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("it")
     model_dir = write_tiny_model("2b", root / "tiny-2b")
     second_model_dir = write_tiny_model("5b", root / "tiny-5b")
+    i2v_model_dir = write_tiny_model("5b-i2v", root / "tiny-5b-i2v")
     keys = write_keys(root / "keys.json")
     receiver = WebhookReceiver()
     os.environ.setdefault("VIDEOGEN_WEBHOOK_SECRET", generate_secret())
-    config = app_config(model_dir, s3_server, "videogen-it", root / "keys.json", [receiver.host], second_model_dir)
+    config = app_config(model_dir, s3_server, "videogen-it", root / "keys.json", [receiver.host], second_model_dir,
+                        i2v_model_dir)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "HF_", "VIDEOGEN_"))}
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env},

@@ -143,17 +143,18 @@ def test_unknown_id_is_404_everywhere(cluster):
 
 def test_sdk_lists_the_served_models(client):
     models = {m.id: m for m in client.models.list()}
-    assert set(models) == {"cogvideox-tiny-2b", "cogvideox-tiny-5b"}
+    assert set(models) == {"cogvideox-tiny-2b", "cogvideox-tiny-5b", "cogvideox-tiny-5b-i2v"}
     tiny = models["cogvideox-tiny-2b"].model_extra or {}
     assert tiny["default"] is True and tiny["frame_rule"] == "8N+1" and tiny["width"] == 48
+    assert tiny["inputs"] == ["text"] and models["cogvideox-tiny-5b-i2v"].model_extra["inputs"] == ["text", "image"]
 
 
 def test_health_and_readiness(cluster):
     assert httpx.get(f"{cluster.base}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{cluster.base}/readyz").json()
     assert ready["status"] == "ready"
-    assert ready["checks"] == {"s3": True, **{f"model-{model}/{stage}": True for model in ("cogvideox-tiny-2b",
-                                                                                      "cogvideox-tiny-5b")
+    models = ("cogvideox-tiny-2b", "cogvideox-tiny-5b", "cogvideox-tiny-5b-i2v")
+    assert ready["checks"] == {"s3": True, **{f"model-{model}/{stage}": True for model in models
                                               for stage in ("TextEncoder", "Denoiser", "VaeDecoder")}}
 
 

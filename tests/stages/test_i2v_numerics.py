@@ -124,3 +124,27 @@ def test_the_image_encoder_refuses_a_text_to_video_model(tiny_models):
 
     with pytest.raises(ValueError, match="takes no image"):
         ImageEncodingStage.from_pretrained(str(tiny_models["5b"]))
+
+
+def test_the_vaedecoders_shared_tiled_vae_still_encodes_untiled(i2v):
+    """The VaeDecoder replica encodes on the VAE its decode tiles: the encode must not tile (tiling changes the
+    encoder's numbers), and the decode's tiling stays on afterwards."""
+    from serve.stages.decoding import DecodingStage
+    from serve.stages.image_encoding import ImageEncodingStage
+
+    path, _, image_encoder, _, _ = i2v["5b-i2v"]
+    p = _params("5b-i2v")
+    decoder = DecodingStage.from_pretrained(path, enable_tiling=True)
+    # tiles smaller than the picture: a tiled encode would run, and give other numbers
+    decoder.vae.enable_tiling(tile_sample_min_height=24, tile_sample_min_width=32)
+    shared = ImageEncodingStage.sharing(decoder.vae, path)
+    image = _image(48, 32, seed=5)
+    got, want = shared.encode(image, p), image_encoder.encode(image, p)
+    assert np.abs(got.latents - want.latents).max() <= 1e-6 and got.generator_state == want.generator_state
+    assert decoder.vae.use_tiling  # the decode still tiles
+    pixels = shared.video_processor.preprocess(image, height=32, width=48).unsqueeze(2)
+    with torch.inference_mode():
+        tiled = decoder.vae._encode(pixels)
+        decoder.vae.use_tiling = False
+        untiled = decoder.vae._encode(pixels)
+    assert (tiled - untiled).abs().max() > 1e-4  # tiling would have mattered here
