@@ -16,7 +16,7 @@ from deployments.stage import StageReplica
 from serve.config import ModelAppArgs
 from serve.jobs.record import ChainResult
 from serve.stages.stage import IMAGE_ENCODER, UPLOADING, VAE_DECODER
-from serve.stages.types import GenerationRequest, Handoff, InputImage
+from serve.stages.types import GenerationRequest, Handoff, InputImage, SamplingParams
 
 
 class VaeDecoder(StageReplica):
@@ -46,19 +46,20 @@ class VaeDecoder(StageReplica):
         if self._encoder is None or req.image is None:
             raise ValueError(f"{self._model.name} takes no input image" if self._encoder is None
                              else "an image-to-video job needs its input image")
-        picture = await asyncio.to_thread(self._stored_picture, req.image)
+        picture = await asyncio.to_thread(self._stored_picture, req.image, req.params)
         async with self.computing(req, report_phase=False) as timer:
             latents = await run_to_end(self._encoder.encode, picture, req.params)
         return Handoff(value=latents, timings={IMAGE_ENCODER.timing_key: timer.seconds},
                        info={IMAGE_ENCODER.key: {"input_image": req.image.summary()}},
                        gpus={IMAGE_ENCODER.key: self._gpus[VAE_DECODER.key]})
 
-    def _stored_picture(self, image: InputImage):
-        """The accepted bytes from S3, checked against their hash and decoded as the ingress decoded them."""
+    def _stored_picture(self, image: InputImage, params: SamplingParams):
+        """The accepted bytes from S3, checked against their hash, decoded as the ingress decoded them and fitted
+        as the request asked (`image_fit`)."""
         import hashlib
 
         from serve.errors import ServiceError
-        from serve.media.images import decode_image
+        from serve.media.images import decode_image, fit_image
         from serve.storage import NotFound
 
         try:
@@ -68,10 +69,11 @@ class VaeDecoder(StageReplica):
         if hashlib.sha256(data).hexdigest() != image.sha256:
             raise ValueError("the stored input image does not match the SHA-256 recorded when it was accepted")
         try:  # the ingress applied the caps; these bytes passed them
-            return decode_image(data, param="input_reference", max_bytes=len(data),
-                                max_pixels=image.width * image.height, min_side=1).image
+            picture = decode_image(data, param="input_reference", max_bytes=len(data),
+                                   max_pixels=image.width * image.height, min_side=1).image
         except ServiceError as exc:
             raise ValueError(f"the stored input image no longer decodes: {exc.message}") from None
+        return fit_image(picture, params.width, params.height, params.image_fit)
     @stage_call(VAE_DECODER)
     async def decode(self, req: GenerationRequest, denoised: Handoff) -> ChainResult:
         from serve.jobs.delivery import publish_if_wanted

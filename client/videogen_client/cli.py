@@ -191,7 +191,7 @@ def cmd_generate(client: VideogenClient, args: argparse.Namespace) -> int:
         "model": args.model, "size": args.size, "seconds": None if args.seconds is None else f"{args.seconds:g}",
         "num_frames": args.frames, "fps": args.fps, "num_inference_steps": args.steps,
         "guidance_scale": args.guidance, "seed": args.seed, "negative_prompt": args.negative,
-        "use_dynamic_cfg": args.dynamic_cfg,
+        "use_dynamic_cfg": args.dynamic_cfg, "image_fit": args.image_fit,
     }
     try:
         video = client.create(args.prompt, webhook_url=args.webhook_url, image=image, **options)
@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "image-to-video model (e.g. --model cogvideox-tiny-5b-i2v locally; GET /v1/models "
                           f"lists each model's inputs, [\"text\", \"image\"] for these). At most "
                           f"{MAX_IMAGE_BYTES // (1024 * 1024)} MiB here; the server may have its own cap")
+    gen.add_argument("--image-fit", choices=("stretch", "crop", "pad"),
+                     help="with --image: stretch it to the video's size (default, as diffusers does), crop it to "
+                          "the video's aspect, or pad it with black bars")
     gen.add_argument("--webhook-url", help="URL the server calls when the job ends")
     gen.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     gen.add_argument("--json", action="store_true", help="print the job as JSON on stdout")

@@ -9,6 +9,7 @@ module-global app), and unit tests build one around a fake pipeline.
 
 
 import asyncio
+import copy
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, Protocol
 
@@ -20,7 +21,7 @@ from pydantic import BaseModel
 from starlette.concurrency import iterate_in_threadpool
 
 from serve.api import zhipu
-from serve.api.body import read_fields, validated
+from serve.api.body import OBJECT_FIELDS, read_fields, validated
 from serve.api.errors import ErrorEnvelope, install_error_handlers
 from serve.api.hardening import BodyLimit, HeaderLimits
 from serve.api.ranges import byte_range
@@ -58,12 +59,26 @@ _ZHIPU_ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _body_schema(model: type[BaseModel], multipart: bool = True) -> dict[str, Any]:
     """The request body a route reads itself (`read_fields`), declared for the OpenAPI document: JSON, and the
-    same fields as a form where the route takes one."""
+    same fields as a form where the route takes one (there the input image is a file part, or the flattened
+    `input_reference[image_url]` field the SDK writes for the object)."""
     schema = model.model_json_schema()
     content = {"application/json": {"schema": schema}}
     if multipart:
-        content |= {"multipart/form-data": {"schema": schema}, "application/x-www-form-urlencoded": {"schema": schema}}
+        content |= {"multipart/form-data": {"schema": _form_schema(schema, files=True)},
+                    "application/x-www-form-urlencoded": {"schema": _form_schema(schema, files=False)}}
     return {"requestBody": {"required": True, "content": content}}
+
+
+def _form_schema(schema: dict[str, Any], *, files: bool) -> dict[str, Any]:
+    form = copy.deepcopy(schema)
+    props = form.get("properties", {})
+    if props.pop("input_reference", None) is not None:
+        for name in OBJECT_FIELDS["input_reference"]:
+            props[f"input_reference[{name}]"] = {"type": "string", "description": f"input_reference.{name}"}
+        if files:
+            props["input_reference"] = {"type": "string", "format": "binary",
+                                        "description": "The input image as a file part: PNG, JPEG or WebP."}
+    return form
 
 
 def _trace(request: Request, own: str | None = None) -> dict[str, str]:

@@ -55,6 +55,10 @@ class CreateVideoRequest(BaseModel):
     fps: int | None = Field(default=None, description="Frames per second of the mp4.")
     quality: Literal["quality", "speed"] | None = Field(
         default=None, description="'speed' uses the deployment's step cache (faster, lossy); default 'quality'.")
+    image_fit: Literal["stretch", "crop", "pad"] | None = Field(
+        default=None, description="Image-to-video: how the input image meets the video's size. 'stretch' (default) "
+                                  "resizes it as CogVideoXImageToVideoPipeline does; 'crop' keeps its aspect and cuts "
+                                  "the overhang (centred); 'pad' keeps all of it on black bars.")
     deadline_seconds: float | None = Field(
         default=None, description="Give up (status failed, code deadline_exceeded) this long after submission.")
     webhook_url: str | None = Field(default=None, description="POSTed signed video.* events for this job.")
@@ -98,6 +102,7 @@ class Video(BaseModel):
     guidance_scale: float
     use_dynamic_cfg: bool
     quality: str = "quality"
+    image_fit: str | None = Field(default=None, description="Image-to-video jobs: how the input image was fitted.")
     negative_prompt: str | None = None
     attempts: int = 0
     deadline_at: int | None = Field(default=None, description="Unix seconds after which the job fails.")

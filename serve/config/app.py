@@ -302,8 +302,8 @@ class IngressSettings(Strict):
     webhooks: WebhookConfig = Field(default_factory=WebhookConfig, description="Signed video.* events.")
     images: ImagesConfig = Field(
         default_factory=ImagesConfig,
-        description="Input images of image-to-video requests: byte and pixel caps, remote fetching (issue 12: "
-                    "read by serve/media/fetch.py; the API takes no image yet).")
+        description="Input images of image-to-video requests: byte and pixel caps, remote fetching "
+                    "(serve/media/reference.py, serve/media/fetch.py).")
     usage: UsageConfig = Field(default_factory=UsageConfig)
 
     @field_validator("model")

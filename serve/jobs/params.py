@@ -99,6 +99,9 @@ def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig)
         raise ServiceError(400, f"unknown model {req.model!r}; this deployment serves {model.names}",
                        param="model", code="model_not_found")
 
+    if req.image_fit is not None and not preset.image_input:
+        raise _bad("image_fit", f"image_fit applies to an input image; {model.name} generates from text")
+
     # 2. Geometry
     width, height, size_param = _geometry(req, preset.width, preset.height)
     if preset.size_rule == "sides":
@@ -154,7 +157,7 @@ def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig)
         negative_prompt=req.negative_prompt, width=width, height=height, size=f"{width}x{height}",
         num_frames=num_frames, fps=fps, seconds=_format_seconds((num_frames - 1) / fps), num_inference_steps=steps,
         guidance_scale=float(guidance), use_dynamic_cfg=bool(dynamic), seed=seed, quality=req.quality or "quality",
-        image_input=preset.image_input)
+        image_input=preset.image_input, image_fit=req.image_fit or "stretch")
 
 
 def _format_seconds(value: float) -> str:

@@ -52,7 +52,7 @@ class VideoView:
             stage=job.stage if job.status == "in_progress" else None, step=job.step,
             total_steps=job.total_steps, num_frames=p.num_frames, fps=p.fps, seed=p.seed,
             num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
-            use_dynamic_cfg=p.use_dynamic_cfg, quality=p.quality,
+            use_dynamic_cfg=p.use_dynamic_cfg, quality=p.quality, image_fit=p.image_fit if p.image_input else None,
             negative_prompt=p.negative_prompt,
             attempts=job.attempts, deadline_at=int(job.deadline_at) if job.deadline_at else None,
             request_id=job.request_id, **urls,

@@ -149,6 +149,19 @@ def parse_data_url(url: str, *, param: str, max_bytes: int = MAX_IMAGE_BYTES) ->
     return decode_base64(url[comma + 1:], param=param, max_bytes=max_bytes), media_type or None
 
 
+def fit_image(image: Image.Image, width: int, height: int, fit: str) -> Image.Image:
+    """The picture as the request's `image_fit` asks, before the stages' own resize: "stretch" leaves it to the
+    pipeline's (which stretches it to `width`x`height`); "crop" cuts it to the video's aspect, centred, and "pad"
+    puts all of it on black bars of that aspect, each at the video's size."""
+    if fit == "stretch":
+        return image
+    if fit == "crop":
+        return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS)
+    if fit == "pad":
+        return ImageOps.pad(image, (width, height), method=Image.Resampling.LANCZOS, color=(0, 0, 0))
+    raise ValueError(f"image_fit must be 'stretch', 'crop' or 'pad', got {fit!r}")
+
+
 # ---- the steps of decode_image ----------------------------------------------------------------------------------
 
 

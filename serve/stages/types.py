@@ -19,6 +19,8 @@ class AccelUnavailable(RuntimeError):
 
 # "quality": the exact model; "speed": the denoiser's configured step cache (lossy), if any.
 Quality = Literal["quality", "speed"]
+# "stretch": the pipeline's resize (the numerics contract); "crop", "pad": aspect kept (outside it)
+ImageFit = Literal["stretch", "crop", "pad"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class SamplingParams:
     seed: int
     fps: int
     quality: Quality = "quality"
+    image_fit: ImageFit = "stretch"  # image-to-video: how the image meets the output size (the VaeDecoder's encode)
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -68,6 +71,7 @@ class GenerationParams(BaseModel):
     seed: int = Field(ge=0)
     quality: str = Field(default="quality", description="'quality' or 'speed' (validated at the API).")
     image_input: bool = Field(default=False, description="Image-to-video: generated from an input image.")
+    image_fit: str = Field(default="stretch", description="Image-to-video: 'stretch', 'crop' or 'pad'.")
 
     @property
     def sampling(self) -> SamplingParams:
@@ -76,7 +80,8 @@ class GenerationParams(BaseModel):
             num_frames=self.num_frames, height=self.height, width=self.width,
             num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
             use_dynamic_cfg=self.use_dynamic_cfg, seed=self.seed, fps=self.fps,
-            quality="speed" if self.quality == "speed" else "quality")
+            quality="speed" if self.quality == "speed" else "quality",
+            image_fit=self.image_fit if self.image_fit in ("crop", "pad") else "stretch")
 
     @property
     def cost(self) -> int:

@@ -83,7 +83,7 @@ def frames_of(mp4: bytes):
 def test_json_data_url_and_usage_bill_the_image_encode(cluster):
     image = picture(seed=1)
     with api(cluster) as http:
-        r = http.post("/v1/videos", json={"prompt": "waves on a rock", "model": I2V_MODEL, **QUICK,
+        r = http.post("/v1/videos", json={"prompt": "waves on a rock", "model": I2V_MODEL, **QUICK, "image_fit": "pad",
                                           "input_reference": {"image_url": "data:image/png;base64,"
                                                               + base64.b64encode(image).decode()}})
         assert r.status_code == 200, r.text
@@ -92,6 +92,7 @@ def test_json_data_url_and_usage_bill_the_image_encode(cluster):
         day = time.strftime("%Y-%m-%d", time.gmtime(done["completed_at"]))
         usage = http.get("/v1/usage", params={"start": day, "end": day}).json()
     assert usage["totals"]["gpu_seconds"]["image_encoder"] > 0  # billed (the CPU run bills as if 1 GPU each)
+    assert done["image_fit"] == "pad" and metadata(cluster, done["id"])["parameters"]["image_fit"] == "pad"
 
 
 def test_zai_sdk_image_url_gives_the_video(cluster):

@@ -148,3 +148,14 @@ def test_the_vaedecoders_shared_tiled_vae_still_encodes_untiled(i2v):
         decoder.vae.use_tiling = False
         untiled = decoder.vae._encode(pixels)
     assert (tiled - untiled).abs().max() > 1e-4  # tiling would have mattered here
+
+
+def test_an_image_to_video_denoiser_warms_up_without_an_image(i2v):
+    """A replica with `accel.warmup_on_start` warms every configured shape up before any request brings an
+    image: the warm-up makes blank image latents of the request's shape itself."""
+    for variant in GEOMETRY:
+        _, _, _, denoiser, _ = i2v[variant]
+        g = GEOMETRY[variant]
+        seconds = denoiser.warmup([(g["num_frames"], g["height"], g["width"])], steps=1, without_cfg=True)
+        assert set(seconds) == {f"{g['num_frames']}x{g['height']}x{g['width']}",
+                                f"{g['num_frames']}x{g['height']}x{g['width']}/nocfg"}

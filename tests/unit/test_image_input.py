@@ -439,3 +439,22 @@ def test_zhipus_image_url_takes_base64_a_data_url_or_a_list_of_one(storage: Stor
             assert err["videogen_code"] == "unsupported_image"
 
     asyncio.run(main())
+
+
+def test_image_fit_is_kept_with_the_job_and_only_for_an_image(storage: Storage) -> None:
+    async def main() -> None:
+        async with serving(storage) as env:
+            r = await post_file(env, png(), image_fit="crop")
+            assert r.status_code == 200, r.text
+            assert r.json()["image_fit"] == "crop"
+            job = env.store.get(r.json()["id"])
+            assert job.params.image_fit == "crop" and job.params.sampling.image_fit == "crop"
+            assert (await post_file(env, png())).json()["image_fit"] == "stretch"  # the pipeline's, by default
+            refused(await post_file(env, png(), image_fit="zoom"), 400, "invalid_value", "image_fit")
+            r = await env.client.post("/v1/videos", json={"prompt": "p", "model": T2V, "image_fit": "pad"},
+                                      headers=AUTH)
+            refused(r, 400, "invalid_value", "image_fit")
+            r = await env.client.post("/v1/videos", json={"prompt": "p", "model": T2V}, headers=AUTH)
+            assert r.json()["image_fit"] is None  # a text-to-video job has no image to fit
+
+    asyncio.run(main())

@@ -310,3 +310,28 @@ def test_the_encoded_length_is_capped_before_decoding():
     # garbage past the cap is refused for its length: it is never decoded
     e = refused("image_too_large", lambda: decode_base64("!" * (4 * limit // 3 + 1), param=PARAM, max_bytes=limit))
     assert f"{limit:,}-byte" in e.message
+
+
+# ---- image_fit: stretch (the pipeline's), crop, pad ----------------------------------------------------------------
+
+
+def test_image_fit_crops_or_pads_to_the_videos_aspect_and_stretch_leaves_it_to_the_pipeline():
+    from serve.media.images import fit_image
+
+    # 96x32 (3:1): a red left third, white middle, blue right third; the video is 48x32 (3:2)
+    im = Image.new("RGB", (96, 32), WHITE)
+    im.paste(RED, (0, 0, 32, 32))
+    im.paste(BLUE, (64, 0, 96, 32))
+    assert fit_image(im, 48, 32, "stretch") is im  # the stages' preprocess stretches it, as diffusers does
+    cropped = fit_image(im, 48, 32, "crop")
+    assert cropped.size == (48, 32)
+    # centred: 48 of the 96 columns are kept at full height, the outer 24 on each side are cut
+    assert close(cropped.getpixel((0, 16)), RED) and close(cropped.getpixel((47, 16)), BLUE)
+    assert close(cropped.getpixel((24, 16)), WHITE)
+    padded = fit_image(im, 48, 32, "pad")
+    assert padded.size == (48, 32)
+    # all of it, 48x16, on black bars above and below
+    assert padded.getpixel((24, 2)) == (0, 0, 0) and padded.getpixel((24, 29)) == (0, 0, 0)
+    assert close(padded.getpixel((2, 16)), RED, 8) and close(padded.getpixel((45, 16)), BLUE, 8)
+    with pytest.raises(ValueError, match="image_fit"):
+        fit_image(im, 48, 32, "zoom")
