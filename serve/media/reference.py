@@ -32,7 +32,7 @@ Fetcher = Callable[..., Awaitable[bytes]]
 @dataclass(frozen=True)
 class AcceptedImage:
     image: DecodedImage
-    source: str  # upload, data_url or url
+    source: str  # upload, data_url, base64 or url
 
 
 def _refuse(param: str, code: str, message: str) -> ServiceError:
@@ -68,7 +68,7 @@ async def accept_image(ref: InputReference | None, upload: UploadedFile | None, 
     scheme = url.split(":", 1)[0].lower() if ":" in url[:16] else ""
     if scheme == "data":
         data, declared = parse_data_url(url, param=param, max_bytes=cfg.max_bytes)
-        source = "data_url"
+        source = "base64" if url.startswith("data:;base64,") else "data_url"  # Zhipu's bare base64 (zhipu.py)
     elif scheme in ("https", "http"):
         if len(url) > cfg.max_url_chars:
             raise _refuse(param, "invalid_image_url",

@@ -428,7 +428,9 @@ def test_zhipus_image_url_takes_base64_a_data_url_or_a_list_of_one(storage: Stor
                 r = await env.client.post(path, json={"model": I2V, "prompt": "the fox runs", "image_url": value},
                                           headers=AUTH)
                 assert r.status_code == 200, r.text
-                assert env.store.get(r.json()["id"]).input_image.sha256 == hashlib.sha256(image).hexdigest()
+                stored = env.store.get(r.json()["id"]).input_image
+                assert stored.sha256 == hashlib.sha256(image).hexdigest()
+                assert stored.source == ("data_url" if "data:" in str(value) else "base64")
             r = await env.client.post(path, json={"model": I2V, "prompt": "p", "image_url": [data_url(image)] * 2},
                                       headers=AUTH)
             assert r.status_code == 400 and r.json()["error"]["param"] == "image_url", r.text
