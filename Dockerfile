@@ -31,7 +31,10 @@ COPY --chown=ray:users serve ./serve
 COPY --chown=ray:users deployments ./deployments
 COPY --chown=ray:users configs ./configs
 # the project and its other dependencies (ray[serve] and torch are already satisfied and stay as they are)
+# spandrel (super-resolution) with --no-deps: its torchvision requirement must never let pip swap torch; its
+# other requirements come with the project, and only two unserved architectures use torchvision
 RUN pip install --no-cache-dir . \
+ && pip install --no-cache-dir --no-deps "spandrel==0.4.2" \
  && python -c "import torch, ray, deployments.app; assert torch.version.cuda, 'torch has no CUDA'; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'ray', ray.__version__)"
 

@@ -1,6 +1,7 @@
 """The Serve applications: one per model (`build_model_app`) beside the ingress (`build_app`).
 
-Why this shape: see deployments/serve_config.py. A model's application is its three stage deployments under
+Why this shape: see deployments/serve_config.py. A model's application is its three stage deployments (and the Enhancer, for a
+model with `enhance`) under
 a tiny root (`Model`, which holds their handles so Serve deploys them); its `args` (`ModelAppArgs`) are only
 the model entry and S3. The ingress application's `args` (`IngressArgs`) are only S3; its settings are the
 Ingress deployment's `user_config`. Deployment classes stay undecorated here: the defaults below are
@@ -16,14 +17,15 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.denoiser import Denoiser
+from deployments.enhancer import Enhancer
 from deployments.ingress import Ingress
 from deployments.serve_config import INGRESS_DEPLOYMENT, MODEL_ROOT, settings_json
 from deployments.text_encoder import TextEncoder
 from deployments.vae_decoder import VaeDecoder
 from serve.config import DeploymentsConfig, IngressArgs, IngressSettings, ModelAppArgs
-from serve.stages.stage import DENOISER, STAGES, TEXT_ENCODER, VAE_DECODER
+from serve.stages.stage import DENOISER, ENHANCER, TEXT_ENCODER, VAE_DECODER, stages_for
 
-_CLASSES = {TEXT_ENCODER: TextEncoder, DENOISER: Denoiser, VAE_DECODER: VaeDecoder}
+_CLASSES = {TEXT_ENCODER: TextEncoder, DENOISER: Denoiser, VAE_DECODER: VaeDecoder, ENHANCER: Enhancer}
 
 
 class Model:
@@ -41,7 +43,7 @@ def build_model_app(args: ModelAppArgs | dict[str, Any]) -> Application:
     defaults = DeploymentsConfig()
     stages = [serve.deployment(_CLASSES[stage], name=stage.deployment,
                                **getattr(defaults, stage.key).to_serve_options()).bind(data)
-              for stage in STAGES]
+              for stage in stages_for(margs.model.enhance is not None)]
     root = serve.deployment(Model, name=MODEL_ROOT, num_replicas=1, ray_actor_options={"num_cpus": 0},
                             max_ongoing_requests=16, graceful_shutdown_timeout_s=5)
     return root.bind(*stages)

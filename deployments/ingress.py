@@ -17,21 +17,22 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve.config import AppConfig, IngressArgs, IngressSettings
+from serve.config import AppConfig, IngressArgs, IngressSettings, ModelConfig
 from serve.config.app import model_app_name
 from serve.jobs.record import ChainResult, JobRecord
 from serve.jobs.runner import NonRetryableError
 from serve.jobs.wiring import IngressGraph
 from serve.stages.stage import (
     DENOISER,
+    ENHANCER,
     IMAGE_ENCODER,
-    STAGES,
     TEXT_ENCODER,
     VAE_DECODER,
     StageError,
     StageRefused,
     StageUnavailable,
     first_failed,
+    stages_for,
 )
 from serve.stages.types import GenerationRequest
 
@@ -45,10 +46,11 @@ class RayPipeline:
     """`serve.jobs.runner.Pipeline` over Ray Serve handles."""
 
     def __init__(self, text_encoder: DeploymentHandle, denoiser: DeploymentHandle,
-                 vae_decoder: DeploymentHandle) -> None:
+                 vae_decoder: DeploymentHandle, enhancer: DeploymentHandle | None = None) -> None:
         self._te = text_encoder
         self._den = denoiser
         self._vae = vae_decoder
+        self._enh = enhancer  # only a model with `enhance` has one
 
     async def run(self, job: JobRecord) -> ChainResult:
         req = GenerationRequest(job_id=job.id, prompt=job.prompt, negative_prompt=job.params.negative_prompt,
@@ -62,8 +64,17 @@ class RayPipeline:
             image = self._vae.encode_image.remote(req)
             calls.append((IMAGE_ENCODER, image))
             denoised = self._den.denoise.remote(req, encoded, image)
-        result = self._vae.decode.remote(req, denoised)
-        calls += [(DENOISER, denoised), (VAE_DECODER, result)]
+        calls.append((DENOISER, denoised))
+        if not req.params.enhanced:
+            result = self._vae.decode.remote(req, denoised)
+            calls.append((VAE_DECODER, result))
+        else:  # the frames go from the VaeDecoder to the Enhancer, which uploads the delivered video
+            if self._enh is None:
+                raise NonRetryableError("invalid_request", f"model {job.model!r} has no Enhancer for this "
+                                                           f"job's size or fps factor")
+            decoded = self._vae.decode_frames.remote(req, denoised)
+            result = self._enh.enhance.remote(req, decoded)
+            calls += [(VAE_DECODER, decoded), (ENHANCER, result)]
         responses = [response for _, response in calls]
         try:
             return await result
@@ -81,7 +92,7 @@ class RayPipeline:
             finally:  # an upstream stage may still be computing for this attempt: stop it (also when cancelled)
                 for response in responses:
                     response.cancel()
-            raise StageUnavailable((stage or VAE_DECODER).deployment, type(exc).__name__) from None
+            raise StageUnavailable((stage or calls[-1][0]).deployment, type(exc).__name__) from None
 
 
 class ModelRouter:
@@ -112,12 +123,15 @@ class ModelRouter:
         return await pipeline.run(job)
 
 
-def model_pipeline(model_name: str) -> RayPipeline:
-    """The stage chain of a model: its application's three deployments (`model-<name>`)."""
-    app = model_app_name(model_name)
+def model_pipeline(model: ModelConfig) -> RayPipeline:
+    """The stage chain of a model: its application's deployments (`model-<name>`), the Enhancer's too for a model
+    with `enhance`."""
+    app = model_app_name(model.name)
     # no existence check: a model added by the same redeploy may still be building its application; its
     # jobs wait in the router until the handle answers (Serve queues calls for a deployment that comes up)
-    return RayPipeline(*(serve.get_deployment_handle(stage.deployment, app, _check_exists=False) for stage in STAGES))
+    handles = [serve.get_deployment_handle(stage.deployment, app, _check_exists=False)
+               for stage in stages_for(model.enhance is not None)]
+    return RayPipeline(*handles)
 
 
 @serve.ingress()
@@ -184,7 +198,7 @@ class Ingress:
         await self._configure(user_config, generation)
 
     def _pipelines(self, config: AppConfig) -> dict[str, RayPipeline]:
-        return {m.name: model_pipeline(m.name) for m in config.all_models()}
+        return {m.name: model_pipeline(m) for m in config.all_models()}
 
     async def _start(self, config: AppConfig) -> None:
         from deployments.limiter import RayLimiter
@@ -279,7 +293,8 @@ class Ingress:
 
     def _stage_checks(self) -> list[tuple[str, str]]:
         """(application, deployment) of every stage of every served model."""
-        return [(model_app_name(m.name), stage.deployment) for m in self._graph.config.all_models() for stage in STAGES]
+        return [(model_app_name(m.name), stage.deployment) for m in self._graph.config.all_models()
+                for stage in stages_for(m.enhance is not None)]
 
     async def readiness(self) -> dict[str, Any]:
         """S3 and every served model's stages (each model's own application), by `<application>/<deployment>`.

@@ -4,8 +4,9 @@
 
 Writes the tiny models if missing, starts moto's S3 server on 127.0.0.1:9000 (unless something already
 answers there), starts the app on http://127.0.0.1:8000, submits a prompt through the HTTP API, waits, then
-(when an image-to-video model is served) animates that video's cover with a second prompt, prints the S3 URIs
-and the downloaded mp4 paths, and keeps serving until Ctrl-C.
+asks for the same at twice the size and fps (the Enhancer's super-resolution and interpolation) and (when an
+image-to-video model is served) animates the first video's cover with a second prompt, prints the S3 URIs and
+the downloaded mp4 paths, and keeps serving until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -108,11 +109,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. The tiny model, in the diffusers layout, loaded later through from_pretrained like real weights
     from serve.models.tiny import ensure_tiny_model
+    from serve.models.tiny_enhance import ensure_tiny_enhance
 
     for model in app_cfg.all_models():
         source = Path(model.source)
         if source.name.startswith("tiny-"):  # a local tiny model is written if missing; real sources are used as is
             ensure_tiny_model(source.name.removeprefix("tiny-"), source)
+        if model.enhance is not None:  # and its tiny SR and RIFE weights (tiny-sr-x2, tiny-rife)
+            for weights in (model.enhance.sr, model.enhance.sr_fast, model.enhance.interpolation):
+                if weights is not None and Path(weights.source).name.startswith("tiny-"):
+                    ensure_tiny_enhance(Path(weights.source))
 
     # 2. Local S3 (moto server mode) unless one already answers at the endpoint
     from serve.local_s3 import LocalS3Server
@@ -146,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         if video is None:
             return 1
         made = [(video, mp4)]
+        enhance = app_cfg.model.enhance
+        if enhance is not None and enhance.size_factors() and enhance.fps_factors():
+            # twice the native size and fps: generated natively, then upscaled and interpolated by the Enhancer
+            p = app_cfg.model.preset()
+            video, mp4 = _sample(client, out, args.prompt, size=f"{2 * p.width}x{2 * p.height}", fps=2 * p.fps)
+            if video is None:
+                return 1
+            made.append((video, mp4))
         if i2v is not None:  # image-to-video: the first video's cover and a prompt become a second video
             cover = client.download(video.id, out / f"{video.id}.jpg", variant="thumbnail")
             video, mp4 = _sample(client, out, "the scene comes alive", image=cover, model=i2v.name)
@@ -154,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             made.append((video, mp4))
     prefix = app_cfg.s3.prefix
     for video, mp4 in made:
-        print(f"\n{video.model}: s3://{app_cfg.s3.bucket}/{prefix}videos/{video.id}.mp4")
+        print(f"\n{video.model} {video.size} at {video.fps} fps: s3://{app_cfg.s3.bucket}/{prefix}videos/{video.id}.mp4")
         print(f"local mp4: {mp4.resolve()}")
     print("(a tiny random model draws noise; see README for real CogVideoX weights)")
     if args.no_wait:

@@ -31,7 +31,7 @@ from serve.config import (
     StageSettings,
 )
 from serve.config.app import model_app_name
-from serve.stages.stage import STAGES
+from serve.stages.stage import ENHANCER, stages_for
 
 INGRESS_APP = "videogen"
 INGRESS_DEPLOYMENT = "Ingress"
@@ -68,7 +68,7 @@ def model_application(config: AppConfig, model: ModelConfig, runtime_env: dict[s
         "logging_config": dict(LOGGING_CONFIG),
         "args": ModelAppArgs(model=model, s3=config.s3).model_dump(mode="json"),
         "deployments": [_section(stage.deployment, getattr(config.deployments, stage.key), stage_settings)
-                        for stage in STAGES],
+                        for stage in stages_for(model.enhance is not None)],
     }
     if runtime_env:
         app["runtime_env"] = runtime_env
@@ -153,13 +153,15 @@ def check_serve_config(data: dict[str, Any]) -> AppConfig:
         if margs.s3.model_dump() != args.s3.model_dump():
             raise ValueError(f"application {name!r}: args.s3 differs from the ingress's; one bucket serves all")
         sections = _sections(app)
-        unknown = set(sections) - {s.deployment for s in STAGES} - {MODEL_ROOT}
+        stages = stages_for(model.enhance is not None)
+        unknown = set(sections) - {s.deployment for s in stages} - {MODEL_ROOT}
         if unknown:
-            raise ValueError(f"application {name!r} has no deployment {sorted(unknown)}")
+            why = " (only a model with `enhance` has an Enhancer)" if ENHANCER.deployment in unknown else ""
+            raise ValueError(f"application {name!r} has no deployment {sorted(unknown)}{why}")
         defaults = DeploymentsConfig()
         options = {s.key: _options(sections.get(s.deployment), getattr(defaults, s.key))  # every model's, checked
-                   for s in STAGES}
-        for stage in STAGES:
+                   for s in stages}
+        for stage in stages:
             StageSettings.model_validate((sections.get(stage.deployment) or {}).get("user_config") or {})
         if model.name == settings.model.name:
             stage_options = options

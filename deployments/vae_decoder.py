@@ -74,19 +74,30 @@ class VaeDecoder(StageReplica):
         except ServiceError as exc:
             raise ValueError(f"the stored input image no longer decodes: {exc.message}") from None
         return fit_image(picture, params.width, params.height, params.image_fit)
-    @stage_call(VAE_DECODER)
-    async def decode(self, req: GenerationRequest, denoised: Handoff) -> ChainResult:
-        from serve.jobs.delivery import publish_if_wanted
-
+    async def _frames(self, req: GenerationRequest, denoised: Handoff) -> Handoff:
         async with self.computing(req) as timer:
             frames = await run_to_end(self._stage.decode_uint8, denoised.value)
             self._metrics.count_tiled_fallbacks(self._stage)
             info = {**denoised.info, VAE_DECODER.key: {"tiled": bool(self._stage.last_decode_tiled)}}
-        timings = {**denoised.timings, VAE_DECODER.timing_key: timer.seconds}
+        return Handoff(value=frames, timings={**denoised.timings, VAE_DECODER.timing_key: timer.seconds}, info=info,
+                       gpus={**denoised.gpus, **self._gpus})
+
+    @stage_call(VAE_DECODER)
+    async def decode(self, req: GenerationRequest, denoised: Handoff) -> ChainResult:
+        """The chain's last call for a video delivered as generated: decode, encode, upload."""
+        from serve.jobs.delivery import publish_if_wanted
+
+        decoded = await self._frames(req, denoised)
         # encoding and upload run outside the lock: they use the CPU, not the GPU
         await asyncio.to_thread(self._store.put_progress, req.job_id, UPLOADING, 0, req.params.num_inference_steps,
                                 attempt=req.attempt)
-        out = await asyncio.to_thread(publish_if_wanted, self._store, self._storage, req, frames, timings, info,
-                                    gpus={**denoised.gpus, **self._gpus})
+        out = await asyncio.to_thread(publish_if_wanted, self._store, self._storage, req, decoded.value,
+                                      decoded.timings, decoded.info, gpus=decoded.gpus)
         self._metrics.encoded(out.timings["encode_s"])
         return out
+
+    @stage_call(VAE_DECODER)
+    async def decode_frames(self, req: GenerationRequest, denoised: Handoff) -> Handoff:
+        """An enhanced video: the decoded uint8 frames `[F, H, W, 3]` for the Enhancer (replica to replica; they
+        never pass through the ingress)."""
+        return await self._frames(req, denoised)

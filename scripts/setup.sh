@@ -31,6 +31,10 @@ if [ ! -f .venv/.videogen-installed ] || [ pyproject.toml -nt .venv/.videogen-in
   # torch first, pinned: the CPU build here (a bare `torch` pulls a multi-GB CUDA build)
   python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
   python -m pip install -q -e ".[dev]"
+  # spandrel (super-resolution, serve/stages/super_resolution.py) without its dependencies: it declares
+  # torchvision, which has no CPU build for this torch (PyPI's fails at import, newer ones pull a CUDA torch);
+  # its other requirements are in pyproject.toml, and only two unserved architectures need torchvision
+  python -m pip install -q --no-deps "spandrel==0.4.2"
   # the client is its own distribution (httpx only); the quick start and the tests use it
   python -m pip install -q -e ./client
   touch .venv/.videogen-installed

@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from serve.stages.stage import BILLED_STAGES, DENOISER, VAE_DECODER
-from serve.stages.stage import STAGES as PIPELINE_STAGES
+from serve.stages.stage import ALL_STAGES as PIPELINE_STAGES
+from serve.stages.stage import BILLED_STAGES, DENOISER, ENHANCER, VAE_DECODER
 
 if TYPE_CHECKING:
     from serve.jobs.record import JobRecord
@@ -68,10 +68,10 @@ class Metric:
         return (self.exported,)
 
 
-STAGES = tuple(stage.deployment for stage in PIPELINE_STAGES)
+STAGES = tuple(stage.deployment for stage in PIPELINE_STAGES)  # every stage deployment, the Enhancer too
 ALL = ("Ingress", *STAGES)
 
-# ---- stage replicas (TextEncoder, Denoiser, VaeDecoder) -----------------------------------------------------------
+# ---- stage replicas (TextEncoder, Denoiser, VaeDecoder, Enhancer) -------------------------------------------------
 STAGE_PROCESSING = Metric(
     "videogen_stage_processing_seconds", "histogram",
     "Seconds one stage call computed (holding the replica's compute lock): T5 encode, the whole denoising loop, "
@@ -99,8 +99,9 @@ DENOISE_UNCOMPILED = Metric(
              "dashboard panel can be checked against it: it is used in an alert only.")
 VIDEO_ENCODE = Metric(
     "videogen_video_encode_seconds", "histogram",
-    "Seconds the VAE replica spent encoding frames to mp4 + cover JPEG (CPU, outside the compute lock).",
-    buckets=ENCODE_BUCKETS_S, recorded_by=(VAE_DECODER.deployment,))
+    "Seconds the replica that delivers the video (the VaeDecoder, or the Enhancer for an enhanced video) spent "
+    "encoding frames to mp4 + cover JPEG (CPU, outside the compute lock).",
+    buckets=ENCODE_BUCKETS_S, recorded_by=(VAE_DECODER.deployment, ENHANCER.deployment))
 TILED_DECODE_FALLBACKS = Metric(
     "videogen_tiled_decode_fallbacks_total", "counter",
     "VAE decodes that ran out of GPU memory untiled and were retried in tiles (DecodingStage.fallbacks).",

@@ -80,15 +80,17 @@ class Preset:
 
 
 FAMILIES: dict[str, Preset] = {
+    # generated directly up to 1360 a side (the family's largest trained side, CogVideoX1.5's); larger sizes, such as
+    # 1440x960, come from 720x480 through the Enhancer's 2x super-resolution where a model has one
     "cogvideox-2b": Preset(
         family="cogvideox-2b", width=720, height=480, num_frames=49, fps=8, num_inference_steps=50,
         guidance_scale=6.0, use_dynamic_cfg=False, scheduler="CogVideoXDDIMScheduler", dtype="float16",
-        frame_multiple=8, max_frames=49,
+        frame_multiple=8, max_frames=49, max_side=1360,
     ),
     "cogvideox-5b": Preset(
         family="cogvideox-5b", width=720, height=480, num_frames=49, fps=8, num_inference_steps=50,
         guidance_scale=6.0, use_dynamic_cfg=True, scheduler="CogVideoXDPMScheduler", dtype="bfloat16",
-        frame_multiple=8, max_frames=49,
+        frame_multiple=8, max_frames=49, max_side=1360,
     ),
     "cogvideox1.5-5b": Preset(
         family="cogvideox1.5-5b", width=1360, height=768, num_frames=81, fps=16, num_inference_steps=50,

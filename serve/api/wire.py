@@ -149,6 +149,15 @@ class ModelInfo(BaseModel):
         description="What a request brings: ['text'] (text-to-video) or ['text', 'image'] (image-to-video: the "
                     "image is required).")
     size_rule: str = Field(description="The sizes it makes, in words (image-to-video models make fewer).")
+    native_sizes: list[str] = Field(
+        description="Its generation envelope's native size(s); with size_rule and max_side, the sizes it generates "
+                    "directly.")
+    size_factors: list[int] = Field(
+        default_factory=list, description="Super-resolution factors its Enhancer applies to a size it generates "
+                                          "(a request for such a multiple is generated at the smaller size).")
+    fps_factors: list[int] = Field(
+        default_factory=list, description="Frame-interpolation factors its Enhancer applies to its fps.")
+    deliverable_fps: list[int] = Field(description="The frame rates a request may ask for: fps x each factor.")
 
 
 class ModelList(BaseModel):

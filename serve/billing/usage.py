@@ -89,7 +89,8 @@ class UsageRecord(BaseModel):
     day: str = Field(description="UTC yyyy-mm-dd of completed_at: the bucket it is billed in.")
     gpu_seconds: dict[str, float] = Field(
         description="Per stage call: text_encoder, image_encoder (the VAE encode of an image-to-video job's input "
-                    "image, 0 for text-to-video), denoiser, vae_decoder.")
+                    "image, 0 for text-to-video), denoiser, vae_decoder, enhancer (super-resolution and "
+                    "interpolation, 0 for a video delivered as generated).")
     gpu_seconds_total: float
     output_seconds: float = Field(description="Length of the video: (num_frames - 1) / fps.")
     width: int
@@ -157,6 +158,7 @@ class GpuSeconds(BaseModel):
     image_encoder: float = Field(default=0.0, description="The VAE encode of image-to-video input images.")
     denoiser: float = 0.0
     vae_decoder: float = 0.0
+    enhancer: float = Field(default=0.0, description="Super-resolution and frame interpolation (enhanced videos).")
     total: float = Field(default=0.0, description="Sum of the stages.")
 
 

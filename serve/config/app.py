@@ -21,8 +21,9 @@ from pydantic import (
 )
 
 from serve.config.accel import AccelConfig
-from serve.config.base import Strict
+from serve.config.base import Strict, absolute_local_path
 from serve.config.deploy import DeploymentsConfig
+from serve.config.enhance import EnhanceConfig
 from serve.config.limits import LimitsConfig
 from serve.config.safety import SafetyConfig
 from serve.config.tenancy import KeysConfig, PlansConfig
@@ -71,6 +72,12 @@ class ModelConfig(Strict):
         description="torch.backends.cudnn.benchmark on the VAE replica (GPU): cuDNN times the Conv3d decoder's "
                     "algorithms once per latent shape and keeps the fastest; paid in the warm-up decode of each "
                     "warm-up shape (accel.warmup_shapes), by the first request of any other shape.")
+    enhance: EnhanceConfig | None = Field(
+        default=None,
+        description="Super-resolution and frame interpolation after the VAE (the Enhancer stage, its own "
+                    "deployment): requests for sizes and frame rates outside what the model generates directly are "
+                    "generated inside it and enhanced by an allowed factor (serve/config/enhance.py). None: the "
+                    "model delivers only what it generates.")
     accel: AccelConfig = Field(
         default_factory=AccelConfig,
         description="Denoiser speed options (serve/config/accel.py, serve/stages/accel.py): attention backend, torch.compile, fp8, the step "
@@ -89,12 +96,7 @@ class ModelConfig(Strict):
     @field_validator("source", "cache_dir")
     @classmethod
     def _absolute_local_paths(cls, value: str) -> str:
-        # replicas do not share the driver's working directory: pin relative paths where they are given
-        if value.startswith((".", "~")) or (os.sep in value and not value.startswith("s3://")):
-            path = Path(value).expanduser()
-            if value.startswith((".", "~")) or path.exists():
-                return str(path.resolve())
-        return value
+        return absolute_local_path(value)
 
     def preset(self) -> Preset:
         """The family's preset with this deployment's overrides applied."""

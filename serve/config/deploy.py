@@ -103,5 +103,8 @@ class DeploymentsConfig(Strict):
     text_encoder: DeploymentOptions = Field(default_factory=DeploymentOptions)
     denoiser: DeploymentOptions = Field(default_factory=DeploymentOptions)
     vae_decoder: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    enhancer: DeploymentOptions = Field(
+        default_factory=DeploymentOptions,
+        description="The Enhancer's options (deployed only in applications of models with `enhance`).")
 
 

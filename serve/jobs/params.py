@@ -24,9 +24,15 @@ SDK_SECONDS = ("4", "8", "12")
 SDK_SIZES = ("720x1280", "1280x720", "1024x1792", "1792x1024")
 
 
-def sizes_honoured(preset: Preset) -> list[str]:
-    """The SDK's sizes this family can generate."""
-    return [s for s in SDK_SIZES if preset.size_allowed(*(int(v) for v in s.split("x")))]
+def size_deliverable(preset: Preset, width: int, height: int, factors: list[int] = ()) -> bool:
+    """Generated as it is, or from a size it generates by one of `factors` (super-resolution)."""
+    return preset.size_allowed(width, height) or any(
+        width % f == 0 and height % f == 0 and preset.size_allowed(width // f, height // f) for f in factors)
+
+
+def sizes_honoured(preset: Preset, factors: list[int] = ()) -> list[str]:
+    """The SDK's sizes this family delivers (with the size factors of its model's Enhancer)."""
+    return [s for s in SDK_SIZES if size_deliverable(preset, *(int(v) for v in s.split("x")), factors)]
 
 
 def seconds_honoured(preset: Preset, fps: int) -> list[str]:
@@ -102,41 +108,57 @@ def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig)
     if req.image_fit is not None and not preset.image_input:
         raise _bad("image_fit", f"image_fit applies to an input image; {model.name} generates from text")
 
-    # 2. Geometry
+    # 2. Geometry: inside the generation envelope it is generated as asked; outside it, at the size an allowed
+    # super-resolution factor maps exactly onto the request, then upscaled (model.enhance)
     width, height, size_param = _geometry(req, preset.width, preset.height)
-    if preset.size_rule == "sides":
-        for name, side in (("width", width), ("height", height)):
-            if not preset.side_allowed(side):
-                raise _bad(size_param or name, f"{name} must be a multiple of {preset.side_multiple} between "
-                                               f"{preset.min_side} and {preset.max_side}, got {side} "
-                                               f"(size {width}x{height}); this model's native size is {preset.size}, "
-                                               f"and of the SDK's sizes it makes {sizes_honoured(preset)}")
-    elif not preset.size_allowed(width, height):
-        raise _bad(size_param or _side_at_fault(preset, width, height),
-                   f"{preset.size_rule_text()}, got {width}x{height}; its native size is {preset.size}, and of the "
-                   f"SDK's sizes it makes {sizes_honoured(preset) or 'none'}")
+    enhance = model.enhance
+    size_factors = enhance.size_factors() if enhance is not None else []
+    sr_factor = 1
+    if not preset.size_allowed(width, height):
+        sr_factor = next((f for f in size_factors if width % f == 0 and height % f == 0
+                          and preset.size_allowed(width // f, height // f)), 0)
+        if not sr_factor:
+            raise _size_refused(preset, model, width, height, size_param, size_factors)
+    gen_width, gen_height = width // sr_factor, height // sr_factor
 
-    # 3. Time: frames and fps
-    fps = preset.fps if req.fps is None else req.fps
-    if not 1 <= fps <= 60:
-        raise _bad("fps", f"fps must be between 1 and 60, got {fps}")
+    # 3. Time: the model's own fps, or an allowed interpolation factor of it; frames follow
+    native_fps = preset.fps
+    fps = native_fps if req.fps is None else req.fps
+    fps_factors = enhance.fps_factors() if enhance is not None else []
+    deliverable_fps = [native_fps, *(native_fps * f for f in fps_factors)]
+    if fps not in deliverable_fps:
+        how = (f"{model.name} generates {native_fps} fps" +
+               (f" and interpolates it {' or '.join(f'{f}x' for f in fps_factors)}" if fps_factors else "")
+               + f": it delivers fps {deliverable_fps}")
+        raise _bad("fps", f"fps {fps} is not possible: {how}; send one of those (or leave fps out for "
+                          f"{native_fps})")
+    fps_factor = fps // native_fps
+    m = preset.frame_multiple
     if req.num_frames is not None:
-        num_frames = req.num_frames
         param = "num_frames"
+        if (req.num_frames - 1) % fps_factor:
+            raise _bad("num_frames", f"at {fps} fps ({fps_factor}x interpolation of {native_fps} fps) {model.name} "
+                                     f"delivers {fps_factor}(N-1)+1 frames for the N it generates ({m}N+1), e.g. "
+                                     f"{fps_factor * (preset.num_frames - 1) + 1}; got {req.num_frames}")
+        num_frames = (req.num_frames - 1) // fps_factor + 1
     elif req.seconds is not None:
-        num_frames = preset.frames_for_seconds(_parse_seconds(req.seconds), fps)
+        num_frames = preset.frames_for_seconds(_parse_seconds(req.seconds), native_fps)
         param = "seconds"
     else:
         num_frames = preset.num_frames
         param = "num_frames"
     if not preset.frames_allowed(num_frames):
-        m = preset.frame_multiple
         hint = ""
         if param == "seconds":
-            hint = (f"; at {fps} fps this model makes at most {_longest_seconds(preset, fps)} seconds: of the SDK's "
-                    f"values it makes {seconds_honoured(preset, fps)}, or any seconds up to that")
+            hint = (f"; at {fps} fps this model makes at most {_longest_seconds(preset, native_fps)} seconds: of the "
+                    f"SDK's values it makes {seconds_honoured(preset, native_fps)}, or any seconds up to that")
+        elif fps_factor > 1:
+            hint = (f"; at {fps} fps each generated frame pair gets {fps_factor - 1} in between, so it delivers "
+                    f"{fps_factor * m + 1} to {fps_factor * (preset.max_frames - 1) + 1} frames in steps of "
+                    f"{fps_factor * m}")
+        asked = num_frames if fps_factor == 1 else req.num_frames
         raise _bad(param, f"{preset.family} generates {m}N+1 frames, from {m + 1} to {preset.max_frames}; "
-                          f"the request asks for {num_frames} frames (at {fps} fps){hint}")
+                          f"the request asks for {asked} frames (at {fps} fps){hint}")
 
     # 4. Sampling
     steps = preset.num_inference_steps if req.num_inference_steps is None else req.num_inference_steps
@@ -153,11 +175,35 @@ def resolve_request(req: CreateVideoRequest, model: ModelConfig, api: ApiConfig)
                                                  and 1 <= req.deadline_seconds <= 7 * 24 * 3600):
         raise _bad("deadline_seconds", f"deadline_seconds must be 1..604800, got {req.deadline_seconds}")
 
+    quality = req.quality or "quality"
     return GenerationParams(
-        negative_prompt=req.negative_prompt, width=width, height=height, size=f"{width}x{height}",
-        num_frames=num_frames, fps=fps, seconds=_format_seconds((num_frames - 1) / fps), num_inference_steps=steps,
-        guidance_scale=float(guidance), use_dynamic_cfg=bool(dynamic), seed=seed, quality=req.quality or "quality",
-        image_input=preset.image_input, image_fit=req.image_fit or "stretch")
+        negative_prompt=req.negative_prompt, width=gen_width, height=gen_height, size=f"{width}x{height}",
+        num_frames=num_frames, fps=native_fps,
+        seconds=_format_seconds((num_frames - 1) / native_fps), num_inference_steps=steps,
+        guidance_scale=float(guidance), use_dynamic_cfg=bool(dynamic), seed=seed, quality=quality,
+        image_input=preset.image_input, image_fit=req.image_fit or "stretch", sr_factor=sr_factor,
+        fps_factor=fps_factor,
+        sr_model=enhance.sr_for(sr_factor, quality) if enhance is not None and sr_factor > 1 else None)
+
+
+def _size_refused(preset: Preset, model: ModelConfig, width: int, height: int, size_param: str | None,
+                  factors: list[int]) -> ServiceError:
+    """The 400 for a size neither generated nor reached by an allowed factor: the rule, and what it delivers."""
+    if preset.size_rule == "sides":
+        bad = next((n, s) for n, s in (("width", width), ("height", height)) if not preset.side_allowed(s))
+        rule = (f"{bad[0]} must be a multiple of {preset.side_multiple} between {preset.min_side} and "
+                f"{preset.max_side}, got {bad[1]} (size {width}x{height})")
+        param = size_param or bad[0]
+    else:
+        rule = f"{preset.size_rule_text()}, got {width}x{height}"
+        param = size_param or _side_at_fault(preset, width, height)
+    if factors:
+        more = (f"; with {' or '.join(f'{f}x' for f in factors)} super-resolution it also delivers those sizes times "
+                f"{' or '.join(str(f) for f in factors)}, e.g. {preset.width * factors[0]}x{preset.height * factors[0]}")
+    else:
+        more = f"; {model.name} has no super-resolution, so it delivers only what it generates"
+    return _bad(param, f"{rule}; its native size is {preset.size}{more}, and of the SDK's sizes it delivers "
+                       f"{sizes_honoured(preset, factors) or 'none'}")
 
 
 def _format_seconds(value: float) -> str:

@@ -16,7 +16,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.config.tenancy import TENANT_PATTERN
-from serve.stages.stage import DENOISER, PHASES, TEXT_ENCODER, UPLOADING, VAE_DECODER
+from serve.stages.stage import (
+    DENOISER,
+    ENHANCER,
+    PHASES,
+    TEXT_ENCODER,
+    UPLOADING,
+    VAE_DECODER,
+)
 from serve.stages.types import GenerationParams, InputImage
 
 JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
@@ -29,8 +36,9 @@ _STAGE_BANDS: dict[str, tuple[int, int]] = {
     "queued": (0, 0),
     TEXT_ENCODER.phase: (0, 5),
     DENOISER.phase: (5, 90),
-    VAE_DECODER.phase: (90, 97),
-    UPLOADING: (97, 99),
+    VAE_DECODER.phase: (90, 95),
+    ENHANCER.phase: (95, 98),  # enhanced jobs only
+    UPLOADING: (98, 99),
 }
 
 JOB_ID_PREFIX = "video_"
@@ -116,7 +124,8 @@ class JobRecord(BaseModel):
     )
     status: JobStatus = Field(default="queued")
     progress: int = Field(default=0, ge=0, le=100, description="Percent, 100 only when completed.")
-    stage: str | None = Field(default="queued", description="queued/encoding/denoising/decoding/uploading.")
+    stage: str | None = Field(default="queued",
+                              description="queued/encoding/denoising/decoding/(enhancing)/uploading.")
     step: int = Field(default=0, ge=0, description="Denoising step done.")
     total_steps: int = Field(default=0, ge=0)
     created_at: int = Field(description="Unix seconds.")

@@ -216,11 +216,14 @@ class VideoService:
         out = []
         for m in self._config.all_models():
             p = m.preset()
+            size_factors = m.enhance.size_factors() if m.enhance is not None else []
+            fps_factors = m.enhance.fps_factors() if m.enhance is not None else []
             out.append(ModelInfo(id=m.name, default=m.name == self._config.model.name, aliases=list(m.aliases),
                                  family=m.family, width=p.width, height=p.height, num_frames=p.num_frames, fps=p.fps,
                                  frame_rule=f"{p.frame_multiple}N+1", max_frames=p.max_frames, max_side=p.max_side,
                                  max_steps=p.max_steps, inputs=["text", "image"] if p.image_input else ["text"],
-                                 size_rule=p.size_rule_text()))
+                                 size_rule=p.size_rule_text(), native_sizes=[p.size], size_factors=size_factors,
+                                 fps_factors=fps_factors, deliverable_fps=[p.fps, *(p.fps * f for f in fps_factors)]))
         return ModelList(data=out)
 
     async def list(self, after: str | None, limit: int, order: str = "desc", *, tenant: str) -> VideoList:

@@ -50,7 +50,7 @@ class VideoView:
             seconds=p.seconds, size=p.size,
             error=VideoError(**job.error.model_dump()) if job.error else None,
             stage=job.stage if job.status == "in_progress" else None, step=job.step,
-            total_steps=job.total_steps, num_frames=p.num_frames, fps=p.fps, seed=p.seed,
+            total_steps=job.total_steps, num_frames=p.delivered_frames, fps=p.delivered_fps, seed=p.seed,
             num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
             use_dynamic_cfg=p.use_dynamic_cfg, quality=p.quality, image_fit=p.image_fit if p.image_input else None,
             negative_prompt=p.negative_prompt,

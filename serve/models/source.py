@@ -145,3 +145,24 @@ def _download_objects(s3_client, bucket: str, prefix: str, dest: Path, url: str)
 def _ignore_revision(source: str, revision: str | None) -> None:
     if revision is not None:
         logger.warning("revision %r ignored for %s: revisions apply to Hugging Face ids only", revision, source)
+
+
+def resolve_weights_source(source: str, cache_dir: str, s3_client=None, revision: str | None = None) -> str:
+    """A local file or directory of plain weights (the Enhancer's SR and RIFE models, which have no diffusers
+    layout): a local path as it is, an s3:// prefix downloaded once into `cache_dir`, a Hugging Face id fetched
+    with `huggingface_hub.snapshot_download` (from its cache when offline)."""
+    source = source.strip()
+    if source.startswith("s3://"):
+        _ignore_revision(source, revision)
+        return str(download_s3_prefix(source, Path(cache_dir), s3_client))
+    local = Path(source.removeprefix("file://")).expanduser()
+    if local.exists() or source.startswith(_LOCAL_PREFIXES):
+        if not local.exists():
+            raise ModelSourceError(f"weights {source!r} do not exist (resolved to {local})")
+        return str(local)
+    if _HF_ID.match(source):
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(source, revision=revision, cache_dir=cache_dir)
+    raise ModelSourceError(f"weights source {source!r} is neither an existing path, an s3://bucket/prefix URL nor "
+                           f"a Hugging Face id")

@@ -29,15 +29,24 @@ TEXT_ENCODER = Stage("TextEncoder", "text_encoder", "encoding")
 DENOISER = Stage("Denoiser", "denoiser", "denoising")
 VAE_DECODER = Stage("VaeDecoder", "vae_decoder", "decoding")
 STAGES: tuple[Stage, ...] = (TEXT_ENCODER, DENOISER, VAE_DECODER)
+# Super-resolution and frame interpolation after the VAE, deployed only for models with `enhance`
+# (`stages_for`); a chain whose request asks for neither never calls it: the VaeDecoder uploads instead.
+ENHANCER = Stage("Enhancer", "enhancer", "enhancing")
+ALL_STAGES: tuple[Stage, ...] = (*STAGES, ENHANCER)
 # Image-to-video's extra stage call: the VAE *encoder* on the input image. It runs on the VaeDecoder deployment,
 # which holds the VAE already (a deployment of its own would load the same weights a second time and keep a GPU
 # for a call that is a small fraction of the decode). Its own key: its seconds are timed, billed and shown apart.
 IMAGE_ENCODER = Stage(VAE_DECODER.deployment, "image_encoder", TEXT_ENCODER.phase)
 # Every stage call a job is billed for, in chain order (the image encode only for image-to-video jobs).
-BILLED_STAGES: tuple[Stage, ...] = (TEXT_ENCODER, IMAGE_ENCODER, DENOISER, VAE_DECODER)
-# A job's phases in order: waiting, one per stage, then the VAE replica's upload.
+BILLED_STAGES: tuple[Stage, ...] = (TEXT_ENCODER, IMAGE_ENCODER, DENOISER, VAE_DECODER, ENHANCER)
+# A job's phases in order: waiting, one per stage, then the upload (by the VaeDecoder, or the Enhancer).
 QUEUED, UPLOADING = "queued", "uploading"
-PHASES: tuple[str, ...] = (QUEUED, *(s.phase for s in STAGES), UPLOADING)
+PHASES: tuple[str, ...] = (QUEUED, *(s.phase for s in ALL_STAGES), UPLOADING)
+
+
+def stages_for(enhanced: bool) -> tuple[Stage, ...]:
+    """The deployments of a model's application: the three, and the Enhancer for a model with `enhance`."""
+    return ALL_STAGES if enhanced else STAGES
 
 
 class StageError(Exception):

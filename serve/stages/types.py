@@ -37,6 +37,21 @@ class SamplingParams:
     fps: int
     quality: Quality = "quality"
     image_fit: ImageFit = "stretch"  # image-to-video: how the image meets the output size (the VaeDecoder's encode)
+    # the Enhancer's work after the VAE (1: none): height and width x sr_factor, fps x fps_factor
+    sr_factor: int = 1
+    fps_factor: int = 1
+    sr_model: str | None = None  # "sr" or "sr_fast": which of the model's SR weights (model.enhance)
+
+    @property
+    def enhanced(self) -> bool:
+        """The chain ends in the Enhancer (which encodes and uploads), not in the VaeDecoder."""
+        return self.sr_factor > 1 or self.fps_factor > 1
+
+    @property
+    def delivered(self) -> tuple[int, int, int, int]:
+        """(num_frames, height, width, fps) of the video the client gets."""
+        return (self.fps_factor * (self.num_frames - 1) + 1, self.height * self.sr_factor,
+                self.width * self.sr_factor, self.fps * self.fps_factor)
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -72,6 +87,10 @@ class GenerationParams(BaseModel):
     quality: str = Field(default="quality", description="'quality' or 'speed' (validated at the API).")
     image_input: bool = Field(default=False, description="Image-to-video: generated from an input image.")
     image_fit: str = Field(default="stretch", description="Image-to-video: 'stretch', 'crop' or 'pad'.")
+    # width, height, num_frames and fps above are what the stages generate; the Enhancer multiplies them
+    sr_factor: int = Field(default=1, ge=1, description="Super-resolution factor after the VAE (1: none).")
+    fps_factor: int = Field(default=1, ge=1, description="Frame interpolation factor after the VAE (1: none).")
+    sr_model: str | None = Field(default=None, description="'sr' or 'sr_fast' (quality: speed) when sr_factor > 1.")
 
     @property
     def sampling(self) -> SamplingParams:
@@ -81,13 +100,39 @@ class GenerationParams(BaseModel):
             num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
             use_dynamic_cfg=self.use_dynamic_cfg, seed=self.seed, fps=self.fps,
             quality="speed" if self.quality == "speed" else "quality",
-            image_fit=self.image_fit if self.image_fit in ("crop", "pad") else "stretch")
+            image_fit=self.image_fit if self.image_fit in ("crop", "pad") else "stretch",
+            sr_factor=self.sr_factor, fps_factor=self.fps_factor, sr_model=self.sr_model)
+
+    @property
+    def delivered_frames(self) -> int:
+        return self.fps_factor * (self.num_frames - 1) + 1
+
+    @property
+    def delivered_width(self) -> int:
+        return self.width * self.sr_factor
+
+    @property
+    def delivered_height(self) -> int:
+        return self.height * self.sr_factor
+
+    @property
+    def delivered_fps(self) -> int:
+        return self.fps * self.fps_factor
 
     @property
     def cost(self) -> int:
         """frames x width x height x steps, how much DiT work it asks for, plus an image-to-video job's VAE encode
-        counted as IMAGE_ENCODE_FRAME_STEPS frame-steps at the video's size (plans cap the sum)."""
-        return self.denoise_cost + self.image_encode_cost
+        counted as IMAGE_ENCODE_FRAME_STEPS frame-steps at the video's size, plus an enhanced job's output pixels
+        and frames (plans cap the sum)."""
+        return self.denoise_cost + self.image_encode_cost + self.enhance_cost
+
+    @property
+    def enhance_cost(self) -> int:
+        """An enhanced video's delivered frames x width x height (each output pixel of each frame counts once):
+        zero for a video delivered as generated."""
+        if self.sr_factor == 1 and self.fps_factor == 1:
+            return 0
+        return self.delivered_frames * self.delivered_width * self.delivered_height
 
     @property
     def denoise_cost(self) -> int:

@@ -51,7 +51,7 @@ def check_cost(plan: Plan, params: GenerationParams, plan_name: str | None = Non
         return
     frames, width, height = params.num_frames, params.width, params.height
     per_step = frames * width * height
-    fitting_steps = (plan.max_cost - params.image_encode_cost) // per_step
+    fitting_steps = (plan.max_cost - params.image_encode_cost - params.enhance_cost) // per_step
     if fitting_steps >= 1:
         # the cheapest fix that keeps the requested video's size and length
         hint = f"reduce num_inference_steps to {fitting_steps} or less, or lower num_frames or size"
@@ -61,6 +61,9 @@ def check_cost(plan: Plan, params: GenerationParams, plan_name: str | None = Non
         param = "size"
     encode = (f" + {params.image_encode_cost:,} for the input image's VAE encode" if params.image_encode_cost
               else "")
+    if params.enhance_cost:
+        encode += (f" + {params.enhance_cost:,} for the enhanced output ({params.delivered_frames} frames of "
+                   f"{params.delivered_width}x{params.delivered_height})")
     raise ServiceError(
         400,
         f"this request costs {cost:,} (num_frames {frames} x width {width} x height {height} x "

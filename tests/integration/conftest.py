@@ -56,8 +56,15 @@ I2V_MODEL = "cogvideox-tiny-5b-i2v"
 I2V_SMALL = {"width": 48, "height": 32, "num_frames": 9, "num_inference_steps": 4}  # the tiny variant's native size
 
 
+# the second model's Enhancer (tiny random SR x2 and RIFE): generated directly up to 64 a side, so twice its
+# native 48x32 at twice its 8 fps (96x64 at 16 fps) is generated at 48x32 and enhanced
+ENHANCED_MODEL = "cogvideox-tiny-5b"
+ENHANCED = {"size": "96x64", "fps": 16}
+
+
 def app_config(model_dir: Path, endpoint: str, bucket: str, keys_file: Path | None = None,
-               webhook_hosts: list[str] = (), second_model_dir: Path | None = None, i2v_model_dir: Path | None = None):
+               webhook_hosts: list[str] = (), second_model_dir: Path | None = None, i2v_model_dir: Path | None = None,
+               enhance_dirs: tuple[Path, Path] | None = None):
     from serve.config import AppConfig
 
     zero_cpu = {"ray_actor_options": {"num_cpus": 0}, "num_replicas": 1}
@@ -66,9 +73,12 @@ def app_config(model_dir: Path, endpoint: str, bucket: str, keys_file: Path | No
                   "device": "cpu", "defaults": SMALL, "aliases": ["cogvideox-flash"]},  # a Zhipu model name
         # a second model, with its own three stage deployments: requests pick it by name; its denoiser
         # has a step cache that requests with quality="speed" use (the tiny weights need a high threshold)
-        "models": ([{"name": "cogvideox-tiny-5b", "source": str(second_model_dir), "family": "cogvideox-5b",
-                    "device": "cpu", "defaults": SMALL,
-                    "accel": {"cache": "first_block", "first_block": {"threshold": 0.5}}}] if second_model_dir else [])
+        "models": ([{"name": ENHANCED_MODEL, "source": str(second_model_dir), "family": "cogvideox-5b",
+                    "device": "cpu", "defaults": {**SMALL, "max_side": 64},
+                    "accel": {"cache": "first_block", "first_block": {"threshold": 0.5}},
+                    "enhance": {"sr": {"source": str(enhance_dirs[0]), "scale": 2},
+                                "interpolation": {"source": str(enhance_dirs[1])}} if enhance_dirs else None,
+                    }] if second_model_dir else [])
         # image-to-video (a picture and a prompt), its own three stage deployments too
         + ([{"name": I2V_MODEL, "source": str(i2v_model_dir), "family": "cogvideox-5b-i2v", "device": "cpu",
              "defaults": I2V_SMALL}] if i2v_model_dir else []),
@@ -80,7 +90,7 @@ def app_config(model_dir: Path, endpoint: str, bucket: str, keys_file: Path | No
         "webhooks": {"enabled": True, "allow_hosts": list(webhook_hosts), "require_https": False,
                      "base_backoff_s": 0.2, "max_backoff_s": 1},
         # CPU run: bill replica-seconds as if each stage held one device, so usage and quotas are non-zero
-        "usage": {"gpus_per_stage": {"text_encoder": 1, "denoiser": 1, "vae_decoder": 1}},
+        "usage": {"gpus_per_stage": {"text_encoder": 1, "denoiser": 1, "vae_decoder": 1, "enhancer": 1}},
         "jobs": {"lease_s": 6, "heartbeat_s": 1, "reclaim_interval_s": 2, "retry_backoff_s": 0.5,
                  "max_attempts": 3, "progress_interval_s": 0, "max_concurrent_per_replica": 4},
         "deployments": {
@@ -88,6 +98,7 @@ def app_config(model_dir: Path, endpoint: str, bucket: str, keys_file: Path | No
             "text_encoder": {**zero_cpu, "graceful_shutdown_timeout_s": 5},
             "denoiser": {**zero_cpu, "graceful_shutdown_timeout_s": 5},
             "vae_decoder": {**zero_cpu, "graceful_shutdown_timeout_s": 5},
+            "enhancer": {**zero_cpu, "graceful_shutdown_timeout_s": 5},
         },
     })
 
@@ -173,11 +184,14 @@ def cluster(s3_server, tmp_path_factory):
     model_dir = write_tiny_model("2b", root / "tiny-2b")
     second_model_dir = write_tiny_model("5b", root / "tiny-5b")
     i2v_model_dir = write_tiny_model("5b-i2v", root / "tiny-5b-i2v")
+    from serve.models.tiny_enhance import write_tiny_rife, write_tiny_sr
+
+    enhance_dirs = (write_tiny_sr(root / "tiny-sr-x2", scale=2), write_tiny_rife(root / "tiny-rife"))
     keys = write_keys(root / "keys.json")
     receiver = WebhookReceiver()
     os.environ.setdefault("VIDEOGEN_WEBHOOK_SECRET", generate_secret())
     config = app_config(model_dir, s3_server, "videogen-it", root / "keys.json", [receiver.host], second_model_dir,
-                        i2v_model_dir)
+                        i2v_model_dir, enhance_dirs)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "HF_", "VIDEOGEN_"))}
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env},

@@ -26,6 +26,7 @@ import ray
 import yaml
 
 from serve import metrics as m
+from tests.integration.conftest import ENHANCED, ENHANCED_MODEL
 from tests.integration.test_api_e2e import TERMINAL, api, wait_for
 from tests.integration.test_faults import LONG, in_denoising
 
@@ -46,8 +47,13 @@ GPU_ONLY_PANELS = {
     ("videogen-overview.json", "GPU memory per stage replica (torch)"),
     ("videogen-stages.json", "GPU memory per replica: allocated, reserved, peak (torch)"),
     ("videogen-stages.json", "GPU memory per stage (NVML, per replica process)"),
+    ("videogen-stages.json", "Enhancer GPU memory per replica: reserved, peak (torch)"),  # Enhancer
 }
 SHORT = {"prompt": "a red kite over a windy beach"}  # the test config's defaults: 48x32, 9 frames, 4 steps
+# Enhancer: an enhanced job (96x64 at 16 fps from the second model's native 48x32 at 8 fps: SR x2 + RIFE x2), one
+# completed per round so that the Enhancer's panels have data
+ENHANCED_JOB = {"prompt": "a quiet lake at dawn", "model": ENHANCED_MODEL, **ENHANCED, "num_frames": 17,
+                "num_inference_steps": 2}
 PROBE_APP = "videogen-obs-probe"
 
 
@@ -161,13 +167,15 @@ def prometheus(cluster, tmp_path_factory):
 
 # ---- traffic -------------------------------------------------------------------------------------------------------
 def drive_traffic(cluster) -> dict[str, dict]:
-    """A cancelled, a failed (deadline) and two completed jobs through the HTTP API; returns the final records."""
+    """A cancelled, a failed (deadline), two completed jobs and a completed enhanced one through the HTTP API;
+    returns the final records."""
     with api(cluster) as http:
         cancelled = http.post("/v1/videos", json={**LONG, "seed": 11}).json()["id"]
         wait_for(http, cancelled, in_denoising, timeout_s=60)
         assert http.post(f"/v1/videos/{cancelled}/cancel").status_code == 200
         late = http.post("/v1/videos", json={**LONG, "seed": 12, "deadline_seconds": 1}).json()["id"]
         done = [http.post("/v1/videos", json={**SHORT, "seed": s}).json()["id"] for s in (13, 14)]
+        done.append(http.post("/v1/videos", json={**ENHANCED_JOB, "seed": 15}).json()["id"])  # Enhancer
         return {j: wait_for(http, j, lambda v: v["status"] in TERMINAL, timeout_s=90, interval_s=0.2)
                 for j in (cancelled, late, *done)}
 
@@ -211,11 +219,13 @@ def s3_error_probe(cluster):
         serve.delete(PROBE_APP)
 
 
-def complete_jobs(cluster, n: int, seed: int) -> None:
+def complete_jobs(cluster, n: int, seed: int, enhanced: int = 0) -> None:
+    """`n` default jobs and `enhanced` enhanced ones (ENHANCED_JOB), all completed."""
+    bodies = [SHORT] * n + [ENHANCED_JOB] * enhanced  # Enhancer
     with api(cluster) as http:
-        ids = [http.post("/v1/videos", json={**SHORT, "seed": seed + i}).json()["id"] for i in range(n)]
+        ids = [http.post("/v1/videos", json={**b, "seed": seed + i}).json()["id"] for i, b in enumerate(bodies)]
         done = [wait_for(http, j, lambda v: v["status"] in TERMINAL, timeout_s=60, interval_s=0.2) for j in ids]
-    assert [v["status"] for v in done] == ["completed"] * n, done
+    assert [v["status"] for v in done] == ["completed"] * len(bodies), done
 
 
 def values(series: list[dict[str, Any]]) -> list[float]:
@@ -247,7 +257,8 @@ def test_every_dashboard_query_returns_data(cluster, prometheus, s3_error_probe)
     # 1. Every kind of outcome once. Prometheus cannot see the first increment of a series it never scraped before,
     #    so this round creates the series and the second one moves them within the panels' windows.
     jobs = drive_traffic(cluster)
-    assert sorted(v["status"] for v in jobs.values()) == ["cancelled", "completed", "completed", "failed"], jobs
+    assert sorted(v["status"] for v in jobs.values()) == ["cancelled", "completed", "completed", "completed",
+                                                          "failed"], jobs  # (the third completed: the enhanced job)
     assert any((v.get("error") or {}).get("code") == "deadline_exceeded" for v in jobs.values()), jobs
     s3_error_probe()
     exist = [
@@ -258,11 +269,13 @@ def test_every_dashboard_query_returns_data(cluster, prometheus, s3_error_probe)
         'ray_videogen_s3_errors_total{deployment="S3Probe", operation="put", code="NoSuchBucket"}',
         'ray_serve_deployment_error_counter_total{deployment="Denoiser", exception_type="CancelledError"}',
         'ray_videogen_gpu_seconds_total{tenant="default", stage="denoiser"}',
+        'ray_videogen_stage_processing_seconds_count{deployment="Enhancer"}',  # Enhancer
+        'ray_videogen_gpu_seconds_total{tenant="default", stage="enhancer"}',  # Enhancer
     ]
     wait_until(prometheus, exist, bool, timeout_s=40)
 
-    # 2. Two more completed jobs, now seen as increases by rate() and histogram_quantile()
-    complete_jobs(cluster, 2, seed=21)
+    # 2. Two more completed jobs and an enhanced one, now seen as increases by rate() and histogram_quantile()
+    complete_jobs(cluster, 2, seed=21, enhanced=1)
     traffic_done = time.time()
     moving = {  # panels whose targets must show the jobs of round 2 (a value > 0), not only exist
         ("videogen-overview.json", "Jobs finished per minute, by status"),
@@ -272,7 +285,8 @@ def test_every_dashboard_query_returns_data(cluster, prometheus, s3_error_probe)
         ("videogen-overview.json", "GPUs in use by tenant (GPU-seconds per second)"),
         ("videogen-stages.json", "Compute time per call p50 / p95 / p99"),
         ("videogen-stages.json", "Denoising step time p50 / p95"),
-        ("videogen-stages.json", "Video encoding time on the VAE replica (CPU) p50 / p95"),
+        ("videogen-stages.json", "Video encoding time on the VAE or Enhancer replica (CPU) p50 / p95"),
+        ("videogen-stages.json", "Enhancer compute time per call p50 / p95"),  # Enhancer
     }
     targets = dashboard_targets()
     positive = [expand(e) for f, title, e in targets if (f, title) in moving]

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from serve.config import AppConfig, DeploymentOptions, DeploymentsConfig
+from serve.stages.stage import ENHANCER, stages_for
 from serve.stages.stage import STAGES as MODEL_STAGES
 from tests.k8s.kube import (
     CRD_FILES,
@@ -39,7 +40,7 @@ from tests.k8s.kube import (
 )
 
 IMPORT_PATHS = ("deployments.app:build_model_app", "deployments.app:build_app")
-STAGES = ("ingress", "text_encoder", "denoiser", "vae_decoder")
+STAGES = ("ingress", "text_encoder", "denoiser", "vae_decoder", "enhancer")
 GPU = "nvidia.com/gpu"
 H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 DASHBOARDS = K8S / "monitoring" / "dashboards"
@@ -120,15 +121,15 @@ def _replica_range(opts: DeploymentOptions) -> tuple[int, int]:
 
 def _stage_options(serve_config: dict[str, Any], app: AppConfig) -> list[tuple[str, str, DeploymentOptions]]:
     """(application, stage, options) of the Ingress and of every model application's stages (each model its own
-    replicas: they share the worker groups' slots), the section's fields over the code's defaults as Serve
-    applies them (deployments/serve_config.py `_options`)."""
+    replicas: they share the worker groups' slots; the Enhancer only for a model with `enhance`), the section's
+    fields over the code's defaults as Serve applies them (deployments/serve_config.py `_options`)."""
     out: list[tuple[str, str, DeploymentOptions]] = [("videogen", "ingress", app.deployments.ingress)]
     defaults = DeploymentsConfig()
     for application in serve_config["applications"]:
         if application["import_path"] != IMPORT_PATHS[0]:
             continue
         sections = {d["name"]: d for d in application.get("deployments") or []}
-        for stage in MODEL_STAGES:
+        for stage in stages_for(application["args"]["model"].get("enhance") is not None):
             fields = {k: v for k, v in sections.get(stage.deployment, {}).items() if k not in ("name", "user_config")}
             default = getattr(defaults, stage.key)
             out.append((application["name"], stage.key,
@@ -351,6 +352,24 @@ def test_overlay_serves_its_image_to_video_model(serve_config: dict[str, Any], a
               if app_name == f"model-{name}"}
     assert stages["denoiser"].ray_actor_options.num_gpus == 1
     assert stages["text_encoder"].ray_actor_options.num_gpus + stages["vae_decoder"].ray_actor_options.num_gpus == 1
+
+
+def test_enhanced_models_deploy_their_enhancer(serve_config: dict[str, Any], overlay: str) -> None:
+    """An Enhancer section exactly in the applications of models with `enhance` (prod: CogVideoX-5b, SR x2 + RIFE;
+    dev: none), on half a GPU, scaling from one replica."""
+    enhanced = []
+    for app in serve_config["applications"][:-1]:
+        names = {d["name"] for d in app["deployments"]}
+        has_enhance = app["args"]["model"].get("enhance") is not None
+        assert names == {s.deployment for s in stages_for(has_enhance)}, app["name"]
+        if has_enhance:
+            enhanced.append(app["name"])
+            [section] = [d for d in app["deployments"] if d["name"] == ENHANCER.deployment]
+            assert section["ray_actor_options"]["num_gpus"] == 0.5
+            assert section["autoscaling_config"]["min_replicas"] == 1
+            enhance = app["args"]["model"]["enhance"]
+            assert enhance["sr"]["source"].startswith("s3://") and enhance["interpolation"]["source"].startswith("s3://")
+    assert enhanced == {"prod": ["model-cogvideox-5b"], "dev": []}[overlay]
 
 
 def test_ray_version_matches_the_project(rayservice: dict[str, Any]) -> None:

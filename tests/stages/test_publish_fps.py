@@ -1,4 +1,4 @@
-"""The fps a request asks for is the fps of the published mp4: request -> resolved params -> SamplingParams ->
+"""The fps a request asks for (and the model generates) is the fps of the published mp4: request -> resolved params -> SamplingParams ->
 `publish_video` -> S3 (local moto) -> read back with PyAV. Every other publishing test uses the 2b/5b default of 8,
 so a hard-coded 8 anywhere on that path would pass them."""
 
@@ -32,7 +32,8 @@ def storage(s3_config: S3Config) -> Storage:
 def published(storage: Storage, fps: int) -> tuple[bytes, dict]:
     """Publish a random 9-frame clip for a request asking for `fps`; the mp4 and metadata as stored."""
     req = CreateVideoRequest(prompt="a cat", size=f"{WIDTH}x{HEIGHT}", num_frames=FRAMES, fps=fps)
-    params = resolve_request(req, ModelConfig(), ApiConfig())
+    # a request's fps is the model's own (its envelope: defaults.fps) or a factor of it (the Enhancer's)
+    params = resolve_request(req, ModelConfig(defaults={"fps": fps}), ApiConfig())
     gen = GenerationRequest(job_id=new_job_id(), prompt=req.prompt, negative_prompt=None,
                             params=params.sampling, model="cogvideox-tiny-2b")
     frames = (np.random.default_rng(fps).random((FRAMES, HEIGHT, WIDTH, 3)) * 255).astype(np.uint8)

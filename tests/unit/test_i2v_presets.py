@@ -97,7 +97,7 @@ def test_a_size_rule_400_names_the_field_that_breaks_it():
 def test_no_sdk_size_fits_the_image_to_video_families_and_the_400_says_so():
     assert sizes_honoured(preset_for("cogvideox-5b-i2v")) == sizes_honoured(preset_for("cogvideox1.5-5b-i2v")) == []
     for family in ("cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"):
-        assert "of the SDK's sizes it makes none" in error(family, size="1280x720").message
+        assert "of the SDK's sizes it delivers none" in error(family, size="1280x720").message
 
 
 def test_image_to_video_frames_follow_the_family():
@@ -146,7 +146,7 @@ def test_models_tell_which_take_an_image(storage: Storage):
     assert i15.size_rule == RULE_15 and (i15.width, i15.height, i15.frame_rule, i15.max_frames) == (
         1360, 768, "16N+1", 161)
     assert i5.size_rule == "cogvideox-5b-i2v makes only its native size 720x480"
-    assert t2v.size_rule == "cogvideox-5b makes sizes whose sides are multiples of 16 from 16 to 2048"
+    assert t2v.size_rule == "cogvideox-5b makes sizes whose sides are multiples of 16 from 16 to 1360"
 
 
 def test_an_image_to_video_model_is_refused_until_images_are_taken(storage: Storage):

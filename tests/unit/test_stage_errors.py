@@ -27,7 +27,7 @@ def test_each_stage_is_spelled_once():
     assert [s.deployment for s in STAGES] == ["TextEncoder", "Denoiser", "VaeDecoder"]
     assert [s.key for s in STAGES] == ["text_encoder", "denoiser", "vae_decoder"]
     assert [s.timing_key for s in STAGES] == ["text_encoder_s", "denoiser_s", "vae_decoder_s"]
-    assert PHASES == ("queued", "encoding", "denoising", "decoding", "uploading")
+    assert PHASES == ("queued", "encoding", "denoising", "decoding", "enhancing", "uploading")
 
 
 def _raising(exc: BaseException):

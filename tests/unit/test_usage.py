@@ -49,11 +49,13 @@ def record(tenant: str = "acme", day: str = "2025-03-10", **kw: Any) -> UsageRec
 def test_gpu_seconds_are_wall_seconds_times_gpus_with_fractions():
     timings = {"text_encoder_s": 2.0, "denoiser_s": 10.0, "vae_decoder_s": 4.0, "encode_s": 9.0, "upload_s": 9.0}
     assert gpu_seconds_from_timings(timings, GPUS) == {"text_encoder": 0.5, "image_encoder": 0.0, "denoiser": 20.0,
-                                                       "vae_decoder": 2.0}
+                                                       "vae_decoder": 2.0, "enhancer": 0.0}
     assert gpu_seconds_from_timings({"denoiser_s": 1.0}, GPUS) == {"text_encoder": 0.0, "image_encoder": 0.0,
-                                                                   "denoiser": 2.0, "vae_decoder": 0.0}
+                                                                   "denoiser": 2.0, "vae_decoder": 0.0, "enhancer": 0.0}
     assert gpu_seconds_from_timings(timings, {}) == {"text_encoder": 0.0, "image_encoder": 0.0, "denoiser": 0.0,
-                                                     "vae_decoder": 0.0}
+                                                     "vae_decoder": 0.0, "enhancer": 0.0}
+    # an enhanced job's Enhancer seconds are their own line, at the Enhancer's GPUs
+    assert gpu_seconds_from_timings({"enhancer_s": 3.0}, {"enhancer": 0.5})["enhancer"] == 1.5
     # image-to-video: the VAE encode of the input image is billed as its own line, at the GPUs it ran on
     i2v = {**timings, "image_encoder_s": 0.5}
     assert gpu_seconds_from_timings(i2v, {**GPUS, "image_encoder": 0.5})["image_encoder"] == 0.25
@@ -64,18 +66,20 @@ def test_gpu_seconds_are_wall_seconds_times_gpus_with_fractions():
 def test_gpus_per_stage_come_from_the_job_or_an_override():
     held = job(gpus={"text_encoder": 0.25, "denoiser": 2, "vae_decoder": 0.5})  # what its replicas reported
     # the image encode runs on the VaeDecoder: without a figure of its own, it is billed at that replica's GPUs
-    assert gpus_per_stage(held) == {**GPUS, "image_encoder": 0.5}
+    assert gpus_per_stage(held) == {**GPUS, "image_encoder": 0.5, "enhancer": 0.0}
     assert gpus_per_stage(job(gpus={**GPUS, "image_encoder": 0.125}))["image_encoder"] == 0.125
     assert gpus_per_stage(held, {"denoiser": 1}) == {"text_encoder": 0.0, "image_encoder": 0.0, "denoiser": 1.0,
-                                                     "vae_decoder": 0.0}
+                                                     "vae_decoder": 0.0, "enhancer": 0.0}
     assert gpus_per_stage(held, {"vae_decoder": 1})["image_encoder"] == 1.0
-    assert gpus_per_stage(job()) == {"text_encoder": 0.0, "image_encoder": 0.0, "denoiser": 0.0, "vae_decoder": 0.0}
+    assert gpus_per_stage(job()) == {"text_encoder": 0.0, "image_encoder": 0.0, "denoiser": 0.0, "vae_decoder": 0.0,
+                                     "enhancer": 0.0}
 
 
 def test_record_from_a_completed_job_and_only_from_one():
     rec = record()
     assert rec.day == "2025-03-10" and rec.tenant == "acme"
-    assert rec.gpu_seconds == {"text_encoder": 0.025, "image_encoder": 0.0, "denoiser": 0.4, "vae_decoder": 0.35}
+    assert rec.gpu_seconds == {"text_encoder": 0.025, "image_encoder": 0.0, "denoiser": 0.4, "vae_decoder": 0.35,
+                               "enhancer": 0.0}
     assert rec.image_input is False
     assert rec.gpu_seconds_total == 0.775
     assert (rec.output_seconds, rec.width, rec.height, rec.num_frames, rec.fps, rec.steps) == (6.0, 720, 480, 49,

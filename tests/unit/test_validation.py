@@ -141,18 +141,30 @@ def test_the_sdks_seconds_are_made_where_the_model_can_and_named_where_not(famil
     assert f"at most {longest} seconds" in err.message and str(fitting) in err.message, err.message
 
 
+SR_X2 = {"sr": {"source": "org/sr-x2", "scale": 2}}
+
+
 @pytest.mark.parametrize("size", ["720x1280", "1280x720", "1024x1792", "1792x1024"])
 # the image-to-video families make none of them (tests/unit/test_i2v_presets.py)
 @pytest.mark.parametrize("family", sorted(f for f, p in FAMILIES.items() if not p.image_input))
-def test_the_sdks_sizes_are_made_by_every_family(family, size):
-    p = resolve(family, size=size, num_frames=9 if FAMILIES[family].frame_multiple == 8 else 17)
-    assert p.size == size
+def test_the_sdks_sizes_are_delivered_by_every_family_with_2x_super_resolution(family, size):
+    """2b and 5b generate up to 1360 a side: the 1792 sizes come from 512x896 through 2x super-resolution."""
+    frames = 9 if FAMILIES[family].frame_multiple == 8 else 17
+    m = ModelConfig(name="m", source="THUDM/x", family=family, enhance=SR_X2)
+    p = resolve_request(CreateVideoRequest(prompt="a cat", size=size, num_frames=frames), m, API)
+    assert p.size == size and (p.delivered_width, p.delivered_height) == tuple(int(v) for v in size.split("x"))
+    direct = FAMILIES[family].size_allowed(p.delivered_width, p.delivered_height)
+    assert p.sr_factor == (1 if direct else 2) and (p.width * p.sr_factor, p.height * p.sr_factor) == (
+        p.delivered_width, p.delivered_height)
+    if not direct:  # without super-resolution the same request is a 400 that says what it delivers
+        err = error(family, size=size, num_frames=frames)
+        assert "no super-resolution" in err.message and "'1280x720'" in err.message
 
 
 def test_a_size_the_model_cannot_make_names_the_sdks_sizes_it_can():
     err = error("cogvideox-2b", size="4096x720")
     assert err.param == "size" and "native size is 720x480" in err.message
-    assert "'1280x720'" in err.message and "'1792x1024'" in err.message
+    assert "'1280x720'" in err.message and "'1792x1024'" not in err.message
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
