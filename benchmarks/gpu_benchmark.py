@@ -26,6 +26,17 @@ What it measures and what it does not:
   replicas run (ImageEncodingStage on the VaeDecoder's VAE, DenoisingStage with the image latents,
   DecodingStage) against diffusers' `CogVideoXImageToVideoPipeline` built from the same modules. Image encode and
   decode are timed once each, after one warm-up of each.
+- The Enhancer (`--models enhance`, rows `sr_x2`, `sr_x4`, `rife_2x`, planned last): Real-ESRGAN RRDBNet x2plus and
+  x4plus at full size (23 blocks, 64 filters; random weights written in the published basicsr `.pth` layout and
+  loaded by `SuperResolver.from_pretrained`, spandrel's detection, as the service loads them), untiled, batch 4, on
+  a 49x480x720 uint8 clip (x4 also served at 2x: x4 then the antialiased downscale); RIFE 4.25 IFNet at the
+  published widths, 2x on the same clip and at 1440x960 (the service runs SR first, then interpolation at the
+  delivered size). Dtype: the 5b preset's (bf16, what the Enhancer gets on a GPU; `--enhance-dtype` for others).
+  Each run once after a warm-up on 4 frames; seconds, peak GPU memory, and the share of the 5b video's seconds
+  (this run's 5b `sdpa` row when measured, else the 5b prior: the table says which). --dry-run: tiny weights
+  (serve/models/tiny_enhance.py) on a 9x32x48 clip.
+
+    python benchmarks/gpu_benchmark.py --models enhance --out BENCHMARKS.md      # the Enhancer rows alone
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -108,6 +120,15 @@ MODELS = {"2b": ("CogVideoXDDIMScheduler", 3.0, torch.float16, False),
 # models whose only row is the image-to-video one (no denoiser settings), and their fixed geometry
 I2V_MODELS = {"5b-i2v"}
 I2V_GEOMETRY = {"5b-i2v": (49, 480, 720)}  # frames, height, width: the learned positional embeddings' size
+# The Enhancer's rows (`--models enhance`, a pseudo-model: no CogVideoX components): Real-ESRGAN RRDBNet x2plus / x4plus
+# (serve/stages/super_resolution.py, loaded by spandrel from a random checkpoint in the published basicsr layout) and
+# RIFE 4.25 IFNet at its published widths (serve/stages/interpolation.py), on the 5b's delivered clip (49x480x720)
+ENHANCE_MODELS = {"enhance"}
+ENHANCE_GEOMETRY = (49, 480, 720)  # frames, height, width of the decoded clip the Enhancer gets
+ENHANCE_DRY_GEOMETRY = (9, 32, 48)  # --dry-run: tiny weights (serve/models/tiny_enhance.py), tiny clip
+ENHANCE_WARM_FRAMES = 4  # the warm-up run's frames (one SR batch: the same shapes as the timed run's batches)
+ENHANCE_SR_BATCH, ENHANCE_RIFE_BATCH = 4, 8  # SuperResolver's / FrameInterpolator's default batch sizes
+RRDB_FILTERS, RRDB_BLOCKS = 64, 23  # RealESRGAN_x2plus / x4plus
 
 # 2. Settings and the plan. `_use_cache` (default: whether a cache is set) says whether the request
 # engages the configured cache. The fp8 settings prepare the first-block cache without using it, so
@@ -131,13 +152,17 @@ SETTINGS: dict[str, dict | None] = {
 # Rows that measure a stage rather than a denoiser setting (tables of their own)
 PROBES = {"attention": "one SDPA call per kernel at the full sequence vs an fp32 reference",
           "vae": "VAE decode: diffusers' post-processing vs ours on the device, tiled, cudnn.benchmark",
-          "i2v": "image-to-video at its native size: image encode, steps, decode vs CogVideoXImageToVideoPipeline"}
+          "i2v": "image-to-video at its native size: image encode, steps, decode vs CogVideoXImageToVideoPipeline",
+          "sr_x2": "Enhancer: RRDBNet x2plus (23 blocks, 64 filters) 49x480x720 -> 1440x960, untiled, batch 4",
+          "sr_x4": "Enhancer: RRDBNet x4plus 49x480x720 -> 2880x1920, and served at 2x (x4 + antialiased downscale)",
+          "rife_2x": "Enhancer: RIFE 4.25 IFNet, published widths, 2x on 49 frames at 720x480 and at 1440x960"}
 LOSSY = {"fp8", "cudnn_fp8", "fastest", "cudnn_fastest", "first_block", "pab", "faster"}
 # The order of value: if time runs out, what is left out matters least. 5b plain diffusers against this
 # project's lossless path (sdpa, cudnn, and cuDNN's deviation at the full sequence), then compile, then
 # fp8 + compile, then the fastest path, the VAE once (for the per-video ratios), then the same three with
 # cuDNN attention, then 2b, then the eager caches, then image-to-video (its own model, `--models 5b-i2v` alone
-# for a call of its own). (Rows for enhancement and parallel denoising come here when those stages exist.)
+# for a call of its own), then the Enhancer's models (`--models enhance` alone for a call of its own). (Rows for
+# parallel denoising come here when that stage exists.)
 PLAN: list[tuple[str, str]] = [
     ("5b", "pipeline"), ("5b", "sdpa"), ("5b", "cudnn"), ("5b", "attention"),
     ("5b", "compile"), ("5b", "fp8"), ("5b", "fastest"), ("5b", "vae"),
@@ -145,6 +170,7 @@ PLAN: list[tuple[str, str]] = [
     ("2b", "pipeline"), ("2b", "sdpa"), ("2b", "cudnn"), ("2b", "compile"), ("2b", "fp8"), ("2b", "fastest"),
     ("5b", "first_block"), ("5b", "pab"), ("5b", "faster"), ("5b", "flash"),
     ("5b-i2v", "i2v"),
+    ("enhance", "sr_x2"), ("enhance", "sr_x4"), ("enhance", "rife_2x"),
 ]
 # Priors for the time plan, refined by what the run measures. Step: one CFG step at 49x480x720, eager,
 # H200 (FIELD-NOTES); build: random init on the GPU; compile: regional inductor compile of one block
@@ -156,6 +182,10 @@ PRIORS["5b-i2v"] = dict(PRIORS["5b"])
 T5_BUILD_S, VAE_BUILD_S, T5_ENCODE_S, QUANTIZE_S = 20.0, 3.0, 0.05, 5.0
 IMAGE_ENCODE_S = 1.0  # VAE encode of one 480x720 picture: a guess until measured
 VAE_UNTILED_S, VAE_TILED_S, CUDNN_AUTOTUNE_S = 2.2, 3.2, 10.0
+# The Enhancer rows on a GPU, whole row (random init + checkpoint write + spandrel load, warm-up, timed run(s)): GUESSES
+# from FLOP counts (RRDBNet x4plus ~18 G multiply-adds per input pixel, x2plus a quarter of that behind its pixel
+# unshuffle; RIFE far less), not measurements; the run's wall s per row says what they really take
+ENHANCE_PRIORS_S = {"sr_x2": 8.0, "sr_x4": 25.0, "rife_2x": 15.0}
 PROMPT = "A panda playing a guitar in a bamboo forest, cinematic close up shot, golden light"
 NEGATIVE = "blurry, low quality"
 GiB = 1024**3
@@ -238,6 +268,26 @@ class I2vTimes:
     model: str
     geometry: tuple[int, int, int] = (0, 0, 0)
     sides: list[I2vSide] = field(default_factory=list)  # [diffusers, ours]
+
+
+@dataclass
+class EnhanceRun:
+    """One timed Enhancer call: a model on the clip at one size (after one warm-up on a few frames)."""
+    row: str  # the plan's row (sr_x2, sr_x4, rife_2x)
+    name: str
+    status: str = "ok"
+    dtype: str = "-"
+    frames_in: str = "-"  # FxHxW
+    frames_out: str = "-"
+    seconds: float | None = None
+    peak_gib: float | None = None  # max allocated during the timed run (everything resident included)
+    resident_gib: float | None = None  # allocated just before it (this model and whatever else the run holds)
+    note: str = ""
+
+
+@dataclass
+class EnhanceTimes:
+    rows: list[EnhanceRun] = field(default_factory=list)
 
 
 @dataclass
@@ -633,6 +683,203 @@ def render_i2v(i2v: I2vTimes, args) -> list[str]:
     return lines
 
 
+def enhance_geometry(dry_run: bool) -> tuple[int, int, int]:
+    return ENHANCE_DRY_GEOMETRY if dry_run else ENHANCE_GEOMETRY
+
+
+def serving_dtype(device: torch.device, requested: str) -> torch.dtype:
+    """The dtype the Enhancer runs in: `--enhance-dtype`, by default the 5b preset's weights dtype on a GPU (what
+    deployments/enhancer.py passes, serve/stages/loading.py weights_dtype) and float32 on a CPU."""
+    if requested != "serving":
+        return getattr(torch, requested)
+    return MODELS["5b"][2] if device.type == "cuda" else torch.float32
+
+
+def enhance_clip(frames: int, height: int, width: int, seed: int) -> np.ndarray:
+    """A uint8 clip [F, H, W, 3] that pans 1 px per frame: smooth random waves plus a little noise, so that RIFE finds
+    no scene cut and interpolates every pair (its compute does not depend on the content otherwise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width + frames].astype(np.float32)
+    periods, phases = rng.uniform(24, 96, (3, 2)), rng.uniform(0, 2 * np.pi, (3, 2))
+    wide = np.stack([128 + 60 * np.sin(2 * np.pi * x / px + a) + 40 * np.sin(2 * np.pi * y / py + b)
+                     for (px, py), (a, b) in zip(periods, phases)], axis=-1)
+    wide = np.clip(wide + rng.uniform(-4, 4, wide.shape), 0, 255).astype(np.uint8)
+    return np.stack([wide[:, i:i + width] for i in range(frames)])
+
+
+def write_random_rrdbnet(out_dir: Path, scale: int, seed: int = 0) -> Path:
+    """A full-size random Real-ESRGAN RRDBNet (RealESRGAN_x2plus / x4plus: 23 blocks, 64 filters; x2 = the x4
+    network behind a pixel unshuffle by 2) saved as the published .pth files are: basicsr key names under
+    `params_ema` (serve/models/tiny_enhance.py's key map). Returns the file."""
+    from serve.models.tiny_enhance import _esrgan_to_basicsr_keys
+    from serve.stages.super_resolution import import_spandrel
+
+    import_spandrel()  # first: spandrel's registry imports torchvision, which the shim stands in for
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    shuffle = 4 // scale
+    torch.manual_seed(seed)
+    model = ESRGAN(in_nc=3 * shuffle * shuffle, out_nc=3, num_filters=RRDB_FILTERS, num_blocks=RRDB_BLOCKS, scale=4,
+                   shuffle_factor=shuffle if shuffle > 1 else None)
+    path = Path(out_dir) / f"random-RealESRGAN_x{scale}plus.pth"
+    torch.save({"params_ema": _esrgan_to_basicsr_keys(model.state_dict(), num_blocks=RRDB_BLOCKS)}, path)
+    return path
+
+
+def _error(exc: BaseException) -> str:
+    return f"error: {type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")[:200]
+
+
+def _timed_enhance(run: EnhanceRun, fn, warm_fn, clock: Clock) -> np.ndarray | None:
+    """One warm-up call on a few frames, then one timed call (synchronised), peak memory reset before it."""
+    try:
+        warm_fn()
+        clock.reset_peak()
+        run.resident_gib = torch.cuda.memory_allocated() / GiB if clock.cuda else None
+        t0 = clock.now()
+        out = fn()
+        run.seconds = clock.now() - t0
+        run.peak_gib = clock.peak_gib()
+        run.frames_out = "x".join(str(d) for d in out.shape[:3])
+        return out
+    except Exception as exc:  # out of memory past the tiled fallback, a dtype the kernels lack: say so, go on
+        run.status = _error(exc)
+        return None
+
+
+def measure_enhance(setting: str, args, clock: Clock, device: torch.device) -> list[EnhanceRun]:
+    """One Enhancer row: its model built as the service builds it (SR: a random checkpoint in the published layout,
+    loaded by `SuperResolver.from_pretrained`; RIFE: `FrameInterpolator(IFNet())` at the published widths), then
+    each of its runs timed once after a warm-up. --dry-run: the tiny weights of serve/models/tiny_enhance.py."""
+    from serve.stages.interpolation import FrameInterpolator, IFNet
+    from serve.stages.super_resolution import SuperResolver
+
+    frames, height, width = enhance_geometry(args.dry_run)
+    dtype = serving_dtype(device, args.enhance_dtype)
+    runs: list[EnhanceRun] = []
+    clip = enhance_clip(frames, height, width, args.seed)
+    shape_in = f"{frames}x{height}x{width}"
+    if setting in ("sr_x2", "sr_x4"):
+        scale = 2 if setting == "sr_x2" else 4
+        with tempfile.TemporaryDirectory(prefix=f"bench-{setting}-") as tmp:
+            build = EnhanceRun(setting, f"RRDBNet x{scale}plus: build", dtype=str(dtype).removeprefix("torch."))
+            try:
+                t0 = time.monotonic()
+                if args.dry_run:
+                    from serve.models.tiny_enhance import write_tiny_sr
+
+                    weights = str(write_tiny_sr(tmp, arch="esrgan", scale=scale))
+                else:
+                    weights = str(write_random_rrdbnet(Path(tmp), scale, seed=args.seed))
+                sr = SuperResolver.from_pretrained(weights, device=device, dtype=dtype, tile=None,
+                                                   batch_size=ENHANCE_SR_BATCH)
+                clock.sync()
+                build.seconds = time.monotonic() - t0
+            except Exception as exc:
+                build.status = _error(exc)
+                return [build]
+        half, bf16 = sr.descriptor.supports_half, sr.descriptor.supports_bfloat16
+        ran = str(sr.dtype).removeprefix("torch.")
+        params = sum(p.numel() for p in sr.descriptor.model.parameters()) / 1e6
+        build.dtype = ran
+        build.note = (f"{sr.architecture} x{sr.scale}, {params:.2f} M parameters{' (tiny)' if args.dry_run else ''}, "
+                      f"random weights, loaded by spandrel from {Path(sr.source).name}; descriptor supports_half "
+                      f"{half}, supports_bfloat16 {bf16}; asked {str(dtype).removeprefix('torch.')}, ran {ran}"
+                      + (f" ({sr.dtype_fallback})" if sr.dtype_fallback else ""))
+        runs.append(build)
+        factors = [scale] if scale == 2 else [4, 2]
+        for factor in factors:
+            served = " (x4 model, served at 2x: + antialiased bicubic downscale)" if factor != scale else ""
+            run = EnhanceRun(setting, f"RRDBNet x{scale}plus, {factor}x{served}", dtype=ran, frames_in=shape_in)
+            runs.append(run)
+            before = sr.fallbacks
+            _timed_enhance(run, lambda f=factor: sr.upscale(clip, f),
+                           lambda f=factor: sr.upscale(clip[:ENHANCE_WARM_FRAMES], f), clock)
+            run.note = (f"batch {sr.batch_size}, untiled asked; last_tiled {sr.last_tiled}, fallbacks {sr.fallbacks}"
+                        f" (this run's warm-up + timed: {sr.fallbacks - before})"
+                        + (f", tiled shapes {sorted(sr.tiled_shapes)} at {sr.fallback_tile} px tiles"
+                           if sr.tiled_shapes else ""))
+        del sr
+    elif setting == "rife_2x":
+        build = EnhanceRun(setting, "RIFE 4.25 IFNet: build", dtype=str(dtype).removeprefix("torch."))
+        runs.append(build)
+        try:
+            t0 = time.monotonic()
+            if args.dry_run:
+                from serve.models.tiny_enhance import write_tiny_rife
+
+                with tempfile.TemporaryDirectory(prefix="bench-rife-") as tmp:
+                    rife = FrameInterpolator.from_pretrained(write_tiny_rife(tmp), device=device, dtype=dtype,
+                                                             batch_size=ENHANCE_RIFE_BATCH)
+            else:
+                torch.manual_seed(args.seed)
+                rife = FrameInterpolator(IFNet(), device=device, dtype=dtype, batch_size=ENHANCE_RIFE_BATCH)
+            clock.sync()
+            build.seconds = time.monotonic() - t0
+        except Exception as exc:
+            build.status = _error(exc)
+            return runs
+        params = sum(p.numel() for p in rife.model.parameters()) / 1e6
+        build.note = (f"block widths {tuple(rife.model.block_widths)}, head {rife.model.head_channels}, "
+                      f"{params:.2f} M parameters{' (tiny)' if args.dry_run else ''}, random weights")
+        for name, size in (("at the decoded size", 1), ("at the delivered size after 2x SR", 2)):
+            big = clip if size == 1 else enhance_clip(frames, height * size, width * size, args.seed)
+            run = EnhanceRun(setting, f"RIFE 2x {name}", dtype=build.dtype,
+                             frames_in=f"{frames}x{height * size}x{width * size}")
+            runs.append(run)
+            _timed_enhance(run, lambda b=big: rife.interpolate(b, 2),
+                           lambda b=big: rife.interpolate(b[:ENHANCE_WARM_FRAMES], 2), clock)
+            run.note = (f"batch {rife.batch_size} pairs, {frames - 1 - len(rife.last_scene_cuts)} frames "
+                        f"interpolated, scene cuts {rife.last_scene_cuts or 'none'}")
+            del big
+        del rife
+    else:
+        raise ValueError(f"not an Enhancer row: {setting}")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return runs
+
+
+def five_b_video_s(rows: list[Row], stage_times: dict[str, StageTimes], vae: VaeTimes | None) -> tuple[float, str]:
+    """The whole 5b video's seconds for the Enhancer's share: the default 5b row (`sdpa`, the lossless replica)
+    as this run measured it, else its parts with priors filled in, else the priors alone."""
+    sdpa = next((r for r in rows if (r.model, r.setting) == ("5b", "sdpa") and r.mean), None)
+    if sdpa is not None and sdpa.video_s:
+        return sdpa.video_s, "measured in this run: the 5b `sdpa` row's video s (T5 + 50 steps extrap. + decode)"
+    if sdpa is not None:
+        t5 = stage_times.get("5b", StageTimes()).t5_s or sdpa.t5_s
+        decode = vae.seconds("ours (uint8 on the device)") if vae else None
+        what = ("5b `sdpa` steps measured in this run, " + ("T5 measured" if t5 is not None else "T5 prior") + ", "
+                + ("decode measured" if decode is not None else "decode prior"))
+        return (t5 if t5 is not None else T5_ENCODE_S) + 50 * sdpa.mean + (decode or VAE_UNTILED_S), what
+    prior = T5_ENCODE_S + 50 * PRIORS["5b"]["step_s"] + VAE_UNTILED_S
+    return prior, (f"the 5b prior (no 5b row measured in this run): T5 {T5_ENCODE_S} + 50 x "
+                   f"{PRIORS['5b']['step_s']} s/step + decode {VAE_UNTILED_S}")
+
+
+def render_enhance(enhance: EnhanceTimes, args, video: tuple[float, str]) -> list[str]:
+    video_s, source = video
+    frames, height, width = enhance_geometry(args.dry_run)
+    kind = ("CPU dry run, tiny weights (serve/models/tiny_enhance.py): checks the code path, the numbers mean "
+            "nothing" if args.dry_run else "full-size architectures, random weights")
+    lines = ["", f"Enhancer ({kind}; a {frames}x{height}x{width} uint8 clip, each run timed once after a warm-up on "
+             f"{ENHANCE_WARM_FRAMES} frames, synchronised; uint8 in and out on the host, as the stage runs; peak = max "
+             "GPU memory allocated during the timed run, resident = allocated before it (whatever else the run still "
+             "holds included); share = s / the 5b video's s):", "",
+             f"- 5b video s = {video_s:.1f}: {source}", "",
+             "| row | run | status | dtype | frames in | frames out | s | peak GiB | resident GiB | peak - resident "
+             "GiB | share of a 5b video | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in enhance.rows:
+        extra = r.peak_gib - r.resident_gib if r.peak_gib is not None and r.resident_gib is not None else None
+        share = f"{100 * r.seconds / video_s:.1f}%" if r.seconds is not None and video_s and \
+            r.frames_in != "-" else "-"
+        lines.append(f"| {r.row} | {r.name} | {r.status} | {r.dtype} | {r.frames_in} | {r.frames_out} "
+                     f"| {fmt(r.seconds, 2)} | {fmt(r.peak_gib, 1)} | {fmt(r.resident_gib, 1)} | {fmt(extra, 1)} "
+                     f"| {share} | {r.note or '-'} |")
+    return lines
+
+
 # 5. The time plan
 @dataclass
 class Planner:
@@ -650,6 +897,8 @@ class Planner:
 
     def estimate(self, model: str, setting: str) -> float:
         gpu = self.device_type == "cuda"
+        if model in ENHANCE_MODELS:  # each row builds its own model; nothing of the CogVideoX components
+            return ENHANCE_PRIORS_S[setting] if gpu else 1.0
         step, prior = self.step(model), PRIORS[model]
         seconds = 0.0
         if model not in self.built:
@@ -767,7 +1016,7 @@ def environment(device: torch.device) -> dict[str, str]:
 
 def render(args, env, geometry, rows: list[Row], stage_times: dict[str, StageTimes], vae: VaeTimes | None,
            attention: AttentionTimes | None, started: str, finished: bool, plan_text: str,
-           skipped_probes: list[str], i2v: I2vTimes | None = None) -> str:
+           skipped_probes: list[str], i2v: I2vTimes | None = None, enhance: EnhanceTimes | None = None) -> str:
     frames, height, width = geometry
     kind = "CPU dry run, tiny models: checks the code path, the numbers mean nothing" if args.dry_run else \
         "full-size architectures, random weights"
@@ -814,6 +1063,8 @@ def render(args, env, geometry, rows: list[Row], stage_times: dict[str, StageTim
                   for name, status, s, a, r in attention.rows]
     if i2v is not None:
         lines += render_i2v(i2v, args)
+    if enhance is not None and enhance.rows:
+        lines += render_enhance(enhance, args, five_b_video_s(rows, stage_times, vae))
     if skipped_probes:
         lines += ["", "Not measured: " + "; ".join(skipped_probes)]
     lines += ["", "Setup s: applying the setting plus, for compiled settings, one 2-step warm-up request (compilation)"
@@ -835,8 +1086,9 @@ def write_report(path: Path, prior: str, section: str) -> None:
 # 7. The run
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="5b,2b,5b-i2v", help="comma-separated: 5b,2b,5b-i2v (5b-i2v: the "
-                        "image-to-video row `i2v` only)")
+    parser.add_argument("--models", default="5b,2b,5b-i2v,enhance", help="comma-separated: 5b,2b,5b-i2v,enhance "
+                        "(5b-i2v: the image-to-video row `i2v` only; enhance: the Enhancer's rows sr_x2, sr_x4, "
+                        "rife_2x only)")
     rows = [*SETTINGS, *PROBES]
     parser.add_argument("--settings", default=",".join(rows), help=f"comma-separated of {rows}")
     parser.add_argument("--steps-warm", type=int, default=2, help="steps per request not measured (>= 1)")
@@ -853,12 +1105,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "eager with --dry-run)")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny models, tiny geometry: tests this script")
+    parser.add_argument("--enhance-dtype", default="serving", choices=["serving", "float16", "bfloat16", "float32"],
+                        help="the Enhancer rows' dtype (serving: the 5b preset's, bfloat16, as deployments/enhancer.py "
+                        "loads them on a GPU; float32 on a CPU)")
     args = parser.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.settings = [s for s in args.settings.split(",") if s]
     for m in args.models:
-        if m not in MODELS:
-            parser.error(f"--models takes {sorted(MODELS)}, got {m!r}")
+        if m not in MODELS and m not in ENHANCE_MODELS:
+            parser.error(f"--models takes {sorted(MODELS) + sorted(ENHANCE_MODELS)}, got {m!r}")
     for s in args.settings:
         if s not in rows:
             parser.error(f"--settings takes {rows}, got {s!r}")
@@ -978,6 +1233,7 @@ def main(argv: list[str] | None = None) -> int:
     vae: VaeTimes | None = None
     attention: AttentionTimes | None = None
     i2v: I2vTimes | None = None
+    enhance = EnhanceTimes()
     comps: dict[str, dict] = {}
     stages: dict[str, dict] = {}
     latents_of: dict[tuple[str, str], np.ndarray] = {}
@@ -985,7 +1241,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(finished: bool = False) -> None:
         write_report(args.out, prior, render(args, env, geometry, rows, stage_times, vae, attention, started,
-                                             finished, plan_text, skipped_probes, i2v))
+                                             finished, plan_text, skipped_probes, i2v, enhance))
 
     for model, setting in plan:
         row = Row(model, setting)
@@ -1003,7 +1259,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{model}] {setting} (est. {row.estimate_s:.0f} s) ...", flush=True)
         t_row = time.monotonic()
         try:
-            if model not in comps:  # built when its first row runs; the full-size models share one T5
+            if model not in comps and model not in ENHANCE_MODELS:  # built when its first row runs; the full-size models share one T5
                 shared_t5 = next(iter(comps.values()))["text_encoder"] if comps else None
                 comps[model] = build_components(model, device, args.dry_run, text_encoder=shared_t5)
                 stages[model] = make_stages(comps[model], device)
@@ -1014,8 +1270,14 @@ def main(argv: list[str] | None = None) -> int:
                                                 f"({', '.join(m for m in comps if m != model)});")
                 planner.built.add(model)
                 print(f"[{model}] built in {time.monotonic() - t_row:.1f}s", flush=True)
-            c, st = comps[model], stages[model]
-            if setting == "vae":
+            c, st = comps.get(model), stages.get(model)
+            if model in ENHANCE_MODELS:  # models of their own, built by the row (no CogVideoX components)
+                runs = measure_enhance(setting, args, clock, device)
+                enhance.rows += runs
+                failed = [f"{r.name}: {r.status}" for r in runs if r.status != "ok"]
+                if failed:
+                    row.status = "; ".join(failed)[:200]
+            elif setting == "vae":
                 vae = measure_vae(model, st, c, geometry, clock)
             elif setting == "attention":
                 attention = measure_attention(model, c, geometry, clock, device)
@@ -1052,7 +1314,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report(finished=True)
     print(render(args, env, geometry, rows, stage_times, vae, attention, started, True, plan_text, skipped_probes,
-                 i2v))
+                 i2v, enhance))
     print(f"total {time.monotonic() - t_start:.0f}s; table written to {args.out}", flush=True)
     return 0
 

@@ -4,7 +4,9 @@
 #   bash benchmarks/run_on_gpu.sh [extra gpu_benchmark.py flags, e.g. --models 5b]
 #   SKIP_TESTS=1 TOTAL_S=240 bash benchmarks/run_on_gpu.sh --models 5b --settings compile,fp8   # a follow-up
 #   SKIP_TESTS=1 TOTAL_S=240 bash benchmarks/run_on_gpu.sh --models 5b-i2v   # image-to-video (row i2v) alone
-# (the default --models 5b,2b,5b-i2v plans the i2v row last, so a first call's budget rarely reaches it)
+#   SKIP_TESTS=1 TOTAL_S=240 bash benchmarks/run_on_gpu.sh --models enhance  # Enhancer rows sr_x2, sr_x4, rife_2x
+# (the default --models 5b,2b,5b-i2v,enhance plans the i2v row, then the Enhancer rows, last, so a first call's
+# budget rarely reaches them)
 # Installs the carried wheels, runs tests/gpu (at most TESTS_S, each test at most TEST_TIMEOUT_S, so one
 # slow compile cannot eat the summary), then the benchmark within what is left of TOTAL_S (default 480 s:
 # a lent machine gives 15 minutes in all, its start included, and 600 s a command; this leaves room for

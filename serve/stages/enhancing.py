@@ -22,9 +22,10 @@ Resolve = Callable[[str, "str | None"], str]  # (source, revision) -> a local fi
 
 
 class EnhancingStage:
-    def __init__(self, sr: dict[str, Any], interpolator: Any | None) -> None:
+    def __init__(self, sr: dict[str, Any], interpolator: Any | None, sources: dict[str, str] | None = None) -> None:
         self.sr = sr  # "sr" / "sr_fast" -> SuperResolver
         self.interpolator = interpolator
+        self.sources = dict(sources or {})  # "sr" / "sr_fast" / "interpolation" -> the configured source
         self._last: dict[str, Any] = {}
 
     @classmethod
@@ -49,7 +50,9 @@ class EnhancingStage:
             interpolator = FrameInterpolator.from_pretrained(
                 resolve(cfg.interpolation.source, cfg.interpolation.revision), device=device, dtype=dtype,
                 batch_size=cfg.batch_size, **kwargs)
-        return cls(sr, interpolator)
+        sources = {name: w.source for name, w in (("sr", cfg.sr), ("sr_fast", cfg.sr_fast),
+                                                   ("interpolation", cfg.interpolation)) if w is not None}
+        return cls(sr, interpolator, sources)
 
     def enhance(self, frames: np.ndarray, *, sr_factor: int = 1, fps_factor: int = 1,
                 sr_model: str = "sr") -> np.ndarray:
@@ -62,7 +65,8 @@ class EnhancingStage:
                 raise ValueError(f"a {sr_factor}x upscale was asked of a model without super-resolution weights")
             started = time.perf_counter()
             frames = model.upscale(frames, sr_factor)
-            info["super_resolution"] = {"factor": sr_factor, "weights": sr_model if sr_model in self.sr else "sr",
+            used = sr_model if sr_model in self.sr else "sr"
+            info["super_resolution"] = {"factor": sr_factor, "weights": used, "source": self.sources.get(used),
                                         "architecture": model.architecture, "scale": model.scale,
                                         "tiled": bool(model.last_tiled), "dtype": str(model.dtype).removeprefix(
                                             "torch."), "seconds": round(time.perf_counter() - started, 4)}
@@ -71,7 +75,8 @@ class EnhancingStage:
                 raise ValueError(f"a {fps_factor}x frame interpolation was asked of a model without RIFE weights")
             started = time.perf_counter()
             frames = self.interpolator.interpolate(frames, fps_factor)
-            info["interpolation"] = {"factor": fps_factor, "architecture": "RIFE IFNet",
+            info["interpolation"] = {"factor": fps_factor, "architecture": "RIFE IFNet (Practical-RIFE 4.25 layout)",
+                                     "source": self.sources.get("interpolation"),
                                      "scene_cuts": list(self.interpolator.last_scene_cuts),
                                      "seconds": round(time.perf_counter() - started, 4)}
         info["output"] = {"frames": int(frames.shape[0]), "height": int(frames.shape[1]),

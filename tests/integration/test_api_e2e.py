@@ -155,7 +155,8 @@ def test_health_and_readiness(cluster):
     assert ready["status"] == "ready"
     models = ("cogvideox-tiny-2b", "cogvideox-tiny-5b", "cogvideox-tiny-5b-i2v")
     assert ready["checks"] == {"s3": True, **{f"model-{model}/{stage}": True for model in models
-                                              for stage in ("TextEncoder", "Denoiser", "VaeDecoder")}}
+                                              for stage in ("TextEncoder", "Denoiser", "VaeDecoder")},
+                               "model-cogvideox-tiny-5b/Enhancer": True}  # the model with `enhance` has one
 
 
 def test_a_request_names_its_model_and_runs_on_that_models_stages(cluster):

@@ -51,6 +51,15 @@ def test_dry_run_writes_the_table(tmp_path):
     # the planned order with each row's estimate is printed before anything runs, and kept in the report
     assert proc.stdout.index("Planned order on a GPU") < proc.stdout.index("[5b] pipeline")
     assert "Planned order on a GPU, before the run" in text
+    # the Enhancer rows (pseudo-model `enhance`, last in the plan): tiny SR x2 / x4 (and x4 served at 2x), RIFE 2x at
+    # the decoded and the delivered size, each through the service's classes
+    assert "Enhancer (CPU dry run, tiny weights" in text and "the numbers mean nothing" in text
+    enhance = {tuple(c.strip() for c in line.split("|")[1:4]) for line in text.splitlines()
+               if line.startswith(("| sr_x2 |", "| sr_x4 |", "| rife_2x |"))}
+    assert {("sr_x2", "RRDBNet x2plus, 2x", "ok"), ("sr_x4", "RRDBNet x4plus, 4x", "ok"),
+            ("rife_2x", "RIFE 2x at the decoded size", "ok"),
+            ("rife_2x", "RIFE 2x at the delivered size after 2x SR", "ok")} <= enhance, enhance
+    assert "| 9x32x48 | 9x64x96 |" in text and "| 9x64x96 | 17x64x96 |" in text
 
 
 def _plan_table(text: str) -> list[list[str]]:

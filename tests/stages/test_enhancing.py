@@ -40,6 +40,9 @@ def test_sr_then_interpolation_equals_the_two_models_applied_in_that_order(weigh
     assert info["input"] == {"frames": 5, "height": 32, "width": 48, "bytes": src.nbytes}
     assert info["output"] == {"frames": 9, "height": 64, "width": 96}
     assert info["super_resolution"]["factor"] == 2 and info["interpolation"]["factor"] == 2
+    # the metadata names the weights used
+    assert info["super_resolution"]["source"] == str(weights["sr2"])
+    assert info["interpolation"]["source"] == str(weights["rife"])
     # one factor alone
     assert stage.enhance(src, fps_factor=4).shape == (17, 32, 48, 3)
     assert stage.enhance(src, sr_factor=2).shape == (5, 64, 96, 3) and "interpolation" not in stage.last_run_info()
