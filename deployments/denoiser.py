@@ -51,9 +51,10 @@ class Denoiser(StageReplica):
             latents = await run_to_end(self._stage.denoise, encoded.value, req.params,
                                        on_step=self._metrics.step_timer(progress), should_cancel=cancel.is_set,
                                        on_cancel=stop_at_next_step, image=None if image is None else image.value)
-            await asyncio.to_thread(progress.flush)
             self._metrics.count_uncompiled_runs(self._stage)
             ran = self._stage.last_run_info()  # in the lock: the next request's run changes it
+        # the last step's write lands after the slot is free: the next job's loop does not wait for S3
+        await asyncio.to_thread(progress.flush)
         before = [encoded] if image is None else [encoded, image]
         return Handoff(value=latents, timings={**_merged(before, "timings"), DENOISER.timing_key: timer.seconds},
                        info={**_merged(before, "info"), DENOISER.key: ran},

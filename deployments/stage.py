@@ -83,14 +83,24 @@ class StageReplica:
     @asynccontextmanager
     async def computing(self, req: GenerationRequest, *, report_phase: bool = True) -> AsyncIterator[Timer]:
         """Hold the replica's one computation slot: wait for the lock (measured), say the job entered this
-        stage's phase, time the computation (measured when it succeeds)."""
+        stage's phase, time the computation (measured when it succeeds).
+
+        The phase write never holds the lock: it starts when the slot is taken and is awaited only after the slot
+        is given back (so a slow S3 write neither delays this computation nor the next request's), and before the
+        caller's next progress write (so the phases land in order)."""
         waiting = time.perf_counter()
-        async with self._lock:
-            self._metrics.lock_acquired(waiting)
-            if report_phase:
-                await asyncio.to_thread(self._store.put_progress, req.job_id, self.stage.phase, 0,
-                                        req.params.num_inference_steps, attempt=req.attempt)
-            timer = Timer()
-            yield timer
-            timer.seconds = timer.elapsed()
-            self._metrics.processed(timer.seconds)
+        phase: asyncio.Future | None = None
+        try:
+            async with self._lock:
+                self._metrics.lock_acquired(waiting)
+                if report_phase:
+                    phase = asyncio.ensure_future(asyncio.to_thread(
+                        self._store.put_progress, req.job_id, self.stage.phase, 0, req.params.num_inference_steps,
+                        attempt=req.attempt))
+                timer = Timer()
+                yield timer
+                timer.seconds = timer.elapsed()
+                self._metrics.processed(timer.seconds)
+        finally:
+            if phase is not None:  # best effort (put_progress logs its own failure): never fails the call
+                await asyncio.gather(phase, return_exceptions=True)

@@ -153,6 +153,10 @@ class JobRecord(BaseModel):
     input_image: InputImage | None = Field(
         default=None, description="Image-to-video: the accepted input image, stored beside the video (its key, "
                                   "SHA-256 and size; never the image). Every attempt encodes these bytes.")
+    billing: Literal["pending", "recorded"] | None = Field(
+        default=None, description="A completed job's bill: 'pending' from its terminal write (durably: its active "
+                                  "marker stays, so any replica's reclaim scan finds it) until its usage record is "
+                                  "in S3, then 'recorded'. None: nothing to bill (not completed, or usage off).")
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds per stage.")
     gpus: dict[str, float] = Field(
         default_factory=dict, description="GPUs each stage's replica held for this job (text_encoder, ...), as "

@@ -77,7 +77,8 @@ class JobRunner:
     def __init__(self, store: JobStore, pipeline: Pipeline, cfg: JobsConfig, owner: str,
                  clock: Callable[[], float] = time.time,
                  on_finished: Callable[[JobRecord], Awaitable[None]] | None = None,
-                 events: JobEvents | None = None) -> None:
+                 events: JobEvents | None = None,
+                 on_unbilled: Callable[[JobRecord], Awaitable[bool]] | None = None) -> None:
         self._store = store
         self._pipeline = pipeline
         self._cfg = cfg
@@ -92,6 +93,10 @@ class JobRunner:
         # round-robin across tenants, so one tenant's burst does not delay another's single job
         self._queue = FairQueue()
         self._on_finished = on_finished
+        # a completed job whose bill is still pending (its usage record not in S3 yet: an S3 outage, or the replica
+        # that finished it died first): the reclaim scan hands it to this, which records it (True when done)
+        self._on_unbilled = on_unbilled
+        self.bills_usage = on_unbilled is not None  # completed jobs owe a usage record (usage.enabled)
         self._ended: dict[str, tuple[asyncio.Event, int]] = {}  # jobs sync requests wait for, and how many
         self.backlog: Backlog | None = None  # the cluster's queue as the last reclaim scan read it
         self._stopping = False
@@ -176,6 +181,23 @@ class JobRunner:
             await self._on_finished(job)
         except Exception:  # noqa: BLE001
             log.exception("job %s: end-of-job hook failed", job.id)
+
+    async def _settle(self, job: JobRecord, now: float) -> None:
+        # the replica that finished it bills it right after its terminal write: give it a heartbeat's time first
+        if job.id in self._ending or now - (job.completed_at or now) < self._cfg.heartbeat_s:
+            return
+        await self.settle(job)
+
+    async def settle(self, job: JobRecord) -> bool:
+        """Record a completed job's pending bill (any replica, any number of times: the usage record is written
+        once); True when nothing is pending any more."""
+        if job.billing != "pending" or self._on_unbilled is None:
+            return job.billing != "pending"
+        try:
+            return await self._on_unbilled(job)
+        except Exception:  # noqa: BLE001 - still pending: the next scan tries again
+            log.warning("job %s: bill still pending", job.id, exc_info=True)
+            return False
 
     async def ended(self, job_id: str, timeout_s: float) -> bool:
         """Wait up to `timeout_s` for `job_id` to end on this replica (its terminal transition landing here);
@@ -330,7 +352,7 @@ class JobRunner:
             try:
                 return self._store.finish(
                     job_id, self.owner, status, error=JobError(**error) if error else None,
-                    result=result, timings=timings, gpus=gpus)
+                    result=result, timings=timings, gpus=gpus, bill=self.bills_usage)
             finally:  # in the thread: also when the awaiting task was cancelled meanwhile
                 self._finishing.discard(job_id)
 
@@ -401,6 +423,9 @@ class JobRunner:
                     await asyncio.to_thread(self._store.drop_active, job_id)
                 continue
             if job.is_terminal:
+                if job.billing == "pending":  # the marker is the bill's outbox entry: settle it, then it goes
+                    await self._settle(job, now)
+                    continue
                 await asyncio.to_thread(self._store.drop_active, job_id)
                 continue
             if job.lease_is_free(now):

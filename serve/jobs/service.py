@@ -297,6 +297,10 @@ class VideoService:
     async def delete(self, job_id: str, tenant: str) -> VideoDeleted:
         """Delete the job and its objects; a running chain is cancelled (its owner loses the lease)."""
         job = await self._load(job_id, tenant)
+        if job.billing == "pending" and not await self._runner.settle(job):
+            # the delete would take the bill's outbox marker with it: a video is never deleted unbilled
+            raise ServiceError(503, f"video {job_id} is still being billed; retry the delete shortly",
+                               code="billing_pending", headers={"Retry-After": "5"})
         # objects first, record last: a DELETE that fails half-way can be retried (the record still answers)
         keys = list(video_keys(self._storage, job_id).values())
         if job.input_image is not None:

@@ -287,10 +287,13 @@ class JobStore:
         result: JobResult | None = None,
         timings: dict[str, float] | None = None,
         gpus: dict[str, float] | None = None,
+        bill: bool = False,
     ) -> JobRecord | None:
         """Terminal transition by the lease holder; None if we lost the lease or the job already ended.
 
         `owner=None` finishes a job nobody holds (e.g. cancelling a queued job): only while the lease is free.
+        `bill`: a completed job owes a usage record; the same write says so (`billing: pending`) and the active marker
+        stays until `billing_recorded`, so the obligation survives any failure after this write.
         """
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"finish needs a terminal status {sorted(TERMINAL_STATUSES)}, got {status!r}")
@@ -323,15 +326,32 @@ class JobStore:
                 rec.gpus.update(gpus)
             rec.lease_owner = None
             rec.lease_expires_at = None
+            rec.billing = "pending" if status == "completed" and bill else None
             return rec
 
         rec = self._update_or_none(job_id, end)
         if rec is not None:
+            markers = [self.progress_key(job_id)] if rec.billing == "pending" else [
+                self.active_key(job_id), self.progress_key(job_id)]
             try:
-                self.storage.delete_many([self.active_key(job_id), self.progress_key(job_id)])
+                self.storage.delete_many(markers)
             except StorageError as exc:
                 # The record is already terminal; a leftover marker is dropped by the next reclaim scan.
                 logger.warning("job %s finished but its markers remain: %s", job_id, exc)
+        return rec
+
+    def billing_recorded(self, job_id: str) -> JobRecord | None:
+        """The job's usage record is in S3: `billing` pending -> recorded, and its active marker (the outbox entry)
+        goes. None if nothing was pending (already recorded by another replica, or never owed)."""
+        def done(rec: JobRecord) -> JobRecord:
+            if rec.billing != "pending":
+                raise _Skip
+            rec.billing = "recorded"
+            return rec
+
+        rec = self._update_or_none(job_id, done)
+        if rec is not None:
+            self.storage.delete_many([self.active_key(job_id)])
         return rec
 
     # ---- listing ------------------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ class IngressGraph:
         self.store = JobStore.from_config(storage, config.jobs)
         # `limiter` defaults to an in-process one (one replica)
         self.limiter = limiter if limiter is not None else LocalLimiter(config.limits)
-        self.runner = JobRunner(self.store, pipeline, config.jobs, owner, events=events, on_finished=self._job_ended)
+        self.runner = JobRunner(self.store, pipeline, config.jobs, owner, events=events, on_finished=self._job_ended,
+                                on_unbilled=self._bill)
         self.policy: PromptPolicy | None = None
         self._build(config)()  # the first settings
 
@@ -70,7 +71,7 @@ class IngressGraph:
         view = VideoView(config, self._storage, self._clock)
         admission = Admission(config, self.store, self.limiter, policy,
                               IdempotencyStore.from_config(self._storage, config.idempotency), self.webhooks)
-        end = JobEnd(config, self.limiter, ledger, self.webhooks, view)
+        end = JobEnd(config, self.limiter, ledger, self.webhooks, view, self.store)
         service = VideoService(config, self.store, self._storage, self.runner, admission, ledger, view, self._clock)
 
         def swap() -> None:
@@ -78,6 +79,7 @@ class IngressGraph:
             # one step: nothing awaits between these assignments
             self.config, self.keyring, self.policy, self.ledger, self._end, self.service = (
                 config, keyring, policy, ledger, end, service)
+            self.runner.bills_usage = config.usage.enabled
             if old_policy is not None:  # admissions under way may still ask its classifier: close it later
                 try:
                     asyncio.get_running_loop().call_later(old_policy.config.classifier_timeout_s + 5,
@@ -99,6 +101,9 @@ class IngressGraph:
 
     async def _job_ended(self, job: JobRecord) -> None:
         await self._end(job)
+
+    async def _bill(self, job: JobRecord) -> bool:
+        return await self._end.bill(job)
 
     def close(self) -> None:
         if self.policy is not None:
