@@ -153,6 +153,7 @@ class Ingress:
         self._webhooks = None
         self._reconciler: asyncio.Task[None] | None = None
         self._backfill: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
         self._apply = asyncio.Lock()
         self._rejected: str | None = None  # why the last settings change was refused, until one is applied
         self._settings_seen = 0  # settings received; a retry of older ones gives way to newer
@@ -227,6 +228,7 @@ class Ingress:
         self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
         # jobs written before index-asc/ existed get their oldest-first marker (idempotent; retried next start)
         self._backfill = asyncio.get_running_loop().create_task(self._backfill_ascending_index(graph.store))
+        self._retention = asyncio.get_running_loop().create_task(self._retention_loop())
 
     @staticmethod
     async def _backfill_ascending_index(store) -> None:
@@ -264,6 +266,16 @@ class Ingress:
     @property
     def keyring(self):
         return self._graph.keyring
+
+    async def _retention_loop(self) -> None:
+        """Delete expired jobs every jobs.retention_sweep_interval_s (jittered: replicas spread their sweeps)."""
+        while True:
+            interval = self._graph.config.jobs.retention_sweep_interval_s
+            await asyncio.sleep(interval * (0.5 + random.random()))
+            try:
+                await self._graph.sweeper.sweep()
+            except Exception:  # noqa: BLE001 - the next sweep repeats it
+                log.warning("retention sweep failed", exc_info=True)
 
     async def _reconcile_loop(self) -> None:
         """Rebuild the shared limiter from S3 when it is new (actor restart) and every reconcile_interval_s."""
@@ -331,6 +343,8 @@ class Ingress:
             self._reconciler.cancel()
         if self._backfill is not None:
             self._backfill.cancel()
+        if self._retention is not None:
+            self._retention.cancel()
         if self._graph is not None:
             await self._graph.runner.stop()
             self._graph.close()

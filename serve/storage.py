@@ -436,6 +436,39 @@ class Storage:
                 break
         return keys[:max_keys]
 
+    def list_prefixes(self, prefix: str) -> list[str]:
+        """The "directories" one level under `prefix` (S3 common prefixes with delimiter '/'), each ending in '/'."""
+        out: list[str] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
+            if token:
+                kwargs["ContinuationToken"] = token
+            try:
+                r = self._client.list_objects_v2(**kwargs)
+            except (ClientError, BotoCoreError) as exc:
+                raise StorageError(f"list s3://{self.bucket}/{prefix} failed: {exc}") from exc
+            out.extend(p["Prefix"] for p in r.get("CommonPrefixes", []))
+            token = r.get("NextContinuationToken")
+            if not r.get("IsTruncated") or not token:
+                return out
+
+    def put_lifecycle(self, rules: list[dict[str, Any]]) -> None:
+        """Replace the bucket's lifecycle configuration with `rules` (S3's `Rules` shape)."""
+        try:
+            self._client.put_bucket_lifecycle_configuration(Bucket=self.bucket,
+                                                            LifecycleConfiguration={"Rules": rules})
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"put lifecycle of s3://{self.bucket} failed: {exc}") from exc
+
+    def get_lifecycle(self) -> list[dict[str, Any]]:
+        try:
+            return self._client.get_bucket_lifecycle_configuration(Bucket=self.bucket).get("Rules", [])
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "NoSuchLifecycleConfiguration":
+                return []
+            raise StorageError(f"get lifecycle of s3://{self.bucket} failed: {exc}") from exc
+
     # ---- conditional primitives (the job store's compare-and-swap) ----------------------------------------------
 
     def get_with_etag(self, key: str) -> tuple[bytes, str] | None:

@@ -141,7 +141,12 @@ class JobsConfig(Strict):
     reclaim_interval_s: float = Field(default=10.0, gt=0, description="How often replicas scan for orphans.")
     retry_backoff_s: float = Field(default=2.0, ge=0, description="Wait before a retried attempt.")
     attempt_timeout_s: float = Field(default=3600.0, gt=0, description="Upper bound for one chain attempt.")
-    retention_s: int = Field(default=7 * 24 * 3600, gt=0, description="`expires_at` = completion + this.")
+    retention_s: int = Field(
+        default=7 * 24 * 3600, gt=0,
+        description="`expires_at` = completion + this; then the job's objects, record and index entries are deleted "
+                    "(the ingress's retention sweep; usage records stay for billing).")
+    retention_sweep_interval_s: float = Field(
+        default=900.0, gt=0, description="How often each ingress replica sweeps expired jobs (with jitter).")
     progress_interval_s: float = Field(default=0.5, ge=0, description="Min seconds between progress writes.")
     max_concurrent_per_replica: int = Field(default=64, ge=1, description="Jobs one ingress drives at once.")
 

@@ -475,6 +475,11 @@ class JobStore:
 
     # ---- delete -------------------------------------------------------------------------------------------------
 
+    def tenants(self) -> list[str]:
+        """Every tenant with jobs in the (oldest-first) index."""
+        prefix = self.storage.key(_INDEX_ASC, "")
+        return [p[len(prefix):].rstrip("/") for p in self.storage.list_prefixes(prefix)]
+
     def delete(self, job_id: str) -> JobRecord | None:
         """Remove the job (record, markers, progress); returns the last record so the caller can delete videos.
 

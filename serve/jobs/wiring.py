@@ -24,6 +24,7 @@ from serve.billing.usage import UsageLedger
 from serve.config import AppConfig
 from serve.jobs.hooks import JobEnd
 from serve.jobs.record import JobRecord
+from serve.jobs.retention import RetentionSweeper
 from serve.jobs.runner import JobEvents, JobRunner, Pipeline
 from serve.jobs.service import VideoService
 from serve.jobs.store import JobStore
@@ -58,6 +59,7 @@ class IngressGraph:
         self.limiter = limiter if limiter is not None else LocalLimiter(config.limits)
         self.runner = JobRunner(self.store, pipeline, config.jobs, owner, events=events, on_finished=self._job_ended,
                                 on_unbilled=self._bill)
+        self.sweeper = RetentionSweeper(self.store, storage, self.runner.settle, clock)
         self.policy: PromptPolicy | None = None
         self._build(config)()  # the first settings
 
