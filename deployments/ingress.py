@@ -210,7 +210,10 @@ class Ingress:
 
         if config.s3.create_bucket:
             await asyncio.to_thread(self._storage.ensure_bucket)
-        self._webhooks = WebhookSender(config.webhooks, WebhookSecrets.from_config(config.webhooks))
+        from deployments.metrics import WebhookMetrics
+
+        self._webhooks = WebhookSender(config.webhooks, WebhookSecrets.from_config(config.webhooks),
+                                       on_result=WebhookMetrics())
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a replica (tests)

@@ -50,6 +50,8 @@ from serve.metrics import (
     STAGE_PROCESSING,
     TILED_DECODE_FALLBACKS,
     VIDEO_ENCODE,
+    WEBHOOK_DELIVERIES,
+    WEBHOOK_OUTCOMES,
     JobEvents,
     Metric,
     bounded,
@@ -291,3 +293,14 @@ class RayJobEvents(JobEvents):
                                                               gpus_per_stage(job, self._gpus_override())).items():
                 if seconds > 0 and stage in GPU_STAGE_LABELS:
                     self._gpu_seconds.inc(seconds, tags={"tenant": job.tenant, "stage": stage})
+
+
+class WebhookMetrics:
+    """`WebhookSender(on_result=...)`: each ended delivery counted by outcome."""
+
+    def __init__(self) -> None:
+        self._deliveries = create(WEBHOOK_DELIVERIES)
+
+    @_never_raises
+    def __call__(self, result: Any) -> None:
+        self._deliveries.inc(tags={"outcome": bounded(result.outcome, WEBHOOK_OUTCOMES, "failed")})

@@ -155,6 +155,12 @@ INGRESS_RUNNING = Metric(
     "videogen_ingress_running_jobs", "gauge",
     "Jobs this ingress replica is driving (chain in flight, or waiting between attempts).",
     recorded_by=("Ingress",))
+WEBHOOK_DELIVERIES = Metric(
+    "videogen_webhook_deliveries_total", "counter",
+    "Terminal webhooks whose delivery ended, by outcome: delivered, failed (after its retries, or a permanent HTTP "
+    "answer) or refused (the address check at send time). Each outcome is also on its job (`webhook`).",
+    tag_keys=("outcome",), recorded_by=("Ingress",),
+    no_panel="no series until a webhook ends, and the observability traffic sends none; the failure alert reads it")
 GPU_SECONDS = Metric(
     "videogen_gpu_seconds_total", "counter",
     "GPU-seconds of completed jobs by tenant and stage (stage seconds x GPUs per replica, as billed). `tenant` is "
@@ -181,7 +187,7 @@ CATALOG: tuple[Metric, ...] = (
     TILED_DECODE_FALLBACKS,
     GPU_MEMORY_ALLOCATED, GPU_MEMORY_RESERVED, GPU_MEMORY_PEAK, PROCESS_RSS,
     JOB_QUEUE_WAIT, JOB_DURATION, JOBS_FINISHED, JOB_ATTEMPTS, JOB_ATTEMPT_FAILURES, INGRESS_QUEUED, INGRESS_RUNNING,
-    GPU_SECONDS, S3_REQUEST, S3_UPLOADED, S3_ERRORS,
+    GPU_SECONDS, WEBHOOK_DELIVERIES, S3_REQUEST, S3_UPLOADED, S3_ERRORS,
 )
 
 # ---- label values -------------------------------------------------------------------------------------------------
@@ -199,6 +205,7 @@ S3_ERROR_CODES = (
     "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
     "NoCredentialsError", "S3UploadFailedError", "other",
 )
+WEBHOOK_OUTCOMES = ("delivered", "failed", "refused")
 LABEL_VALUES: dict[str, tuple[str, ...] | None] = {
     "status": JOB_STATUSES,
     "reason": JOB_REASONS,
@@ -207,6 +214,7 @@ LABEL_VALUES: dict[str, tuple[str, ...] | None] = {
     "operation": S3_OPERATIONS,
     "code": S3_ERROR_CODES,
     "tenant": None,  # one value per tenant in the keys file (plus the legacy tenant): bounded by the operator
+    "outcome": WEBHOOK_OUTCOMES,
 }
 # What Ray adds to every Serve custom metric (bounded by deployments x replicas).
 SERVE_TAGS = ("deployment", "replica", "application")

@@ -75,6 +75,13 @@ class VideoError(BaseModel):
     message: str
 
 
+class WebhookStatus(BaseModel):
+    state: Literal["pending", "delivered", "failed", "refused"]
+    attempts: int = 0
+    status_code: int | None = None
+    error: str | None = None
+
+
 class Video(BaseModel):
     """The job as clients see it (OpenAI `Video` plus extension fields)."""
 
@@ -111,6 +118,9 @@ class Video(BaseModel):
     url_expires_at: int | None = None
     request_id: str | None = Field(
         default=None, description="The id of the request that created it (its X-Request-ID, or Zhipu's request_id).")
+    webhook: WebhookStatus | None = Field(
+        default=None, description="Its terminal webhook's delivery (jobs with a webhook URL): pending, delivered, "
+                                  "failed after its retries, or refused by the address check. Not in webhooks.")
     queue_position: int | None = Field(
         default=None, description="Queued only: jobs ahead of it in the cluster's queue (0: next), as of the "
                                   "last scan (every jobs.reclaim_interval_s).")

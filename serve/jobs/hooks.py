@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
@@ -61,12 +62,36 @@ class JobEnd:
             await asyncio.to_thread(self._store.billing_recorded, job.id)
         return True
 
-    def _notify(self, job: JobRecord) -> None:
-        url = self._webhooks.url_for(job.tenant, job.webhook_url) if self._webhooks is not None else None
-        if url:
-            data = self._view(job).model_dump(mode="json")
-            self._webhooks.schedule(WebhookEvent.for_status(
-                job.status, job_id=job.id, tenant=job.tenant, url=url, data=data,
-                occurred_at=job.completed_at or int(datetime.now(timezone.utc).timestamp()),
-                request_id=job.request_id))
+    def wants_webhook(self, job: JobRecord) -> bool:
+        """Whether the job's end is to be sent (its own URL, or its tenant's default, with webhooks on)."""
+        return self._webhooks is not None and bool(self._webhooks.url_for(job.tenant, job.webhook_url))
 
+    def _notify(self, job: JobRecord) -> None:
+        if job.webhook is not None and job.webhook.state != "pending":
+            return
+        url = self._webhooks.url_for(job.tenant, job.webhook_url) if self._webhooks is not None else None
+        if not url:
+            return
+        data = self._view(job).model_dump(mode="json", exclude={"webhook"})
+        event = WebhookEvent.for_status(
+            job.status, job_id=job.id, tenant=job.tenant, url=url, data=data,
+            occurred_at=job.completed_at or int(datetime.now(timezone.utc).timestamp()),
+            request_id=job.request_id)
+        on_done = None
+        if job.webhook is not None and self._store is not None:
+            store = self._store
+
+            async def on_done(result) -> None:  # the outcome goes into the record: the outbox entry ends
+                state = result.outcome if result.outcome in ("delivered", "failed", "refused") else "failed"
+                await asyncio.to_thread(store.webhook_finished, job.id, state, attempts=result.attempts,
+                                        status_code=result.status_code, error=result.error)
+        if not self._webhooks.schedule(event, on_done=on_done):
+            log.warning("job %s: webhook not scheduled here; it stays pending for another replica", job.id)
+
+    async def redeliver(self, job: JobRecord) -> None:
+        """A pending webhook whose claim lapsed (its replica died, or it was not scheduled): send it from here."""
+        if self._store is None or self._webhooks is None:
+            return
+        claimed = await asyncio.to_thread(self._store.claim_webhook, job.id, time.time() + self._webhooks.claim_s())
+        if claimed is not None:
+            self._notify(claimed)

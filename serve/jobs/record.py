@@ -94,6 +94,19 @@ class JobError(BaseModel):
     message: str = Field(description="Human-readable detail.")
 
 
+class WebhookDelivery(BaseModel):
+    """The job's terminal webhook (its `video.*` event) as an obligation in the record: pending from the terminal
+    write until a replica has delivered it or given up; `claimed_until` is how long the replica delivering it may
+    take before another one delivers it again (same `webhook-id`: receivers deduplicate)."""
+
+    state: Literal["pending", "delivered", "failed", "refused"] = "pending"
+    attempts: int = Field(default=0, ge=0, description="HTTP attempts of the delivery that ended.")
+    status_code: int | None = Field(default=None, description="Of the last response, if any.")
+    error: str | None = Field(default=None, description="Why it failed (no URL, no address: client-safe).")
+    claimed_until: float | None = Field(default=None, description="Unix seconds; past it any replica redelivers.")
+    finished_at: float | None = None
+
+
 class JobResult(BaseModel):
     video_key: str = Field(description="S3 key of the mp4.")
     cover_key: str | None = Field(default=None, description="S3 key of the cover image.")
@@ -153,6 +166,9 @@ class JobRecord(BaseModel):
     input_image: InputImage | None = Field(
         default=None, description="Image-to-video: the accepted input image, stored beside the video (its key, "
                                   "SHA-256 and size; never the image). Every attempt encodes these bytes.")
+    webhook: WebhookDelivery | None = Field(
+        default=None, description="The terminal webhook's delivery (jobs with a webhook URL); its active marker stays "
+                                  "while it is pending, so a replica that dies before delivering leaves it to another.")
     billing: Literal["pending", "recorded"] | None = Field(
         default=None, description="A completed job's bill: 'pending' from its terminal write (durably: its active "
                                   "marker stays, so any replica's reclaim scan finds it) until its usage record is "
@@ -167,6 +183,11 @@ class JobRecord(BaseModel):
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def obligations_pending(self) -> bool:
+        """A terminal job that still owes its bill or its webhook (its active marker is the outbox entry)."""
+        return self.billing == "pending" or (self.webhook is not None and self.webhook.state == "pending")
 
     @property
     def created_ms(self) -> int:

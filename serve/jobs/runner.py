@@ -78,7 +78,8 @@ class JobRunner:
                  clock: Callable[[], float] = time.time,
                  on_finished: Callable[[JobRecord], Awaitable[None]] | None = None,
                  events: JobEvents | None = None,
-                 on_unbilled: Callable[[JobRecord], Awaitable[bool]] | None = None) -> None:
+                 on_unbilled: Callable[[JobRecord], Awaitable[bool]] | None = None,
+                 on_unnotified: Callable[[JobRecord], Awaitable[None]] | None = None) -> None:
         self._store = store
         self._pipeline = pipeline
         self._cfg = cfg
@@ -97,6 +98,10 @@ class JobRunner:
         # that finished it died first): the reclaim scan hands it to this, which records it (True when done)
         self._on_unbilled = on_unbilled
         self.bills_usage = on_unbilled is not None  # completed jobs owe a usage record (usage.enabled)
+        # a terminal job whose webhook is still pending past its claim (its deliverer died): sent again from here
+        self._on_unnotified = on_unnotified
+        self.notify_for: Callable[[JobRecord], bool] | None = None  # whether a job's end is to be sent
+        self.notify_claim_s = 0.0  # how long the finishing replica holds its delivery (WebhookSender.claim_s)
         self._ended: dict[str, tuple[asyncio.Event, int]] = {}  # jobs sync requests wait for, and how many
         self.backlog: Backlog | None = None  # the cluster's queue as the last reclaim scan read it
         self._stopping = False
@@ -352,7 +357,8 @@ class JobRunner:
             try:
                 return self._store.finish(
                     job_id, self.owner, status, error=JobError(**error) if error else None,
-                    result=result, timings=timings, gpus=gpus, bill=self.bills_usage)
+                    result=result, timings=timings, gpus=gpus, bill=self.bills_usage, notify=self.notify_for,
+                    notify_claim_s=self.notify_claim_s)
             finally:  # in the thread: also when the awaiting task was cancelled meanwhile
                 self._finishing.discard(job_id)
 
@@ -423,8 +429,16 @@ class JobRunner:
                     await asyncio.to_thread(self._store.drop_active, job_id)
                 continue
             if job.is_terminal:
-                if job.billing == "pending":  # the marker is the bill's outbox entry: settle it, then it goes
-                    await self._settle(job, now)
+                if job.obligations_pending:  # the marker is the outbox entry: settle what is owed, then it goes
+                    if job.billing == "pending":
+                        await self._settle(job, now)
+                    hook = job.webhook
+                    if (hook is not None and hook.state == "pending" and (hook.claimed_until or 0) <= now
+                            and self._on_unnotified is not None):
+                        try:
+                            await self._on_unnotified(job)
+                        except Exception:  # noqa: BLE001 - still pending: the next scan tries again
+                            log.warning("job %s: webhook still pending", job_id, exc_info=True)
                     continue
                 await asyncio.to_thread(self._store.drop_active, job_id)
                 continue

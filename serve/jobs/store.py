@@ -49,6 +49,7 @@ from serve.jobs.record import (
     JobRecord,
     JobResult,
     JobStatus,
+    WebhookDelivery,
     is_job_id,
     job_created_ms,
     stage_index,
@@ -288,12 +289,16 @@ class JobStore:
         timings: dict[str, float] | None = None,
         gpus: dict[str, float] | None = None,
         bill: bool = False,
+        notify: Callable[[JobRecord], bool] | None = None,
+        notify_claim_s: float = 0.0,
     ) -> JobRecord | None:
         """Terminal transition by the lease holder; None if we lost the lease or the job already ended.
 
         `owner=None` finishes a job nobody holds (e.g. cancelling a queued job): only while the lease is free.
         `bill`: a completed job owes a usage record; the same write says so (`billing: pending`) and the active marker
-        stays until `billing_recorded`, so the obligation survives any failure after this write.
+        stays until `billing_recorded`, so the obligation survives any failure after this write. `notify(record)`:
+        whether the job has a webhook to deliver; then the same write makes it pending, claimed by this writer for
+        `notify_claim_s`, and the marker stays until `webhook_finished`.
         """
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"finish needs a terminal status {sorted(TERMINAL_STATUSES)}, got {status!r}")
@@ -327,11 +332,13 @@ class JobStore:
             rec.lease_owner = None
             rec.lease_expires_at = None
             rec.billing = "pending" if status == "completed" and bill else None
+            rec.webhook = (WebhookDelivery(claimed_until=t + notify_claim_s)
+                           if notify is not None and notify(rec) else None)
             return rec
 
         rec = self._update_or_none(job_id, end)
         if rec is not None:
-            markers = [self.progress_key(job_id)] if rec.billing == "pending" else [
+            markers = [self.progress_key(job_id)] if rec.obligations_pending else [
                 self.active_key(job_id), self.progress_key(job_id)]
             try:
                 self.storage.delete_many(markers)
@@ -349,10 +356,37 @@ class JobStore:
             rec.billing = "recorded"
             return rec
 
-        rec = self._update_or_none(job_id, done)
-        if rec is not None:
-            self.storage.delete_many([self.active_key(job_id)])
+        return self._settled(self._update_or_none(job_id, done))
+
+    def _settled(self, rec: JobRecord | None) -> JobRecord | None:
+        """After an obligation ended: the outbox entry (active marker) goes once none is left."""
+        if rec is not None and not rec.obligations_pending:
+            self.storage.delete_many([self.active_key(rec.id)])
         return rec
+
+    def claim_webhook(self, job_id: str, until: float) -> JobRecord | None:
+        """Take over a pending webhook whose claim has lapsed (its deliverer died or gave up mid-way): claimed by
+        the caller until `until`. None if it is not pending, or someone's claim still holds."""
+        def claim(rec: JobRecord) -> JobRecord:
+            hook = rec.webhook
+            if hook is None or hook.state != "pending" or (hook.claimed_until or 0) > self._now():
+                raise _Skip
+            rec.webhook = hook.model_copy(update={"claimed_until": until})
+            return rec
+
+        return self._update_or_none(job_id, claim)
+
+    def webhook_finished(self, job_id: str, state: str, *, attempts: int, status_code: int | None = None,
+                         error: str | None = None) -> JobRecord | None:
+        """The delivery ended (delivered, failed after its retries, or refused by the address check)."""
+        def end(rec: JobRecord) -> JobRecord:
+            if rec.webhook is None or rec.webhook.state != "pending":
+                raise _Skip
+            rec.webhook = WebhookDelivery(state=state, attempts=attempts, status_code=status_code, error=error,
+                                          finished_at=self._now())
+            return rec
+
+        return self._settled(self._update_or_none(job_id, end))
 
     # ---- listing ------------------------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from serve.api.wire import Video, VideoError
+from serve.api.wire import Video, VideoError, WebhookStatus
 from serve.config import AppConfig
 from serve.jobs.record import JobRecord, stage_progress
 from serve.storage import Storage
@@ -56,4 +56,6 @@ class VideoView:
             negative_prompt=p.negative_prompt,
             attempts=job.attempts, deadline_at=int(job.deadline_at) if job.deadline_at else None,
             request_id=job.request_id, **urls,
+            webhook=None if job.webhook is None else WebhookStatus(**job.webhook.model_dump(
+                include={"state", "attempts", "status_code", "error"})),
         )

@@ -58,7 +58,7 @@ class IngressGraph:
         # `limiter` defaults to an in-process one (one replica)
         self.limiter = limiter if limiter is not None else LocalLimiter(config.limits)
         self.runner = JobRunner(self.store, pipeline, config.jobs, owner, events=events, on_finished=self._job_ended,
-                                on_unbilled=self._bill)
+                                on_unbilled=self._bill, on_unnotified=self._redeliver)
         self.sweeper = RetentionSweeper(self.store, storage, self.runner.settle, clock)
         self.policy: PromptPolicy | None = None
         self._build(config)()  # the first settings
@@ -82,6 +82,8 @@ class IngressGraph:
             self.config, self.keyring, self.policy, self.ledger, self._end, self.service = (
                 config, keyring, policy, ledger, end, service)
             self.runner.bills_usage = config.usage.enabled
+            self.runner.notify_for = end.wants_webhook if self.webhooks is not None else None
+            self.runner.notify_claim_s = self.webhooks.claim_s() if hasattr(self.webhooks, "claim_s") else 600.0
             if old_policy is not None:  # admissions under way may still ask its classifier: close it later
                 try:
                     asyncio.get_running_loop().call_later(old_policy.config.classifier_timeout_s + 5,
@@ -106,6 +108,9 @@ class IngressGraph:
 
     async def _bill(self, job: JobRecord) -> bool:
         return await self._end.bill(job)
+
+    async def _redeliver(self, job: JobRecord) -> None:
+        await self._end.redeliver(job)
 
     def close(self) -> None:
         if self.policy is not None:

@@ -2,8 +2,10 @@
 
 The ingress replica whose `JobStore.finish` landed builds a `WebhookEvent` and hands it to
 `WebhookSender.schedule`, which returns at once; delivery runs as a task on the replica's event loop.
-Redirects are never followed and environment proxies are ignored. Delivery is at most once per
-`schedule` call: an event still pending when the replica stops is lost (no outbox).
+Redirects are never followed and environment proxies are ignored. Delivery is at least once: the job record is
+the outbox (`JobRecord.webhook`, pending from the terminal write), the outcome is written back there, and a
+delivery whose replica died before it ended is sent again by another replica's reclaim scan once its claim
+(`claim_s`) lapses, with the same `webhook-id`.
 """
 
 from __future__ import annotations
@@ -128,8 +130,9 @@ class WebhookSender:
     def pending(self) -> int:
         return len(self._tasks)
 
-    def schedule(self, event: WebhookEvent) -> bool:
-        """Start delivering `event` in the background and return at once; False if it was not accepted."""
+    def schedule(self, event: WebhookEvent, on_done: OnResult | None = None) -> bool:
+        """Start delivering `event` in the background and return at once; False if it was not accepted.
+        `on_done(result)` runs when this delivery ended (the job store records it: the outbox)."""
         if not self.cfg.enabled:
             return False
         if len(self._tasks) >= self.cfg.max_pending:
@@ -140,16 +143,29 @@ class WebhookSender:
         except RuntimeError:
             log.error("webhook %s dropped: schedule() needs the replica's running event loop", event.msg_id)
             return False
-        task = loop.create_task(self._run(event), name=f"webhook-{event.msg_id}")
+        task = loop.create_task(self._run(event, on_done), name=f"webhook-{event.msg_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _run(self, event: WebhookEvent) -> None:
+    async def _run(self, event: WebhookEvent, on_done: OnResult | None = None) -> None:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.cfg.max_concurrent_deliveries)
         async with self._slots:
-            await self.deliver(event)
+            result = await self.deliver(event)
+        if on_done is not None:
+            try:
+                maybe = on_done(result)
+                if inspect.isawaitable(maybe):
+                    await maybe
+            except Exception:  # noqa: BLE001 - still pending in the record: its claim lapses, another sends again
+                log.warning("webhook %s: its outcome was not recorded", event.msg_id, exc_info=True)
+
+    def claim_s(self) -> float:
+        """The longest one delivery can take (every attempt timing out after the longest backoff), plus a minute:
+        how long a replica that scheduled one holds it before another replica may send it again."""
+        cfg = self.cfg
+        return cfg.max_attempts * (cfg.timeout_s + cfg.max_backoff_s) + 60.0
 
     async def aclose(self, grace_s: float = 5.0) -> None:
         """Give pending deliveries `grace_s` to end, cancel the rest (they are lost), close the HTTP client."""

@@ -662,12 +662,12 @@ def test_a_jobs_end_hands_its_request_id_to_the_webhook():
         def url_for(self, tenant: str, job_url: str | None) -> str | None:
             return job_url
 
-        def schedule(self, event: WebhookEvent) -> bool:
+        def schedule(self, event: WebhookEvent, on_done=None) -> bool:
             self.events.append(event)
             return True
 
     class Video:
-        def model_dump(self, mode: str) -> dict[str, Any]:
+        def model_dump(self, mode: str, exclude: set[str] | None = None) -> dict[str, Any]:
             return {"id": job.id, "object": "video", "status": "failed"}
 
     job = JobRecord(id=new_job_id(), tenant="acme", status="failed", created_at=1, completed_at=2, model="m",
