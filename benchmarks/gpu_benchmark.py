@@ -191,8 +191,22 @@ NEGATIVE = "blurry, low quality"
 GiB = 1024**3
 
 
+class StepStats:
+    """Median and mean of the measured step times (`steps`) of a row or an I2V side."""
+
+    steps: list[float]
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.steps) if self.steps else None
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.steps) if self.steps else None
+
+
 @dataclass
-class Row:
+class Row(StepStats):
     model: str
     setting: str
     status: str = "ok"
@@ -207,14 +221,6 @@ class Row:
     video_ratio: float | None = None  # video_s / the pipeline's video_s
     estimate_s: float | None = None  # what the plan expected the row to take
     wall_s: float | None = None  # what it took
-
-    @property
-    def median(self) -> float | None:
-        return statistics.median(self.steps) if self.steps else None
-
-    @property
-    def mean(self) -> float | None:
-        return statistics.fmean(self.steps) if self.steps else None
 
 
 @dataclass
@@ -236,7 +242,7 @@ class VaeTimes:
 
 
 @dataclass
-class I2vSide:
+class I2vSide(StepStats):
     """One way of running an image-to-video request: seconds per stage, final latents' deviation."""
     name: str
     status: str = "ok"
@@ -248,13 +254,6 @@ class I2vSide:
     dev_max_abs: float | None = None
     dev_rel_l2: float | None = None
 
-    @property
-    def median(self) -> float | None:
-        return statistics.median(self.steps) if self.steps else None
-
-    @property
-    def mean(self) -> float | None:
-        return statistics.fmean(self.steps) if self.steps else None
 
     @property
     def video_s(self) -> float | None:

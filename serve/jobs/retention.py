@@ -15,6 +15,8 @@ Two mechanisms, both needed:
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import math
 import sys
@@ -23,7 +25,7 @@ from collections.abc import Awaitable, Callable
 
 from serve.jobs.record import JobRecord
 from serve.jobs.store import JobStore
-from serve.media.publishing import video_keys
+from serve.media.publishing import job_object_keys
 from serve.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -60,8 +62,6 @@ class RetentionSweeper:
 
     async def sweep(self) -> list[str]:
         """Delete every job past its `expires_at`; returns their ids."""
-        import asyncio
-
         retention = self._store.retention_s
         if retention is None:
             return []
@@ -86,14 +86,10 @@ class RetentionSweeper:
         return deleted
 
     async def _expire(self, job: JobRecord) -> bool:
-        import asyncio
-
         if job.billing == "pending" and not await self._settle(job):
             return False  # never deleted unbilled: the next sweep tries again
-        keys = list(video_keys(self._storage, job.id).values())
-        if job.input_image is not None:
-            keys.append(job.input_image.key)
-        await asyncio.to_thread(self._storage.delete_many, keys)  # objects first: a failed sweep is repeated
+        # objects first: a sweep that fails half-way is repeated
+        await asyncio.to_thread(self._storage.delete_many, job_object_keys(self._storage, job))
         await asyncio.to_thread(self._store.delete, job.id)
         return True
 
@@ -110,8 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     storage = Storage.from_config(config.s3)
     rules = (apply_lifecycle(storage, config.jobs.retention_s) if args.command == "apply-lifecycle"
              else storage.get_lifecycle())
-    import json
-
     print(json.dumps(rules, indent=2))
     return 0
 

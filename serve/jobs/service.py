@@ -32,7 +32,7 @@ from serve.jobs.runner import JobRunner
 from serve.jobs.store import JobStore
 from serve.jobs.view import VideoView
 from serve.logcontext import bind_job
-from serve.media.publishing import input_image_key, video_keys
+from serve.media.publishing import input_image_key, job_object_keys, video_keys  # noqa: F401 - video_keys: callers import it here
 from serve.media.reference import AcceptedImage, accept_image, has_image
 from serve.stages.types import InputImage
 from serve.storage import NotFound, Storage
@@ -302,10 +302,7 @@ class VideoService:
             raise ServiceError(503, f"video {job_id} is still being billed; retry the delete shortly",
                                code="billing_pending", headers={"Retry-After": "5"})
         # objects first, record last: a DELETE that fails half-way can be retried (the record still answers)
-        keys = list(video_keys(self._storage, job_id).values())
-        if job.input_image is not None:
-            keys.append(job.input_image.key)
-        await asyncio.to_thread(self._storage.delete_many, keys)
+        await asyncio.to_thread(self._storage.delete_many, job_object_keys(self._storage, job))
         job = await asyncio.to_thread(self._store.delete, job_id)
         self._runner.cancel_local(job_id)  # at once if this replica drives it; others see it at their heartbeat
         if job is not None:

@@ -83,7 +83,7 @@ class IngressGraph:
                 config, keyring, policy, ledger, end, service)
             self.runner.bills_usage = config.usage.enabled
             self.runner.notify_for = end.wants_webhook if self.webhooks is not None else None
-            self.runner.notify_claim_s = self.webhooks.claim_s() if hasattr(self.webhooks, "claim_s") else 600.0
+            self.runner.notify_claim_s = self.webhooks.claim_s() if self.webhooks is not None else 0.0
             if old_policy is not None:  # admissions under way may still ask its classifier: close it later
                 try:
                     asyncio.get_running_loop().call_later(old_policy.config.classifier_timeout_s + 5,

@@ -26,6 +26,15 @@ def video_keys(storage: Storage, job_id: str) -> dict[str, str]:
     }
 
 
+def job_object_keys(storage: Storage, job) -> list[str]:
+    """Every object a job owns besides its record: video, cover, metadata and, for image-to-video, the input image
+    (what a DELETE and the retention sweep remove)."""
+    keys = list(video_keys(storage, job.id).values())
+    if job.input_image is not None:
+        keys.append(job.input_image.key)
+    return keys
+
+
 def input_image_key(storage: Storage, job_id: str, fmt: str) -> str:
     """Where an image-to-video job's input image is stored: beside its video, so the lifecycle rule that expires
     the job's videos after `jobs.retention_s` expires it too, and a DELETE of the job removes it with them."""
