@@ -12,6 +12,7 @@ import logging
 import random
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -208,6 +209,9 @@ class Ingress:
         from serve.webhooks.sender import WebhookSender
         from serve.webhooks.signing import WebhookSecrets
 
+        # every `asyncio.to_thread` here is an S3 call (or a few): run them on threads sized for I/O, not CPUs
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=config.s3.io_threads, thread_name_prefix="s3-io"))
         if config.s3.create_bucket:
             await asyncio.to_thread(self._storage.ensure_bucket)
         from deployments.metrics import WebhookMetrics

@@ -224,6 +224,7 @@ class Storage:
             read_timeout=cfg.read_timeout_s,
             region_name=cfg.region,
             s3={"addressing_style": addressing},
+            max_pool_connections=cfg.io_threads,  # one connection per I/O thread (botocore's default is 10)
         )
         # A session per Storage: the default session is not thread-safe to create clients from.
         session = boto3.session.Session()

@@ -1,8 +1,9 @@
 """Everything a `POST /v1/videos` passes before a job exists.
 
-Order (cheapest refusal first, nothing reserved until it cannot be refused for a cheaper reason):
-plan and cost ceiling -> rate (429) -> prompt policy (400/503) -> webhook URL (400) -> idempotency claim
-(replay returns the first job) -> concurrency, daily GPU quota, service overload (429/503) -> job record.
+Order (cheapest refusal first): plan and cost ceiling -> one limiter round trip: rate, concurrency, daily GPU
+quota, service overload (429/503), which reserves the job's slot -> prompt policy (400/503) -> webhook URL (400) ->
+idempotency claim (a replay returns the first job) -> job record. A refusal after the limiter gives the slot back
+(a second round trip, on that path only): admission costs one round trip to the shared limiter actor, not two.
 """
 
 from __future__ import annotations
@@ -80,29 +81,39 @@ class Admission:
         `req` in the idempotency fingerprint (an input image by its hash)."""
         plan = self.check_plan(params, principal)
         limits = TenantLimits.from_plan(plan)
-        decision = await self._admit(principal.tenant, limits)  # the rate, charged on every request
-        headers = dict(decision.headers)
-        await asyncio.to_thread(enforce, self._policy, req.prompt, req.negative_prompt)
-        if req.webhook_url is not None:
-            if self._webhooks is None:
-                raise ServiceError(400, "webhooks are not enabled on this deployment", param="webhook_url",
-                               code="webhooks_disabled")
-            await self._webhooks.validate_registration(req.webhook_url, principal.tenant)
-        admitted = Admitted(job_id=job_id, limits=limits, headers=headers)
-        if idempotency_key is not None:
-            admitted.key = validate_key(idempotency_key)
-            body = body_hash(canonical_body({**req.model_dump(exclude_none=True), **(fingerprint or {})}))
-            res = await self._idem.resolve(principal.tenant, admitted.key, body, job_id, self._store.get,
-                                           wait_s=self._config.idempotency.replay_wait_s,
-                                           poll_s=self._config.idempotency.poll_s)
-            if res.outcome == "replay":
-                admitted.replay = res.job
-                return admitted
-            admitted.claim = res.claim
-            admitted.job_id = res.claim.job_id
+        # rate and the job's slot at once (the rate token stays charged when the slot is refused)
         try:
-            await self._admit(principal.tenant, limits, admitted.job_id, charge_rate=False)
-        except ServiceError:
+            decision = await self._admit(principal.tenant, limits, job_id)
+        except ServiceError as exc:
+            # an idempotent retry of a job that holds the tenant's last slot is answered with that job, not a 429
+            if idempotency_key is None or exc.code == "rate_limited":
+                raise
+            replay = await self._replay_only(req, principal, idempotency_key, job_id, fingerprint, limits)
+            if replay is None:
+                raise
+            return replay
+        admitted = Admitted(job_id=job_id, limits=limits, headers=dict(decision.headers))
+        try:
+            await asyncio.to_thread(enforce, self._policy, req.prompt, req.negative_prompt)
+            if req.webhook_url is not None:
+                if self._webhooks is None:
+                    raise ServiceError(400, "webhooks are not enabled on this deployment", param="webhook_url",
+                                       code="webhooks_disabled")
+                await self._webhooks.validate_registration(req.webhook_url, principal.tenant)
+            if idempotency_key is not None:
+                admitted.key = validate_key(idempotency_key)
+                res = await self._resolve(principal.tenant, admitted.key, req, fingerprint, job_id)
+                if res.outcome == "replay":  # the first request's job holds its own slot: ours goes back
+                    await self.release(principal.tenant, job_id)
+                    admitted.replay = res.job
+                    return admitted
+                admitted.claim = res.claim
+                if res.claim.job_id != job_id:  # took over an abandoned claim: the slot moves to its job id
+                    await self.release(principal.tenant, job_id)
+                    admitted.job_id = res.claim.job_id
+                    await self._admit(principal.tenant, limits, admitted.job_id, charge_rate=False)
+        except BaseException:
+            await self.release(principal.tenant, admitted.job_id)
             await self._abandon(principal.tenant, admitted)
             raise
         if admitted.claim is not None and admitted.key is not None:
@@ -112,6 +123,23 @@ class Admission:
                 raise ServiceError(409, "a request with this Idempotency-Key is still being processed; retry shortly",
                                param="Idempotency-Key", code="idempotency_key_in_use", headers={"Retry-After": "1"})
         return admitted
+
+    async def _resolve(self, tenant: str, key: str, req: CreateVideoRequest, fingerprint: dict[str, Any] | None,
+                       job_id: str):
+        body = body_hash(canonical_body({**req.model_dump(exclude_none=True), **(fingerprint or {})}))
+        return await self._idem.resolve(tenant, key, body, job_id, self._store.get,
+                                        wait_s=self._config.idempotency.replay_wait_s,
+                                        poll_s=self._config.idempotency.poll_s)
+
+    async def _replay_only(self, req: CreateVideoRequest, principal: Principal, idempotency_key: str, job_id: str,
+                           fingerprint: dict[str, Any] | None, limits: TenantLimits) -> Admitted | None:
+        """The first job of an idempotent request refused a slot, if it is a replay; else None (and no claim)."""
+        key = validate_key(idempotency_key)
+        res = await self._resolve(principal.tenant, key, req, fingerprint, job_id)
+        if res.outcome == "replay":
+            return Admitted(job_id=res.job.id, limits=limits, headers={}, key=key, replay=res.job)
+        await asyncio.to_thread(self._idem.abandon, principal.tenant, key, res.claim)
+        return None
 
     async def _abandon(self, tenant: str, admitted: Admitted) -> None:
         if admitted.claim is not None and admitted.key is not None:

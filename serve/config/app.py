@@ -121,6 +121,11 @@ class S3Config(Strict):
     create_bucket: bool = Field(default=False, description="Create the bucket at start (local runs only).")
     multipart_threshold_bytes: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
     max_attempts: int = Field(default=5, ge=1, le=20, description="botocore total attempts per call.")
+    io_threads: int = Field(
+        default=64, ge=4, le=512,
+        description="Threads an ingress replica runs its blocking S3 calls on (its event loop's default executor; "
+                    "asyncio's own is min(32, CPUs + 4), 6 on a 2-core pod, which a burst of POSTs queues behind), "
+                    "and the size of each S3 client's connection pool.")
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=30.0, gt=0)
     canary_interval_s: float = Field(
