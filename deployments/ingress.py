@@ -18,6 +18,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.serve_config import INGRESS_DEPLOYMENT
 from serve.config import AppConfig, IngressArgs, IngressSettings, ModelConfig
 from serve.config.app import model_app_name
 from serve.jobs.record import ChainResult, JobRecord
@@ -39,6 +40,7 @@ from serve.stages.types import GenerationRequest
 
 log = logging.getLogger(__name__)
 SETTINGS_RETRY_S = 10.0  # how often a settings change that failed for a passing reason is tried again
+CAPACITY_REFRESH_S = 2.0  # how often the stage replicas that chain slots follow are read (a Serve controller call)
 CANARY_WAIT_S = 2.0  # how long a readiness probe waits for an S3 canary write it started (a slower one lands later)
 
 
@@ -155,6 +157,7 @@ class Ingress:
         self._reconciler: asyncio.Task[None] | None = None
         self._backfill: asyncio.Task[None] | None = None
         self._retention: asyncio.Task[None] | None = None
+        self._demand: asyncio.Task[None] | None = None
         self._apply = asyncio.Lock()
         self._rejected: str | None = None  # why the last settings change was refused, until one is applied
         self._settings_seen = 0  # settings received; a retry of older ones gives way to newer
@@ -236,6 +239,7 @@ class Ingress:
         # jobs written before index-asc/ existed get their oldest-first marker (idempotent; retried next start)
         self._backfill = asyncio.get_running_loop().create_task(self._backfill_ascending_index(graph.store))
         self._retention = asyncio.get_running_loop().create_task(self._retention_loop())
+        self._demand = asyncio.get_running_loop().create_task(self._demand_loop())
 
     @staticmethod
     async def _backfill_ascending_index(store) -> None:
@@ -283,6 +287,55 @@ class Ingress:
                 await self._graph.sweeper.sweep()
             except Exception:  # noqa: BLE001 - the next sweep repeats it
                 log.warning("retention sweep failed", exc_info=True)
+
+    async def _demand_loop(self) -> None:
+        """Report this replica's jobs per model to the shared limiter (the stages' BacklogPolicy reads the sum) and
+        let each model's chain slots follow its stage replicas, every jobs.demand_report_interval_s."""
+        capacity_read = -float("inf")
+        while True:
+            graph = self._graph
+            interval = graph.config.jobs.demand_report_interval_s
+            try:
+                await graph.limiter.report_demand(graph.runner.owner, graph.runner.demand(), 3 * interval)
+            except Exception:  # noqa: BLE001 - the policy falls back to Serve's own until reports come again
+                log.debug("demand report failed", exc_info=True)
+            if time.monotonic() - capacity_read >= max(interval, CAPACITY_REFRESH_S):
+                capacity_read = time.monotonic()
+                try:
+                    slots = await asyncio.to_thread(self._chain_slots)
+                    if slots is not None:
+                        graph.runner.set_capacity(slots)
+                except Exception:  # noqa: BLE001 - the slots stay as they were
+                    log.warning("could not read the stage replicas", exc_info=True)
+            await asyncio.sleep(interval)
+
+    def _chain_slots(self) -> dict[str, int] | None:
+        """Chain slots per model on this replica: the requests its stage replicas that are running take at once
+        (replicas x max_ongoing_requests, summed over the stages), shared by the running ingress replicas. A
+        model with no stage replica (scaled to zero, or starting) gets 1: that one chain's request is what wakes
+        Serve's own cold start, and the BacklogPolicy sees the rest queued."""
+        from ray.serve.context import _get_global_client
+
+        details = _get_global_client().get_serve_details()
+        apps = details.get("applications") or {}
+        try:
+            own_app = serve.get_replica_context().app_name
+        except Exception:  # noqa: BLE001 - outside a replica
+            own_app = None
+
+        def running(app: str | None, deployment: str) -> tuple[int, int]:
+            d = ((apps.get(app) or {}).get("deployments") or {}).get(deployment) or {}
+            n = sum(1 for r in d.get("replicas") or [] if r.get("state") == "RUNNING")
+            return n, int((d.get("deployment_config") or {}).get("max_ongoing_requests") or 1)
+
+        ingresses = max(1, running(own_app, INGRESS_DEPLOYMENT)[0])
+        slots = {}
+        for model in self._graph.config.all_models():
+            app = model_app_name(model.name)
+            total = sum(n * per for n, per in (running(app, stage.deployment)
+                                               for stage in stages_for(model.enhance is not None)))
+            slots[model.name] = max(1, -(-total // ingresses))
+        return slots
 
     async def _reconcile_loop(self) -> None:
         """Rebuild the shared limiter from S3 when it is new (actor restart) and every reconcile_interval_s."""
@@ -352,8 +405,14 @@ class Ingress:
             self._backfill.cancel()
         if self._retention is not None:
             self._retention.cancel()
+        if self._demand is not None:
+            self._demand.cancel()
         if self._graph is not None:
             await self._graph.runner.stop()
+            try:  # its jobs were handed back: another replica reports them from its next scan
+                await self._graph.limiter.forget_demand(self._graph.runner.owner)
+            except Exception:  # noqa: BLE001 - the report goes stale on its own
+                pass
             self._graph.close()
         if self._webhooks is not None:
             await self._webhooks.aclose()

@@ -87,3 +87,12 @@ class RayLimiter:
 
     async def snapshot(self) -> dict[str, Any]:
         return await self._call("snapshot")
+
+    async def report_demand(self, owner: str, counts: Mapping[str, tuple[int, int]], stale_s: float) -> None:
+        await self._call("report_demand", owner, {m: list(c) for m, c in counts.items()}, stale_s)
+
+    async def forget_demand(self, owner: str) -> None:
+        await self._call("forget_demand", owner)
+
+    async def demand(self, model: str) -> dict[str, int]:
+        return await self._call("demand", model)

@@ -329,12 +329,20 @@ class Limiter(Protocol):
 
     async def snapshot(self) -> dict[str, Any]: ...
 
+    async def report_demand(self, owner: str, counts: Mapping[str, tuple[int, int]], stale_s: float) -> None:
+        """This ingress replica's jobs per model (queued, running), for the stages' autoscaling (serve/jobs/demand.py)."""
+        ...
+
 
 class LocalLimiter:
     """One process's `LimiterState` behind the async `Limiter` interface (unit tests, single-process runs)."""
 
     def __init__(self, config: LimitsConfig | None = None, clock: Callable[[], float] = time.time) -> None:
+        from serve.jobs.demand import DemandBoard
+
         self.state = LimiterState(config, clock)
+        # the cluster's demand per model, beside the limits: the one actor every deployment's policy can reach
+        self.demand_board = DemandBoard(clock=clock)
 
     async def configure(self, config: LimitsConfig) -> None:
         self.state.configure(config)
@@ -358,5 +366,15 @@ class LocalLimiter:
 
     async def snapshot(self) -> dict[str, Any]:
         return self.state.snapshot()
+
+    async def report_demand(self, owner: str, counts: Mapping[str, tuple[int, int]], stale_s: float) -> None:
+        self.demand_board.report(owner, counts, stale_s)
+
+    async def forget_demand(self, owner: str) -> None:
+        self.demand_board.forget(owner)
+
+    async def demand(self, model: str) -> dict[str, int]:
+        """What the autoscaling policy reads (a plain dict: the policy runs in Serve's controller)."""
+        return self.demand_board.demand(model).as_dict()
 
 

@@ -153,7 +153,16 @@ class JobsConfig(Strict):
     retention_sweep_interval_s: float = Field(
         default=900.0, gt=0, description="How often each ingress replica sweeps expired jobs (with jitter).")
     progress_interval_s: float = Field(default=0.5, ge=0, description="Min seconds between progress writes.")
-    max_concurrent_per_replica: int = Field(default=64, ge=1, description="Jobs one ingress drives at once.")
+    max_concurrent_per_replica: int = Field(
+        default=64, ge=1,
+        description="Ceiling of the jobs one ingress replica drives at once, all models together. Each model's own "
+                    "slots follow its stage replicas that are running (their max_ongoing_requests, summed, shared by "
+                    "the ingress replicas); this only bounds them, it is not tuned to the Denoiser's replicas.")
+    demand_report_interval_s: float = Field(
+        default=1.0, gt=0, le=60,
+        description="How often each ingress replica reports its jobs per model (queued, running) to the shared "
+                    "limiter actor, where the stages' BacklogPolicy reads them, and re-reads the stage replicas its "
+                    "chain slots follow.")
 
     @model_validator(mode="after")
     def _heartbeat_inside_lease(self) -> JobsConfig:

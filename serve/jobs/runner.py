@@ -90,9 +90,13 @@ class JobRunner:
         self._reclaimer: asyncio.Task[None] | None = None
         self._finishing: set[str] = set()  # terminal S3 writes in flight (threads)
         self._ending: set[str] = set()  # terminal write + end-of-job hook in progress
-        # accepted jobs wait here, per tenant, for one of `max_concurrent_per_replica` chain slots:
-        # round-robin across tenants, so one tenant's burst does not delay another's single job
-        self._queue = FairQueue()
+        # accepted jobs wait here, per model and per tenant, for a chain slot of their model: round-robin across
+        # tenants, so one tenant's burst does not delay another's single job; a model's slots follow the capacity
+        # of its stages (`set_capacity`), all models' together stay within `max_concurrent_per_replica`
+        self._queues: dict[str, FairQueue] = {}
+        self._model_of: dict[str, str] = {}  # queued or running job -> its model
+        self._running_per_model: dict[str, int] = {}
+        self._capacity: dict[str, int] = {}  # model -> chain slots on this replica; a model not in it: the ceiling
         self._on_finished = on_finished
         # a completed job whose bill is still pending (its usage record not in S3 yet: an S3 outage, or the replica
         # that finished it died first): the reclaim scan hands it to this, which records it (True when done)
@@ -148,17 +152,51 @@ class JobRunner:
     def running(self) -> set[str]:
         return set(self._tasks)
 
-    def submit(self, job_id: str, tenant: str) -> None:
+    def submit(self, job_id: str, tenant: str, model: str = "") -> None:
         """Queue `job_id` to be driven here (fairly among tenants) unless this replica already has it."""
-        if job_id in self._tasks or job_id in self._queue:
+        if job_id in self._tasks or job_id in self._model_of:
             return
-        self._queue.push(tenant, job_id)
+        self._queues.setdefault(model, FairQueue()).push(tenant, job_id)
+        self._model_of[job_id] = model
         self._dispatch()
-        self._events.queue_changed(len(self._queue), len(self._tasks))
+        self._events.queue_changed(self.queued, len(self._tasks))
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def set_capacity(self, slots: dict[str, int]) -> None:
+        """Chain slots per model on this replica (the Ingress derives them from the stage replicas that exist, see
+        deployments/ingress.py); more slots start queued jobs at once, fewer let the chains in flight finish."""
+        self._capacity = {m: max(1, int(n)) for m, n in slots.items()}
+        self._dispatch()
+
+    def slots(self, model: str) -> int:
+        return min(self._capacity.get(model, self._cfg.max_concurrent_per_replica),
+                   self._cfg.max_concurrent_per_replica)
+
+    def demand(self) -> dict[str, tuple[int, int]]:
+        """(queued, running) per model on this replica: what it reports for the stages' autoscaling."""
+        models = set(self._queues) | {m for m, n in self._running_per_model.items() if n}
+        return {m: (len(self._queues.get(m, ())), self._running_per_model.get(m, 0)) for m in models}
+
+    def _next(self) -> str | None:
+        """The next job to start: models in turn, each while it has a free slot."""
+        for model in list(self._queues):
+            if self._running_per_model.get(model, 0) >= self.slots(model):
+                continue
+            queue = self._queues.pop(model)
+            job_id = queue.pop()
+            if queue:
+                self._queues[model] = queue  # to the back: the next start goes to another model first
+            if job_id is not None:
+                self._running_per_model[model] = self._running_per_model.get(model, 0) + 1
+                return job_id
+        return None
 
     def _dispatch(self) -> None:
         while not self._stopping and len(self._tasks) < self._cfg.max_concurrent_per_replica:
-            job_id = self._queue.pop()
+            job_id = self._next()
             if job_id is None:
                 return
             # an empty context, not a copy of whichever request dispatched it: the job outlives that request and
@@ -171,8 +209,18 @@ class JobRunner:
 
     def _done(self, job_id: str) -> None:
         self._tasks.pop(job_id, None)
+        self._forget(job_id, running=True)
         self._dispatch()
-        self._events.queue_changed(len(self._queue), len(self._tasks))
+        self._events.queue_changed(self.queued, len(self._tasks))
+
+    def _forget(self, job_id: str, running: bool) -> None:
+        model = self._model_of.pop(job_id, None)
+        if running and model is not None:
+            left = self._running_per_model.get(model, 0) - 1
+            if left > 0:
+                self._running_per_model[model] = left
+            else:
+                self._running_per_model.pop(model, None)
 
     async def finished(self, job: JobRecord) -> None:
         """A terminal transition landed (here or by the service): release, bill, notify — never raises."""
@@ -225,8 +273,13 @@ class JobRunner:
 
     def cancel_local(self, job_id: str) -> bool:
         """Cancel the in-flight attempt of a job this replica drives; False if it is not running here."""
-        self._queue.remove(job_id)
-        self._events.queue_changed(len(self._queue), len(self._tasks))
+        model = self._model_of.get(job_id)
+        queue = self._queues.get(model) if model is not None else None
+        if queue is not None and queue.remove(job_id):
+            self._forget(job_id, running=False)
+            if not queue:
+                del self._queues[model]
+        self._events.queue_changed(self.queued, len(self._tasks))
         attempt = self._attempts.get(job_id)
         if attempt is None:
             return False
@@ -443,7 +496,7 @@ class JobRunner:
                 await asyncio.to_thread(self._store.drop_active, job_id)
                 continue
             if job.lease_is_free(now):
-                self.submit(job_id, job.tenant)
+                self.submit(job_id, job.tenant, job.model)
                 taken.append(job_id)
         self.backlog = (Backlog(now, tuple(sorted(waiting)), running) if self.backlog is None
                         else self.backlog.after_scan(now, waiting, running))

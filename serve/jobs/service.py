@@ -161,7 +161,7 @@ class VideoService:
         except Exception:
             await self.admission.failed_to_create(job.tenant, admitted)
             raise
-        self._runner.submit(job.id, job.tenant)
+        self._runner.submit(job.id, job.tenant, job.model)
         return job
 
     def _delete_quietly(self, key: str) -> None:

@@ -103,6 +103,23 @@ def app_config(model_dir: Path, endpoint: str, bucket: str, keys_file: Path | No
     })
 
 
+# the I2V model's Denoiser scales on its model's backlog (deployments/autoscaling.py), quickly both ways, so the
+# autoscaling test sees it grow and shrink within a test's time (the other models' stages keep one replica)
+I2V_DENOISER_AUTOSCALING = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+                            "upscale_delay_s": 0, "downscale_delay_s": 3,
+                            "policy": {"policy_function": "deployments.autoscaling:BacklogPolicy"}}
+
+
+def with_backlog_autoscaling(config: dict) -> dict:
+    for app in config["applications"]:
+        if app["name"] == f"model-{I2V_MODEL}":
+            for d in app["deployments"]:
+                if d["name"] == "Denoiser":
+                    d.pop("num_replicas", None)
+                    d["autoscaling_config"] = dict(I2V_DENOISER_AUTOSCALING)
+    return config
+
+
 class Cluster:
     """The running app: deploy/redeploy it, and reach S3 and Ray for assertions."""
 
@@ -116,7 +133,7 @@ class Cluster:
         """The Serve config file of `config` (default: the session's): one application per model + ingress."""
         from deployments.serve_config import serve_config
 
-        return serve_config(config or self.config)
+        return with_backlog_autoscaling(serve_config(config or self.config))
 
     def deploy(self, serve_config: dict | None = None) -> None:
         """Deploy (or redeploy) declaratively, as `serve deploy` and KubeRay do, and wait until ready."""
