@@ -11,6 +11,7 @@ overrides them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from ray import serve
@@ -23,7 +24,14 @@ from deployments.serve_config import INGRESS_DEPLOYMENT, MODEL_ROOT, settings_js
 from deployments.text_encoder import TextEncoder
 from deployments.vae_decoder import VaeDecoder
 from serve.config import DeploymentsConfig, IngressArgs, IngressSettings, ModelAppArgs
-from serve.stages.stage import DENOISER, ENHANCER, TEXT_ENCODER, VAE_DECODER, stages_for
+from serve.stages.stage import (
+    DENOISER,
+    ENHANCER,
+    TEXT_ENCODER,
+    VAE_DECODER,
+    Stage,
+    stages_for,
+)
 
 _CLASSES = {TEXT_ENCODER: TextEncoder, DENOISER: Denoiser, VAE_DECODER: VaeDecoder, ENHANCER: Enhancer}
 
@@ -35,13 +43,19 @@ class Model:
         self._stages = stages
 
 
-def build_model_app(args: ModelAppArgs | dict[str, Any]) -> Application:
+def build_model_app(args: ModelAppArgs | dict[str, Any], classes: Mapping[Stage, type] | None = None,
+                    deployments: DeploymentsConfig | None = None) -> Application:
     """One model's application (`serve deploy`: `import_path: deployments.app:build_model_app`, `args`:
-    `ModelAppArgs`). Name it `model-<model name>`: the ingress reaches its stages by that name."""
+    `ModelAppArgs`). Name it `model-<model name>`: the ingress reaches its stages by that name.
+
+    From Python (`serve.run`), `classes` replaces a stage's deployment class (the serving benchmark injects stages
+    that sleep instead of computing, benchmarks/serving_benchmark.py) and `deployments` the code's default
+    options; a Serve config file's sections override either, as for the defaults."""
     margs = args if isinstance(args, ModelAppArgs) else ModelAppArgs.model_validate(args)
     data = margs.model_dump(mode="json")
-    defaults = DeploymentsConfig()
-    stages = [serve.deployment(_CLASSES[stage], name=stage.deployment,
+    defaults = deployments or DeploymentsConfig()
+    chosen = {**_CLASSES, **(classes or {})}
+    stages = [serve.deployment(chosen[stage], name=stage.deployment,
                                **getattr(defaults, stage.key).to_serve_options()).bind(data)
               for stage in stages_for(margs.model.enhance is not None)]
     root = serve.deployment(Model, name=MODEL_ROOT, num_replicas=1, ray_actor_options={"num_cpus": 0},
@@ -49,11 +63,14 @@ def build_model_app(args: ModelAppArgs | dict[str, Any]) -> Application:
     return root.bind(*stages)
 
 
-def build_app(args: IngressArgs | dict[str, Any] | None = None) -> Application:
+def build_app(args: IngressArgs | dict[str, Any] | None = None, settings: IngressSettings | None = None,
+              deployments: DeploymentsConfig | None = None) -> Application:
     """The ingress application (`import_path: deployments.app:build_app`, `args`: `IngressArgs`); its
-    deployment's `user_config` is the `IngressSettings`."""
+    deployment's `user_config` is the `IngressSettings` (from Python, `settings` gives it at once)."""
     iargs = args if isinstance(args, IngressArgs) else IngressArgs.model_validate(args or {})
-    ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT, **DeploymentsConfig().ingress.to_serve_options())
+    extra = {} if settings is None else {"user_config": settings_json(settings)}
+    ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT,
+                               **(deployments or DeploymentsConfig()).ingress.to_serve_options(), **extra)
     return ingress.bind(iargs.model_dump(mode="json"))
 
 

@@ -24,7 +24,9 @@ class TextEncoder(StageReplica):
 
     @stage_call(TEXT_ENCODER)
     async def encode(self, req: GenerationRequest) -> Handoff:
-        async with self.computing(req) as timer:  # one forward at a time; the next request's arguments arrive
+        # one forward at a time; the next request's arguments arrive. No phase write: the attempt's start already
+        # put `text_encoding` in the record (the runner), and the Denoiser's first step follows soon after
+        async with self.computing(req, report_phase=False) as timer:
             emb = await run_to_end(self._stage.encode, req.prompt, req.negative_prompt,
                                    req.params.do_classifier_free_guidance)
         return Handoff(value=emb, timings={TEXT_ENCODER.timing_key: timer.seconds}, gpus=dict(self._gpus))

@@ -58,6 +58,8 @@ class _SerializedWrites:
 
 
 class _AtomicMotoServer(ThreadedMotoServer):
+    middleware: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None
+
     def _server_entry(self) -> None:  # same as moto's, with the write lock around the app
         from moto.moto_server.werkzeug_app import (
             DomainDispatcherApplication,
@@ -67,6 +69,8 @@ class _AtomicMotoServer(ThreadedMotoServer):
         from werkzeug.serving import make_server
 
         app = _SerializedWrites(DomainDispatcherApplication(create_backend_app))
+        if self.middleware is not None:  # e.g. the serving benchmark's request counter
+            app = self.middleware(app)
         self._server = make_server(self._ip_address, self._port, app, True, request_handler=MotoRequestHandler)
         self._server_ready_event.set()
         self._server.serve_forever()
@@ -75,9 +79,12 @@ class _AtomicMotoServer(ThreadedMotoServer):
 class LocalS3Server:
     """moto's S3 in a background thread. `port=0` picks a free port; `endpoint_url` says which."""
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1", quiet: bool = True) -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1", quiet: bool = True,
+                 middleware: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None) -> None:
+        """`middleware` wraps moto's WSGI app (it sees every request first)."""
         self.host = host
         self.port = port
+        self._middleware = middleware
         self._quiet = quiet
         self._server: ThreadedMotoServer | None = None
 
@@ -97,6 +104,7 @@ class LocalS3Server:
             logging.getLogger("werkzeug").setLevel(logging.WARNING)
         # Bind loopback explicitly: ThreadedMotoServer's default is 0.0.0.0.
         self._server = _AtomicMotoServer(ip_address=self.host, port=self.port, verbose=False)
+        self._server.middleware = self._middleware
         self._server.start()
         logger.info("local S3 (moto) at %s", self.endpoint_url)
         return self.endpoint_url

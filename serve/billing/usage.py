@@ -243,14 +243,20 @@ class UsageLedger:
         self._storage = storage
         self._workers = max(1, read_concurrency)
         self._clock = clock
+        self._days_marked: set[tuple[str, str]] = set()  # (day, tenant) whose day marker this ledger wrote
 
     def record_key(self, tenant: str, day: str, job_id: str) -> str:
         return self._storage.key("usage", tenant, day, f"{job_id}.json")
 
     def record(self, rec: UsageRecord) -> bool:
         """Store `rec` unless this job is recorded already; True if this call wrote it."""
-        # the day marker first: a crash in between leaves a marker without a record (harmless), never the reverse
-        self._storage.put_bytes(self._storage.key("usage", _DAYS_DIR, rec.day, rec.tenant), b"", "text/plain")
+        # the day marker first: a crash in between leaves a marker without a record (harmless), never the reverse;
+        # once per (day, tenant) from this ledger (markers are never deleted)
+        if (rec.day, rec.tenant) not in self._days_marked:
+            self._storage.put_bytes(self._storage.key("usage", _DAYS_DIR, rec.day, rec.tenant), b"", "text/plain")
+            self._days_marked.add((rec.day, rec.tenant))
+            if len(self._days_marked) > 100_000:
+                self._days_marked.clear()
         try:
             self._storage.put_if_absent(self.record_key(rec.tenant, rec.day, rec.job_id),
                                         rec.model_dump_json().encode("utf-8"))

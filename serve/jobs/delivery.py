@@ -1,8 +1,8 @@
 """A finished video reaches S3 only while its job still wants it (the VAE replica's last step, job policy).
 
-A job cancelled or deleted while its frames were decoded gets no objects; one deleted while they were being
-uploaded loses what was uploaded, so nothing outlives its record (the delete may have listed the keys before
-they existed).
+A job cancelled or deleted before or while its video was uploaded loses what was uploaded (one read of its record,
+after the upload, decides), so nothing outlives its record (the delete may have listed the keys before they
+existed).
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def publish_if_wanted(store: JobStore, storage: Storage, req: GenerationRequest,
     """Encode and upload `frames` for `req`'s job unless the job is no longer wanted; the chain's result.
     `publish` is `publish_video` (tests wrap it to land a delete mid-upload)."""
     keys = video_keys(storage, req.job_id)
-    if not still_wanted(store, req.job_id):
-        raise NoLongerWanted(f"job {req.job_id} was cancelled or deleted before its video was uploaded")
+    # no read before the upload: a job cancelled meanwhile has its chain cancelled by the runner, and the one read
+    # after the upload (the decision that matters) deletes what a job deleted in between would otherwise keep
     added = publish(storage, keys, req, frames, timings, computed)
     if not still_wanted(store, req.job_id):
         storage.delete_many(list(keys.values()))
-        raise NoLongerWanted(f"job {req.job_id} was deleted while its video was uploaded")
+        raise NoLongerWanted(f"job {req.job_id} was cancelled or deleted while its video was uploaded")
     return ChainResult(result=JobResult(**keys), timings={**timings, **added}, gpus=dict(gpus or {}))

@@ -107,6 +107,7 @@ class JobRunner:
         self.notify_for: Callable[[JobRecord], bool] | None = None  # whether a job's end is to be sent
         self.notify_claim_s = 0.0  # how long the finishing replica holds its delivery (WebhookSender.claim_s)
         self._ended: dict[str, tuple[asyncio.Event, int]] = {}  # jobs sync requests wait for, and how many
+        self._ended_as: dict[str, JobRecord] = {}  # the terminal record of a job waited for, once it landed here
         self.backlog: Backlog | None = None  # the cluster's queue as the last reclaim scan read it
         self._stopping = False
         self._events = events or JobEvents()  # metrics (deployments/metrics.py); the default records nothing
@@ -145,6 +146,8 @@ class JobRunner:
 
             try:
                 await asyncio.to_thread(self._store.update, job_id, hand_back)
+                if job_id in interrupted:  # its number is given back: the next attempt must not show its progress
+                    await asyncio.to_thread(self._store.clear_progress, job_id)
             except Exception:  # noqa: BLE001 - the lease then simply expires
                 log.warning("job %s: could not release lease", job_id, exc_info=True)
 
@@ -227,6 +230,9 @@ class JobRunner:
         self._events.job_finished(job, self._clock())
         waiting = self._ended.pop(job.id, None)
         if waiting is not None:
+            self._ended_as[job.id] = job
+            while len(self._ended_as) > 1024:  # the waiters read theirs at once; an old one is only memory
+                del self._ended_as[next(iter(self._ended_as))]
             waiting[0].set()
         if self._on_finished is None:
             return
@@ -252,17 +258,17 @@ class JobRunner:
             log.warning("job %s: bill still pending", job.id, exc_info=True)
             return False
 
-    async def ended(self, job_id: str, timeout_s: float) -> bool:
-        """Wait up to `timeout_s` for `job_id` to end on this replica (its terminal transition landing here);
-        True if it did. A job another replica ends is seen only by reading its record. Any number may wait on
-        one job; the last to stop waiting forgets it."""
+    async def ended(self, job_id: str, timeout_s: float) -> JobRecord | None:
+        """Wait up to `timeout_s` for `job_id` to end on this replica (its terminal transition landing here); its
+        terminal record if it did, else None. A job another replica ends is seen only by reading its record. Any
+        number may wait on one job; the last to stop waiting forgets it."""
         event, waiters = self._ended.get(job_id, (asyncio.Event(), 0))
         self._ended[job_id] = (event, waiters + 1)
         try:
             await asyncio.wait_for(event.wait(), timeout_s)
-            return True
+            return self._ended_as.get(job_id)
         except asyncio.TimeoutError:
-            return False
+            return None
         finally:
             held = self._ended.get(job_id)
             if held is not None and held[0] is event:
@@ -270,6 +276,7 @@ class JobRunner:
                     del self._ended[job_id]
                 else:
                     self._ended[job_id] = (event, held[1] - 1)
+
 
     def cancel_local(self, job_id: str) -> bool:
         """Cancel the in-flight attempt of a job this replica drives; False if it is not running here."""
@@ -288,15 +295,22 @@ class JobRunner:
 
     # -- one job ---------------------------------------------------------------------------------
     async def _drive(self, job_id: str) -> None:
+        started: list[bool] = [False]  # whether the lease's write also started the attempt (set per try of it)
+
+        def start(rec: JobRecord) -> JobRecord | None:
+            # one write takes the lease and starts the attempt, when nothing says the job must end instead
+            started[0] = self._startable(rec)
+            return self._mark_started(rec) if started[0] else None
+
         job = await asyncio.to_thread(self._store.try_acquire_lease, job_id, self.owner,
-                                      self._cfg.lease_s, self._clock())
+                                      self._cfg.lease_s, self._clock(), start)
         if job is None:
             return  # another replica owns it, or it already ended
         # this task's own context (empty at its start): every line it, and what it starts, logs carries the job
         bind_job(job.id, job.tenant)
         heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(job_id))
         try:
-            await self._attempt_until_done(job)
+            await self._attempt_until_done(job, started=started[0])
         except asyncio.CancelledError:
             raise  # replica shutting down: `stop` hands the lease back so another replica resumes
         except StorageError:
@@ -311,33 +325,44 @@ class JobRunner:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
 
-    async def _attempt_until_done(self, job: JobRecord) -> None:
+    def _startable(self, job: JobRecord) -> bool:
+        """Whether `job` may start an attempt now (else the loop ends it: cancelled, past its deadline, no attempts
+        left)."""
+        return not (job.cancel_requested or job.deleted or job.is_terminal
+                    or (job.deadline_at is not None and self._clock() >= job.deadline_at)
+                    or job.attempts >= self._cfg.max_attempts)
+
+    async def _attempt_until_done(self, job: JobRecord, started: bool = False) -> None:
+        """`started`: the lease's write already started the first attempt (`job` is that record)."""
         job_id = job.id
         # what a job reclaimed with no attempts left reports: its earlier replicas stopped mid-attempt
         error: tuple[str, str] = ("internal_error", "the replica running its last attempt stopped before it finished")
         while True:
-            if job.cancel_requested or job.deleted:
-                await self._finish(job_id, "cancelled", error={"code": "cancelled",
-                                                               "message": "the job was cancelled"})
-                return
-            if job.deadline_at is not None and self._clock() >= job.deadline_at:
-                await self._finish(job_id, "failed", error={
-                    "code": "deadline_exceeded", "message": "the job did not finish before its deadline"})
-                return
-            if job.attempts >= self._cfg.max_attempts:
-                code, message = error
-                await self._finish(job_id, "failed", error={
-                    "code": code, "message": f"{message} (after {job.attempts} attempts)"})
-                return
-            try:
-                job = await self._store_call(self._store.update, job_id, self._mark_started)
-            except _LeaseLost:
-                log.warning("job %s: another replica took it over; not starting another attempt here", job_id)
-                return
-            if job.cancel_requested or job.deleted:
-                continue  # cancelled while we took the lease: end it at the top of the loop
+            if not started:
+                if job.cancel_requested or job.deleted:
+                    await self._finish(job_id, "cancelled", error={"code": "cancelled",
+                                                                   "message": "the job was cancelled"})
+                    return
+                if job.deadline_at is not None and self._clock() >= job.deadline_at:
+                    await self._finish(job_id, "failed", error={
+                        "code": "deadline_exceeded", "message": "the job did not finish before its deadline"})
+                    return
+                if job.attempts >= self._cfg.max_attempts:
+                    code, message = error
+                    await self._finish(job_id, "failed", error={
+                        "code": code, "message": f"{message} (after {job.attempts} attempts)"})
+                    return
+                try:
+                    job = await self._store_call(self._store.update, job_id, self._mark_started)
+                except _LeaseLost:
+                    log.warning("job %s: another replica took it over; not starting another attempt here", job_id)
+                    return
+                if job.cancel_requested or job.deleted:
+                    continue  # cancelled while we took the lease: end it at the top of the loop
+            started = False
             self._events.attempt_started(job, self._clock())
-            await self._store_call(self._store.clear_progress, job_id)
+            if job.attempts > 1:  # the first attempt has no earlier attempt's progress to clear
+                await self._store_call(self._store.clear_progress, job_id)
             attempt = asyncio.get_running_loop().create_task(self._pipeline.run(job))
             self._attempts[job_id] = attempt
             try:

@@ -200,12 +200,11 @@ class VideoService:
         job that outlives the wait is not touched: it keeps running."""
         deadline = time.monotonic() + timeout_s
         pause = self.wait_first_poll_s
-        while True:
-            job = await self._load(job_id, tenant)
-            left = deadline - time.monotonic()
-            if job.is_terminal or left <= 0:
-                break
-            await self._runner.ended(job_id, min(pause, left))
+        job = await self._load(job_id, tenant)
+        while not job.is_terminal and (left := deadline - time.monotonic()) > 0:
+            # the terminal record itself when the job ends here: no read; else (another replica, or the pause
+            # is over) the record as it stands
+            job = await self._runner.ended(job_id, min(pause, left)) or await self._load(job_id, tenant)
             pause = min(pause * 2, self.wait_max_poll_s)
         if job.status == "in_progress":
             job = await asyncio.to_thread(self._store.merge_progress, job)

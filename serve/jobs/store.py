@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
@@ -65,6 +67,9 @@ _ID_LEN = len(JOB_ID_PREFIX) + 28
 _LIST_FETCH_WORKERS = 8
 _LIST_PAGE = 1000  # what one ListObjectsV2 call returns at most
 _INDEX_DESC = "index"
+_KNOWN_MAX = 4096  # records whose last version a store remembers (the jobs a replica drives, and more)
+_STALE = object()  # `update`: the remembered version refused the change; decide again on the stored one
+_MARKER_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="job-markers")  # `create`'s marker writes
 _INDEX_ASC = "index-asc"
 
 ListOrder = Literal["asc", "desc"]
@@ -117,6 +122,26 @@ class JobStore:
         self._now = now
         self._sleep = sleep
         self._index_page = index_page  # markers per LIST call of the backfill (small in tests: page boundaries)
+        # the last version of each record this store wrote or read, with its ETag: a compare-and-swap starts from
+        # it instead of a GET (the conditional PUT still checks it; a stale one costs one 412 and a re-read)
+        self._known: OrderedDict[str, tuple[JobRecord, str]] = OrderedDict()
+        self._known_lock = threading.Lock()
+
+    def _remember(self, rec: JobRecord, etag: str) -> None:
+        with self._known_lock:
+            self._known[rec.id] = (rec.model_copy(deep=True), etag)
+            self._known.move_to_end(rec.id)
+            while len(self._known) > _KNOWN_MAX:
+                self._known.popitem(last=False)
+
+    def _forget(self, job_id: str) -> None:
+        with self._known_lock:
+            self._known.pop(job_id, None)
+
+    def _recalled(self, job_id: str) -> tuple[JobRecord, str] | None:
+        with self._known_lock:
+            got = self._known.get(job_id)
+        return None if got is None else (got[0].model_copy(deep=True), got[1])
 
     @classmethod
     def from_config(cls, storage: Storage, jobs: JobsConfig, now: Callable[[], float] = time.time) -> JobStore:
@@ -159,12 +184,12 @@ class JobStore:
         # Markers first: a marker without a record is harmless (listing and reclaim skip it), while a record
         # without its active marker would never be reclaimed if this replica died right after writing it, and one
         # without an index marker would be missing from that order's listing.
-        if not rec.is_terminal:
-            self.storage.put_bytes(self.active_key(rec.id), b"", "application/octet-stream")
-        for key in self.index_keys(rec.tenant, rec.id):
-            self.storage.put_bytes(key, b"", "application/octet-stream")
+        markers = [*([self.active_key(rec.id)] if not rec.is_terminal else []), *self.index_keys(rec.tenant, rec.id)]
+        # in parallel: a POST waits for one marker write, not three in a row
+        list(_MARKER_POOL.map(lambda key: self.storage.put_bytes(key, b"", "application/octet-stream"), markers))
         try:
-            self.storage.put_if_absent(self.record_key(rec.id), rec.to_json_bytes())
+            etag = self.storage.put_if_absent(self.record_key(rec.id), rec.to_json_bytes())
+            self._remember(rec, etag)
         except PreconditionFailed:
             # A botocore retry of our own PUT whose first response was lost also ends here: that is success.
             existing = self.get(rec.id, include_deleted=True)
@@ -188,7 +213,9 @@ class JobStore:
         if got is None:
             return None
         data, etag = got
-        return JobRecord.from_json_bytes(data), etag
+        rec = JobRecord.from_json_bytes(data)
+        self._remember(rec, etag)
+        return rec, etag
 
     # ---- compare-and-swap ---------------------------------------------------------------------------------------
 
@@ -203,7 +230,9 @@ class JobStore:
         """
         written: JobRecord | None = None
         for attempt in range(max_retries):
-            got = self._read(job_id)
+            # the first try starts from the version this store saw last, unread: the conditional PUT verifies it
+            recalled = self._recalled(job_id) if attempt == 0 else None
+            got = recalled or self._read(job_id)
             if got is None:
                 raise JobNotFound(f"job {job_id} not found")
             current, etag = got
@@ -211,19 +240,29 @@ class JobStore:
                 # Our write landed but its answer was lost and botocore's retry got 412: applying `mutate`
                 # again would apply it twice (e.g. attempts += 2).
                 return current
-            new = mutate(current.model_copy(deep=True))
-            if new is None:
+            try:
+                new = mutate(current.model_copy(deep=True))
+            except Exception:
+                if recalled is None:
+                    raise
+                new = _STALE  # a refusal is decided on the record as it is in S3, never on a remembered one
+            if new is None and recalled is None:
                 return current
+            if new is None or new is _STALE:
+                self._forget(job_id)
+                continue
             if new.id != current.id:
                 raise ValueError(f"mutate changed the job id from {current.id} to {new.id}")
             new = new.model_copy(update={"version": current.version + 1, "updated_at": self._now()})
             written = new
             try:
-                self.storage.put_if_match(self.record_key(job_id), new.to_json_bytes(), etag)
+                self._remember(new, self.storage.put_if_match(self.record_key(job_id), new.to_json_bytes(), etag))
                 return new
             except (PreconditionFailed, NotFound):
                 # Someone else wrote (or deleted) first: re-read. Jitter so two losers do not collide again.
-                self._sleep(random.uniform(0, min(0.005 * 2**attempt, 0.2)))
+                self._forget(job_id)
+                if recalled is None:
+                    self._sleep(random.uniform(0, min(0.005 * 2**attempt, 0.2)))
         raise UpdateConflict(f"job {job_id}: gave up after {max_retries} conflicting writes")
 
     def _update_or_none(self, job_id: str, mutate: Callable[[JobRecord], JobRecord | None]) -> JobRecord | None:
@@ -235,9 +274,12 @@ class JobStore:
     # ---- leases -------------------------------------------------------------------------------------------------
 
     def try_acquire_lease(
-        self, job_id: str, owner: str, lease_s: float, now: float | None = None
+        self, job_id: str, owner: str, lease_s: float, now: float | None = None,
+        then: Callable[[JobRecord], JobRecord | None] | None = None,
     ) -> JobRecord | None:
-        """Take the job if it is live and its lease is free, expired or already ours; None otherwise."""
+        """Take the job if it is live and its lease is free, expired or already ours; None otherwise. `then` may
+        change the taken record further in the same write (the runner starts the first attempt with it); its
+        None leaves the record as taken."""
 
         def take(rec: JobRecord) -> JobRecord:
             t = self._now() if now is None else now
@@ -247,6 +289,8 @@ class JobStore:
                 raise _Skip
             rec.lease_owner = owner
             rec.lease_expires_at = t + lease_s
+            if then is not None:
+                rec = then(rec) or rec
             return rec
 
         return self._update_or_none(job_id, take)
@@ -338,10 +382,12 @@ class JobStore:
 
         rec = self._update_or_none(job_id, end)
         if rec is not None:
-            markers = [self.progress_key(job_id)] if rec.obligations_pending else [
-                self.active_key(job_id), self.progress_key(job_id)]
+            # with an obligation pending the marker (the outbox entry) stays, and the progress object goes with it
+            # when the obligation ends (`_settled`): one delete for both
+            markers = [] if rec.obligations_pending else [self.active_key(job_id), self.progress_key(job_id)]
             try:
-                self.storage.delete_many(markers)
+                if markers:
+                    self.storage.delete_many(markers)
             except StorageError as exc:
                 # The record is already terminal; a leftover marker is dropped by the next reclaim scan.
                 logger.warning("job %s finished but its markers remain: %s", job_id, exc)
@@ -361,7 +407,7 @@ class JobStore:
     def _settled(self, rec: JobRecord | None) -> JobRecord | None:
         """After an obligation ended: the outbox entry (active marker) goes once none is left."""
         if rec is not None and not rec.obligations_pending:
-            self.storage.delete_many([self.active_key(rec.id)])
+            self.storage.delete_many([self.active_key(rec.id), self.progress_key(rec.id)])
         return rec
 
     def claim_webhook(self, job_id: str, until: float) -> JobRecord | None:
@@ -537,6 +583,7 @@ class JobStore:
             [*self.index_keys(rec.tenant, job_id), self.active_key(job_id), self.progress_key(job_id)]
         )
         self.storage.delete(self.record_key(job_id))
+        self._forget(job_id)
         return rec
 
     # ---- progress side channel ----------------------------------------------------------------------------------

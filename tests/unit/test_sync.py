@@ -85,16 +85,17 @@ def test_sync_replays_by_idempotency_key(storage: Storage) -> None:
 
 
 def test_the_runner_wakes_a_waiter_when_the_job_ends_here(storage: Storage) -> None:
-    """`JobRunner.ended`: True as soon as this replica sees the job's terminal transition, False at the timeout."""
+    """`JobRunner.ended`: the terminal record as soon as this replica sees it land, None at the timeout."""
     async def main() -> None:
         async with serving(storage) as env:
             env.pipeline.gate.clear()
             video = (await env.client.post("/v1/videos", json=BODY, headers=AUTH)).json()
-            assert await env.runner.ended(video["id"], 0.05) is False
+            assert await env.runner.ended(video["id"], 0.05) is None
             waiter = asyncio.create_task(env.runner.ended(video["id"], 30))
             await asyncio.sleep(0.05)
             env.pipeline.gate.set()
-            assert await asyncio.wait_for(waiter, 10) is True
+            ended = await asyncio.wait_for(waiter, 10)  # the terminal record itself: the waiter reads nothing
+            assert ended is not None and ended.id == video["id"] and ended.status == "completed"
             assert (await env.client.get(f"/v1/videos/{video['id']}", headers=AUTH)).json()["status"] == "completed"
 
     run(main())
@@ -118,8 +119,8 @@ def test_every_waiter_on_one_job_is_woken_even_after_another_gave_up(storage: St
             video = (await env.client.post("/v1/videos", json=BODY, headers=AUTH)).json()
             patient = asyncio.create_task(env.runner.ended(video["id"], 30))
             await asyncio.sleep(0.05)
-            assert await env.runner.ended(video["id"], 0.05) is False  # a second waiter gives up first
+            assert await env.runner.ended(video["id"], 0.05) is None  # a second waiter gives up first
             env.pipeline.gate.set()
-            assert await asyncio.wait_for(patient, 10) is True
+            assert (await asyncio.wait_for(patient, 10)).status == "completed"
 
     run(main())
