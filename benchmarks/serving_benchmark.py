@@ -185,7 +185,9 @@ def run_s3_server(port_file: Path) -> None:
 
     counter = S3Counter()
     server = LocalS3Server(middleware=counter.wrap)
-    port_file.write_text(server.start())
+    partial = port_file.with_suffix(".part")
+    partial.write_text(server.start())
+    partial.rename(port_file)  # atomic: the benchmark never reads half an address
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
@@ -398,6 +400,7 @@ def measure_idle(bench: Bench, jobs: int) -> Idle:
 
 @dataclass
 class Throughput:
+    denoiser_s: float
     denoisers: int
     jobs: int
     ideal: float
@@ -416,10 +419,13 @@ def measure_throughput(bench: Bench, seconds: dict[str, float], denoisers: int, 
         run_sync(http)
         t0 = time.perf_counter()
         done = sorted(f.result()[2] for f in [pool.submit(run_sync, http) for _ in range(jobs)])
-    # steady state: the middle of the burst (from the 20th to the 80th percentile of completions)
+    # steady state: the middle of the burst (the 20th to the 80th percentile of completions), as the least-squares
+    # slope of completions over time (n replicas finish in clumps of n: a two-point ratio would swing with them)
     lo, hi = int(0.2 * jobs), int(0.8 * jobs)
-    steady = (hi - lo) / (done[hi] - done[lo])
-    return Throughput(denoisers, jobs, ideal_rate(seconds, denoisers), steady, jobs / (done[-1] - t0))
+    ts = np.array(done[lo:hi + 1])
+    steady = float(np.polyfit(ts - ts[0], np.arange(len(ts), dtype=float), 1)[0])
+    return Throughput(seconds["denoiser"], denoisers, jobs, ideal_rate(seconds, denoisers), steady,
+                      jobs / (done[-1] - t0))
 
 
 def measure_post_burst(bench: Bench, concurrent: int) -> tuple[list[float], list[float]]:
@@ -456,36 +462,41 @@ class Timeline:
     ready_s: float | None = None
     rate_before: float | None = None
     rate_after: float | None = None
+    last_s: float = 0.0
 
 
 def measure_autoscaling(bench: Bench, jobs: int, policy: dict) -> Timeline:
+    """`jobs` submitted at once (each a POST /v1/videos/sync, so its completion time is exact) while a sampler reads
+    the Denoiser's target and running replicas from Serve's controller every 0.25 s."""
     tl = Timeline(jobs, policy)
-    with client(bench, threads=16) as http, ThreadPoolExecutor(16) as pool:
-        t0 = time.perf_counter()
-        ids = [f.result()[0] for f in [pool.submit(post, http) for _ in range(jobs)]]
-        completed: dict[str, float] = {}
-        top = policy["max_replicas"]
-        while len(completed) < jobs and time.perf_counter() - t0 < 400:
-            wanted = set(ids)
-            for v in http.get("/v1/videos", params={"limit": 100}).json()["data"]:  # newest first: the burst
-                if v["id"] in wanted and v["id"] not in completed:
-                    if v["status"] == "completed":
-                        completed[v["id"]] = time.perf_counter() - t0
-                    elif v["status"] in ("failed", "cancelled"):
-                        raise RuntimeError(f"job {v['id']} ended {v['status']}")
+    top = policy["max_replicas"]
+    stop = threading.Event()
+    t0 = time.perf_counter()
+
+    def sample() -> None:
+        while not stop.is_set():
             target, running = denoiser_replicas()
             now = time.perf_counter() - t0
-            tl.samples.append((round(now, 1), target, running, len(completed)))
+            tl.samples.append((round(now, 1), target, running, -1))
             if tl.decided_s is None and target >= top:
                 tl.decided_s = now
             if tl.ready_s is None and running >= top:
                 tl.ready_s = now
-            time.sleep(0.5)
-    times = sorted(completed.values())
+            time.sleep(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with client(bench, threads=jobs) as http, ThreadPoolExecutor(jobs) as pool:
+        times = sorted(f.result()[2] - t0 for f in [pool.submit(run_sync, http) for _ in range(jobs)])
+    time.sleep(1)
+    stop.set()
+    sampler.join(5)
+    tl.samples = [(t, g, n, sum(1 for c in times if c <= t)) for t, g, n, _ in tl.samples]
+    tl.last_s = times[-1]
     if tl.ready_s is not None:
         before = [t for t in times if t <= tl.ready_s]
         after = [t for t in times if t > tl.ready_s]
-        tl.rate_before = len(before) / tl.ready_s if before else 0.0
+        tl.rate_before = len(before) / tl.ready_s
         if len(after) >= 2:
             tl.rate_after = (len(after) - 1) / (after[-1] - after[0])
     return tl
@@ -533,17 +544,19 @@ def render(args, idle: Idle, seconds: dict[str, float], rows: list[Throughput], 
               f"Besides the {uploads:.0f} uploads (mp4, cover, metadata): {idle.s3_per_job - uploads:.1f} per job; "
               f"target ~12.", ""]
     lines += ["### Throughput against the ideal", "",
-              f"Stage seconds: text encoder {seconds['text_encoder']}, Denoiser {seconds['denoiser']}, VaeDecoder "
-              f"{seconds['vae_decoder']} (one replica each but the Denoiser). Ideal: the slowest stage's replicas / "
-              f"its seconds. Steady state: completions between the 20th and 80th percentile of a burst of jobs "
-              f"submitted at once (`POST /v1/videos/sync` each); whole burst: jobs / (last completion - submit).", "",
-              "| Denoisers | jobs | ideal jobs/s | steady jobs/s | steady / ideal | whole burst jobs/s | "
-              "burst / ideal | gain per added replica |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    base = rows[0].steady
+              f"Stage seconds: text encoder {seconds['text_encoder']}, VaeDecoder {seconds['vae_decoder']} (one "
+              f"replica each), the Denoiser's as below. Ideal: the slowest stage's replicas / its seconds. Steady "
+              f"state: the least-squares slope of completions over time between the 20th and 80th percentile of a "
+              f"burst of jobs submitted at once (`POST /v1/videos/sync` each); whole burst: jobs / (last completion - submit). Gain per added "
+              f"replica: (steady(n) - steady(1)) / ((n - 1) x steady(1)), against the 1-replica row of the same "
+              f"Denoiser seconds.", "",
+              "| Denoiser s | Denoisers | jobs | ideal jobs/s | steady jobs/s | steady / ideal | whole burst jobs/s | "
+              "burst / ideal | gain per added replica |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        base = next(b.steady for b in rows if b.denoiser_s == r.denoiser_s and b.denoisers == 1)
         gain = "" if r.denoisers == 1 else f"{(r.steady - base) / ((r.denoisers - 1) * base):.0%}"
-        lines.append(f"| {r.denoisers} | {r.jobs} | {r.ideal:.2f} | {r.steady:.2f} | {r.steady / r.ideal:.0%} | "
-                     f"{r.burst:.2f} | {r.burst / r.ideal:.0%} | {gain} |")
+        lines.append(f"| {r.denoiser_s:g} | {r.denoisers} | {r.jobs} | {r.ideal:.2f} | {r.steady:.2f} | "
+                     f"{r.steady / r.ideal:.0%} | {r.burst:.2f} | {r.burst / r.ideal:.0%} | {gain} |")
     lines += ["", "Targets: >= 98% of ideal in steady state with the 0.25 s Denoiser; >= 95% per added replica.", ""]
     lines += ["### POST latency under a burst", "",
               f"{len(post_ms)} concurrent `POST /v1/videos` (one Denoiser), released at once by a barrier.", "",
@@ -560,7 +573,7 @@ def render(args, idle: Idle, seconds: dict[str, float], rows: list[Throughput], 
               f"{'never' if tl.decided_s is None else f'{tl.decided_s:.1f}'} |",
               f"| {tl.policy['max_replicas']} Denoisers running | "
               f"{'never' if tl.ready_s is None else f'{tl.ready_s:.1f}'} |",
-              f"| last job completed | {tl.samples[-1][0] if tl.samples else 0:.1f} |", "",
+              f"| last job completed | {tl.last_s:.1f} |", "",
               f"Jobs/s before the replicas were ready: {tl.rate_before or 0:.2f}; after: {tl.rate_after or 0:.2f}.",
               "", "<details><summary>timeline (t, target, running, completed)</summary>", "", "```"]
     lines += [f"{t:>6.1f}s target={g} running={n} completed={c}" for t, g, n, c in tl.samples]
@@ -573,7 +586,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="Append the table to this file (BENCHMARKS.md).")
     parser.add_argument("--idle-jobs", type=int, default=20)
     parser.add_argument("--burst-jobs", type=int, default=30, help="Jobs per throughput burst at 1 Denoiser.")
-    parser.add_argument("--denoisers", default="1,2,4")
+    parser.add_argument("--denoisers", default="1,2,4", help="Replicas of the scaling rows.")
+    parser.add_argument("--scaling-denoiser-s", type=float, default=1.0,
+                        help="The Denoiser's seconds in the scaling rows (a 0.25 s row at 1 replica comes first): "
+                             "slow enough that this machine's CPU is not what 4 replicas wait for.")
     parser.add_argument("--te-s", type=float, default=0.02)
     parser.add_argument("--denoiser-s", type=float, default=0.25)
     parser.add_argument("--vae-s", type=float, default=0.05)
@@ -609,12 +625,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"idle: median {statistics.median(idle.total_ms):.0f} ms, {idle.s3_per_job:.1f} S3 requests/job",
               flush=True)
         rows = []
-        for n in [int(x) for x in args.denoisers.split(",")]:
-            deploy(bench, seconds, n, ingress=False)
-            rows.append(measure_throughput(bench, seconds, n, args.burst_jobs * n))
+        scaling = {**seconds, "denoiser": args.scaling_denoiser_s}
+        for secs, n in [(seconds, 1)] + [(scaling, int(x)) for x in args.denoisers.split(",")]:
+            deploy(bench, secs, n, ingress=False)
+            rows.append(measure_throughput(bench, secs, n, args.burst_jobs * n))
             r = rows[-1]
-            print(f"{n} Denoisers: steady {r.steady:.2f} jobs/s, burst {r.burst:.2f}, ideal {r.ideal:.2f}",
-                  flush=True)
+            print(f"{n} x {secs['denoiser']} s Denoisers: steady {r.steady:.2f} jobs/s, burst {r.burst:.2f}, "
+                  f"ideal {r.ideal:.2f}", flush=True)
         deploy(bench, seconds, 1, ingress=False)
         post_ms, floor_ms = measure_post_burst(bench, args.post_burst)
         print(f"POST burst: p50 {pct(post_ms, 0.5):.0f} ms, p99 {pct(post_ms, 0.99):.0f} ms", flush=True)

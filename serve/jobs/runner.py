@@ -95,7 +95,8 @@ class JobRunner:
         # of its stages (`set_capacity`), all models' together stay within `max_concurrent_per_replica`
         self._queues: dict[str, FairQueue] = {}
         self._model_of: dict[str, str] = {}  # queued or running job -> its model
-        self._running_per_model: dict[str, int] = {}
+        self._running_per_model: dict[str, int] = {}  # chains holding a slot of their model
+        self._slot_held: set[str] = set()
         self._capacity: dict[str, int] = {}  # model -> chain slots on this replica; a model not in it: the ceiling
         self._on_finished = on_finished
         # a completed job whose bill is still pending (its usage record not in S3 yet: an S3 outage, or the replica
@@ -194,6 +195,7 @@ class JobRunner:
                 self._queues[model] = queue  # to the back: the next start goes to another model first
             if job_id is not None:
                 self._running_per_model[model] = self._running_per_model.get(model, 0) + 1
+                self._slot_held.add(job_id)
                 return job_id
         return None
 
@@ -212,18 +214,28 @@ class JobRunner:
 
     def _done(self, job_id: str) -> None:
         self._tasks.pop(job_id, None)
-        self._forget(job_id, running=True)
+        self._free_slot(job_id)
+        self._model_of.pop(job_id, None)
         self._dispatch()
         self._events.queue_changed(self.queued, len(self._tasks))
 
+    def _free_slot(self, job_id: str) -> None:
+        """The job's chain left the stages: its model's slot goes to the next queued job (the terminal write,
+        bill and webhook that follow need no stage)."""
+        if job_id not in self._slot_held:
+            return
+        self._slot_held.discard(job_id)
+        model = self._model_of.get(job_id)
+        left = self._running_per_model.get(model, 0) - 1
+        if left > 0:
+            self._running_per_model[model] = left
+        else:
+            self._running_per_model.pop(model, None)
+
     def _forget(self, job_id: str, running: bool) -> None:
-        model = self._model_of.pop(job_id, None)
-        if running and model is not None:
-            left = self._running_per_model.get(model, 0) - 1
-            if left > 0:
-                self._running_per_model[model] = left
-            else:
-                self._running_per_model.pop(model, None)
+        if running:
+            self._free_slot(job_id)
+        self._model_of.pop(job_id, None)
 
     async def finished(self, job: JobRecord) -> None:
         """A terminal transition landed (here or by the service): release, bill, notify — never raises."""
@@ -387,6 +399,8 @@ class JobRunner:
                 self._events.attempt_failed(job, error[0])
                 log.warning("job %s attempt %d failed: %s: %s", job_id, job.attempts, type(exc).__name__, exc)
             else:
+                self._free_slot(job_id)  # the stages are done with it: the next queued job starts now
+                self._dispatch()
                 if isinstance(out, dict):  # a VaeDecoder replica of the previous release (rolling upgrade)
                     out = ChainResult(JobResult(**out["result"]), dict(out.get("timings") or {}))
                 await self._finish(job_id, "completed", result=out.result, timings=out.timings,

@@ -141,3 +141,47 @@ def test_chain_slots_are_per_model_and_follow_the_capacity(storage: Storage) -> 
             await runner.stop()
 
     asyncio.run(main())
+
+
+def test_a_chain_gives_its_slot_back_when_the_stages_are_done_with_it(storage: Storage) -> None:
+    """The terminal write, bill and webhook need no stage: the next queued job starts while they run."""
+    store = JobStore(storage, retention_s=3600)
+
+    class Records:
+        def __init__(self) -> None:
+            self.started: list[str] = []
+
+        async def run(self, job):
+            from tests.unit.test_runner import Succeeds
+
+            self.started.append(job.id)
+            return await Succeeds().run(job)
+
+    async def main() -> None:
+        release = asyncio.Event()
+        ending: list[str] = []
+
+        async def slow_end(job: JobRecord) -> None:  # e.g. S3 slow to take the usage record
+            ending.append(job.id)
+            await release.wait()
+
+        pipeline = Records()
+        runner = JobRunner(store, pipeline, jobs_config(), owner="ingress-a", on_finished=slow_end)
+        runner.set_capacity({"m": 1})
+        try:
+            first, second = make_job(store, "m"), make_job(store, "m")
+            runner.submit(first.id, first.tenant, first.model)
+            runner.submit(second.id, second.tenant, second.model)
+            for _ in range(200):
+                if len(pipeline.started) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert pipeline.started == [first.id, second.id] and ending[0] == first.id  # the first still ending
+            release.set()
+            for job in (first, second):
+                assert (await until_ended(store, job.id, runner)).status == "completed"
+        finally:
+            release.set()
+            await runner.stop()
+
+    asyncio.run(main())

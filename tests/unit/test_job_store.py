@@ -444,3 +444,30 @@ def test_progress_side_channel_merges_without_touching_the_record(store: JobStor
     queued = store.create(make_record())
     store.put_progress(queued.id, "denoising", 5, 50)
     assert store.merge_progress(queued) == queued
+
+
+def test_a_remembered_version_that_is_stale_costs_one_lost_write_and_the_stored_record_decides(
+        s3_config: S3Config, clock: Clock) -> None:
+    """Each store starts a compare-and-swap from the version it saw last (no GET); another replica's write in
+    between makes that conditional PUT lose, and the change is applied again on the stored record."""
+    mine = JobStore(Storage(s3_config), now=clock)
+    mine.storage.ensure_bucket()
+    theirs = JobStore(Storage(s3_config), now=clock)
+    rec = mine.create(make_record())
+    assert mine.try_acquire_lease(rec.id, "me", lease_s=30) is not None
+    theirs.update(rec.id, lambda r: r.model_copy(update={"cancel_requested": True}))  # a DELETE elsewhere
+    renewed = mine.renew_lease(rec.id, "me", lease_s=30)
+    assert renewed is not None and renewed.cancel_requested and renewed.version == 4  # the heartbeat sees it
+
+
+def test_a_refusal_is_never_decided_on_a_remembered_version(s3_config: S3Config, clock: Clock) -> None:
+    mine = JobStore(Storage(s3_config), now=clock)
+    mine.storage.ensure_bucket()
+    theirs = JobStore(Storage(s3_config), now=clock)
+    rec = mine.create(make_record())
+    assert theirs.try_acquire_lease(rec.id, "other", lease_s=30) is not None
+    mine.get(rec.id)  # remembered: leased by "other", for 30 s
+    assert theirs.release_lease(rec.id, "other") is not None  # ...which gave it back since
+    # on the remembered version the lease is not free; the stored one is, and it decides
+    taken = mine.try_acquire_lease(rec.id, "me", lease_s=30)
+    assert taken is not None and taken.lease_owner == "me"
