@@ -6,7 +6,7 @@ the limiter actor, S3 uploads) on a local Ray cluster and moto S3, with stages t
 The stage deployments are the product's classes (TextEncoder, Denoiser, VaeDecoder: their locks, progress writes,
 metrics, handoffs and the VaeDecoder's mp4 encode and upload); only the object each holds as `_stage` is replaced,
 by one that sleeps for the configured seconds and hands on payloads of CogVideoX-5b's sizes (7.4 MB of prompt
-embeddings, 4.5 MB of latents). They are injected through `build_model_app(classes=...)`; the product's stage code
+embeddings, 4.5 MB of latents). They are injected through `model_application(classes=...)` (what `build_model_app` builds); the product's stage code
 has no benchmark flag. The video itself is small (9 frames of 48x32): the mp4 encode of a real video is the
 VaeDecoder's CPU work, not the serving layer's.
 
@@ -226,7 +226,7 @@ def settings(endpoint: str):
 def deploy(bench: Bench, seconds: dict[str, float], denoisers: int | dict, ingress: bool) -> None:
     from ray import serve
 
-    from deployments.app import build_app, build_model_app
+    from deployments.app import ingress_application, model_application
     from serve.config import DeploymentsConfig, IngressArgs, ModelAppArgs, S3Config
 
     s3 = S3Config(bucket="videogen-bench", endpoint_url=bench.endpoint, create_bucket=True)
@@ -238,10 +238,10 @@ def deploy(bench: Bench, seconds: dict[str, float], denoisers: int | dict, ingre
         "ingress": {**zero, "num_replicas": 1, "max_ongoing_requests": 256}})
     cfg = settings(bench.endpoint)
     margs = ModelAppArgs(model=cfg.model, s3=s3)
-    serve.run(build_model_app(margs, classes=stage_classes(seconds), deployments=options),
+    serve.run(model_application(margs, classes=stage_classes(seconds), deployments=options),
               name=f"model-{MODEL}", route_prefix=None, blocking=False)
     if ingress:
-        serve.run(build_app(IngressArgs(s3=s3), settings=cfg, deployments=options), name="videogen",
+        serve.run(ingress_application(IngressArgs(s3=s3), settings=cfg, deployments=options), name="videogen",
                   route_prefix="/", blocking=False)
     wait_running(f"model-{MODEL}", "Denoiser", denoisers if isinstance(denoisers, int) else denoisers["min_replicas"])
     wait_ready(bench.base)

@@ -43,14 +43,18 @@ class Model:
         self._stages = stages
 
 
-def build_model_app(args: ModelAppArgs | dict[str, Any], classes: Mapping[Stage, type] | None = None,
-                    deployments: DeploymentsConfig | None = None) -> Application:
+def build_model_app(args: ModelAppArgs | dict[str, Any]) -> Application:
     """One model's application (`serve deploy`: `import_path: deployments.app:build_model_app`, `args`:
-    `ModelAppArgs`). Name it `model-<model name>`: the ingress reaches its stages by that name.
+    `ModelAppArgs`). Name it `model-<model name>`: the ingress reaches its stages by that name. (Serve calls an
+    application builder with exactly one argument: the options are `model_application`'s.)"""
+    return model_application(args)
 
-    From Python (`serve.run`), `classes` replaces a stage's deployment class (the serving benchmark injects stages
-    that sleep instead of computing, benchmarks/serving_benchmark.py) and `deployments` the code's default
-    options; a Serve config file's sections override either, as for the defaults."""
+
+def model_application(args: ModelAppArgs | dict[str, Any], classes: Mapping[Stage, type] | None = None,
+                      deployments: DeploymentsConfig | None = None) -> Application:
+    """`build_model_app` from Python (`serve.run`): `classes` replaces a stage's deployment class (the serving
+    benchmark injects stages that sleep instead of computing, benchmarks/serving_benchmark.py) and `deployments`
+    the code's default options; a Serve config file's sections override either, as for the defaults."""
     margs = args if isinstance(args, ModelAppArgs) else ModelAppArgs.model_validate(args)
     data = margs.model_dump(mode="json")
     defaults = deployments or DeploymentsConfig()
@@ -63,10 +67,16 @@ def build_model_app(args: ModelAppArgs | dict[str, Any], classes: Mapping[Stage,
     return root.bind(*stages)
 
 
-def build_app(args: IngressArgs | dict[str, Any] | None = None, settings: IngressSettings | None = None,
-              deployments: DeploymentsConfig | None = None) -> Application:
+def build_app(args: IngressArgs | dict[str, Any] | None = None) -> Application:
     """The ingress application (`import_path: deployments.app:build_app`, `args`: `IngressArgs`); its
-    deployment's `user_config` is the `IngressSettings` (from Python, `settings` gives it at once)."""
+    deployment's `user_config` is the `IngressSettings`."""
+    return ingress_application(args)
+
+
+def ingress_application(args: IngressArgs | dict[str, Any] | None = None, settings: IngressSettings | None = None,
+                        deployments: DeploymentsConfig | None = None) -> Application:
+    """`build_app` from Python: `settings` gives the deployment its `user_config` at once, `deployments` its
+    options."""
     iargs = args if isinstance(args, IngressArgs) else IngressArgs.model_validate(args or {})
     extra = {} if settings is None else {"user_config": settings_json(settings)}
     ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT,
@@ -85,7 +95,5 @@ def __getattr__(name: str) -> Application:
     if name == "model_app":
         return build_model_app(ModelAppArgs())
     if name == "app":
-        ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT, user_config=settings_json(IngressSettings()),
-                                   **DeploymentsConfig().ingress.to_serve_options())
-        return ingress.bind(IngressArgs().model_dump(mode="json"))
+        return ingress_application(IngressArgs(), settings=IngressSettings())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -258,3 +258,19 @@ def test_every_shipped_config_serves_zhipus_model_names(name):
     config = check_serve_config(data)
     for zhipu_name in ZHIPU_MODELS:
         assert config.model_named(zhipu_name) is not None, (name, zhipu_name)
+
+
+def test_serve_calls_both_builders_with_the_args_of_a_config_file():
+    """`serve deploy` calls an application builder with exactly one argument (the file's `args`); Serve refuses a
+    builder with more parameters. The injection points (`model_application`'s classes) live beside them."""
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from deployments.app import build_app, build_model_app
+
+    config = serve_config(AppConfig())
+    for app in config["applications"]:
+        builder = {"deployments.app:build_model_app": build_model_app,
+                   "deployments.app:build_app": build_app}[app["import_path"]]
+        built = call_user_app_builder_with_args_if_necessary(builder, app["args"])
+        assert isinstance(built, Application)
