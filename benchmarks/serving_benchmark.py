@@ -277,7 +277,9 @@ def wait_ready(base: str, timeout_s: float = 180) -> None:
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                time.sleep(2.5)  # the ingress's first chain-slot read (every 2 s) has seen the stage replicas
+                from deployments.ingress import CAPACITY_REFRESH_S
+
+                time.sleep(CAPACITY_REFRESH_S + 0.5)  # the ingress's chain slots have seen the new stage replicas
                 return
         except httpx.HTTPError:
             pass

@@ -427,15 +427,19 @@ class Storage:
                 kwargs["ContinuationToken"] = token
             elif start_after:
                 kwargs["StartAfter"] = start_after
-            try:
-                r = self._client.list_objects_v2(**kwargs)
-            except (ClientError, BotoCoreError) as exc:
-                raise StorageError(f"list s3://{self.bucket}/{prefix} failed: {exc}") from exc
+            r = self._list_page(kwargs)
             keys.extend(obj["Key"] for obj in r.get("Contents", []))
             token = r.get("NextContinuationToken")
             if not r.get("IsTruncated") or not token:
                 break
         return keys[:max_keys]
+
+    def _list_page(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """One ListObjectsV2 call (`kwargs` name the bucket, prefix and cursor)."""
+        try:
+            return self._client.list_objects_v2(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"list s3://{self.bucket}/{kwargs.get('Prefix', '')} failed: {exc}") from exc
 
     def list_prefixes(self, prefix: str) -> list[str]:
         """The "directories" one level under `prefix` (S3 common prefixes with delimiter '/'), each ending in '/'."""
@@ -445,10 +449,7 @@ class Storage:
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/"}
             if token:
                 kwargs["ContinuationToken"] = token
-            try:
-                r = self._client.list_objects_v2(**kwargs)
-            except (ClientError, BotoCoreError) as exc:
-                raise StorageError(f"list s3://{self.bucket}/{prefix} failed: {exc}") from exc
+            r = self._list_page(kwargs)
             out.extend(p["Prefix"] for p in r.get("CommonPrefixes", []))
             token = r.get("NextContinuationToken")
             if not r.get("IsTruncated") or not token:

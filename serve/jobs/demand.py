@@ -61,7 +61,3 @@ class DemandBoard:
         queued = sum(c.get(model, (0, 0))[0] for c in fresh)
         running = sum(c.get(model, (0, 0))[1] for c in fresh)
         return Demand(queued=queued, running=running, reporters=len(fresh))
-
-    def all(self) -> dict[str, Demand]:
-        models = {m for counts in self._fresh() for m in counts}
-        return {m: self.demand(m) for m in sorted(models)}

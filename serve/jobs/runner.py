@@ -18,6 +18,7 @@ import contextvars
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -95,8 +96,7 @@ class JobRunner:
         # of its stages (`set_capacity`), all models' together stay within `max_concurrent_per_replica`
         self._queues: dict[str, FairQueue] = {}
         self._model_of: dict[str, str] = {}  # queued or running job -> its model
-        self._running_per_model: dict[str, int] = {}  # chains holding a slot of their model
-        self._slot_held: set[str] = set()
+        self._slot_held: set[str] = set()  # chains holding a slot of their model (in the stages)
         self._capacity: dict[str, int] = {}  # model -> chain slots on this replica; a model not in it: the ceiling
         self._on_finished = on_finished
         # a completed job whose bill is still pending (its usage record not in S3 yet: an S3 outage, or the replica
@@ -107,8 +107,8 @@ class JobRunner:
         self._on_unnotified = on_unnotified
         self.notify_for: Callable[[JobRecord], bool] | None = None  # whether a job's end is to be sent
         self.notify_claim_s = 0.0  # how long the finishing replica holds its delivery (WebhookSender.claim_s)
-        self._ended: dict[str, tuple[asyncio.Event, int]] = {}  # jobs sync requests wait for, and how many
-        self._ended_as: dict[str, JobRecord] = {}  # the terminal record of a job waited for, once it landed here
+        # jobs sync requests wait for (their terminal record, once it lands here), and how many wait
+        self._ended: dict[str, tuple[asyncio.Future[JobRecord], int]] = {}
         self.backlog: Backlog | None = None  # the cluster's queue as the last reclaim scan read it
         self._stopping = False
         self._events = events or JobEvents()  # metrics (deployments/metrics.py); the default records nothing
@@ -179,22 +179,25 @@ class JobRunner:
         return min(self._capacity.get(model, self._cfg.max_concurrent_per_replica),
                    self._cfg.max_concurrent_per_replica)
 
+    def _running_per_model(self) -> Counter[str]:
+        return Counter(self._model_of[j] for j in self._slot_held)
+
     def demand(self) -> dict[str, tuple[int, int]]:
         """(queued, running) per model on this replica: what it reports for the stages' autoscaling."""
-        models = set(self._queues) | {m for m, n in self._running_per_model.items() if n}
-        return {m: (len(self._queues.get(m, ())), self._running_per_model.get(m, 0)) for m in models}
+        running = self._running_per_model()
+        return {m: (len(self._queues.get(m, ())), running[m]) for m in set(self._queues) | set(running)}
 
     def _next(self) -> str | None:
         """The next job to start: models in turn, each while it has a free slot."""
+        running = self._running_per_model()
         for model in list(self._queues):
-            if self._running_per_model.get(model, 0) >= self.slots(model):
+            if running[model] >= self.slots(model):
                 continue
             queue = self._queues.pop(model)
             job_id = queue.pop()
             if queue:
                 self._queues[model] = queue  # to the back: the next start goes to another model first
             if job_id is not None:
-                self._running_per_model[model] = self._running_per_model.get(model, 0) + 1
                 self._slot_held.add(job_id)
                 return job_id
         return None
@@ -222,30 +225,14 @@ class JobRunner:
     def _free_slot(self, job_id: str) -> None:
         """The job's chain left the stages: its model's slot goes to the next queued job (the terminal write,
         bill and webhook that follow need no stage)."""
-        if job_id not in self._slot_held:
-            return
         self._slot_held.discard(job_id)
-        model = self._model_of.get(job_id)
-        left = self._running_per_model.get(model, 0) - 1
-        if left > 0:
-            self._running_per_model[model] = left
-        else:
-            self._running_per_model.pop(model, None)
-
-    def _forget(self, job_id: str, running: bool) -> None:
-        if running:
-            self._free_slot(job_id)
-        self._model_of.pop(job_id, None)
 
     async def finished(self, job: JobRecord) -> None:
         """A terminal transition landed (here or by the service): release, bill, notify — never raises."""
         self._events.job_finished(job, self._clock())
         waiting = self._ended.pop(job.id, None)
-        if waiting is not None:
-            self._ended_as[job.id] = job
-            while len(self._ended_as) > 1024:  # the waiters read theirs at once; an old one is only memory
-                del self._ended_as[next(iter(self._ended_as))]
-            waiting[0].set()
+        if waiting is not None and not waiting[0].done():
+            waiting[0].set_result(job)
         if self._on_finished is None:
             return
         try:
@@ -274,20 +261,19 @@ class JobRunner:
         """Wait up to `timeout_s` for `job_id` to end on this replica (its terminal transition landing here); its
         terminal record if it did, else None. A job another replica ends is seen only by reading its record. Any
         number may wait on one job; the last to stop waiting forgets it."""
-        event, waiters = self._ended.get(job_id, (asyncio.Event(), 0))
-        self._ended[job_id] = (event, waiters + 1)
-        try:
-            await asyncio.wait_for(event.wait(), timeout_s)
-            return self._ended_as.get(job_id)
+        ended, waiters = self._ended.get(job_id) or (asyncio.get_running_loop().create_future(), 0)
+        self._ended[job_id] = (ended, waiters + 1)
+        try:  # shielded: one waiter's timeout must not cancel what the others wait for
+            return await asyncio.wait_for(asyncio.shield(ended), timeout_s)
         except asyncio.TimeoutError:
             return None
         finally:
             held = self._ended.get(job_id)
-            if held is not None and held[0] is event:
+            if held is not None and held[0] is ended:
                 if held[1] <= 1:
                     del self._ended[job_id]
                 else:
-                    self._ended[job_id] = (event, held[1] - 1)
+                    self._ended[job_id] = (ended, held[1] - 1)
 
 
     def cancel_local(self, job_id: str) -> bool:
@@ -295,7 +281,7 @@ class JobRunner:
         model = self._model_of.get(job_id)
         queue = self._queues.get(model) if model is not None else None
         if queue is not None and queue.remove(job_id):
-            self._forget(job_id, running=False)
+            self._model_of.pop(job_id, None)
             if not queue:
                 del self._queues[model]
         self._events.queue_changed(self.queued, len(self._tasks))

@@ -1,4 +1,4 @@
-"""Billing through a real S3 outage (issue 14, "what it must show"): moto behind a WSGI wrapper that answers every
+"""Billing through a real S3 outage (issue 14, "what it must show"): the local moto server behind a WSGI wrapper that answers every
 request under `usage/` with 503 ServiceUnavailable for a while (botocore retries and all), while jobs complete on a
 running ingress graph (JobRunner with its reclaim loop, JobStore, UsageLedger, LocalLimiter). Afterwards every
 completed job has exactly one usage record, the daily quota holds the sum of them, and no job owes anything. The
@@ -8,25 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
-from moto.moto_server.werkzeug_app import (
-    DomainDispatcherApplication,
-    MotoRequestHandler,
-    create_backend_app,
-)
-from werkzeug.serving import make_server
 
 from serve.admission.limits import LocalLimiter
 from serve.config import AppConfig, JobsConfig, S3Config
 from serve.jobs.record import ChainResult, JobRecord, JobResult, new_job_id
 from serve.jobs.service import video_keys
 from serve.jobs.wiring import build_ingress
-from serve.local_s3 import use_dummy_credentials
+from serve.local_s3 import LocalS3Server
 from serve.storage import Storage
 from tests.params import example_params
 
@@ -55,16 +48,17 @@ class UsageOutage:
 
 @pytest.fixture(scope="module")
 def outage_s3() -> Iterator[tuple[str, UsageOutage]]:
-    use_dummy_credentials()
-    outage = UsageOutage(DomainDispatcherApplication(create_backend_app))
-    server = make_server("127.0.0.1", 0, outage, threaded=True, request_handler=MotoRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, name="moto-usage-outage", daemon=True)
-    thread.start()
+    outages: list[UsageOutage] = []
+
+    def wrap(app: Callable[..., Any]) -> UsageOutage:  # applied when the server starts
+        outages.append(UsageOutage(app))
+        return outages[0]
+
+    server = LocalS3Server(middleware=wrap)
     try:
-        yield f"http://127.0.0.1:{server.server_port}", outage
+        yield server.start(), outages[0]
     finally:
-        server.shutdown()
-        thread.join(5)
+        server.stop()
 
 
 class Instant:
