@@ -27,6 +27,7 @@ from serve.config.deploy import (
     RayActorOptions,
 )
 from serve.config.limits import LimitsConfig, TenantLimits
+from serve.config.parallel import ParallelConfig
 from serve.config.safety import SafetyConfig
 from serve.config.tenancy import KeysConfig, Plan, PlansConfig
 from serve.config.webhooks import WebhookConfig
@@ -34,7 +35,7 @@ from serve.config.webhooks import WebhookConfig
 __all__ = [
     "AccelConfig", "ApiConfig", "AppConfig", "AutoscalingConfig", "DeploymentOptions", "DeploymentsConfig",
     "IdempotencyConfig", "IngressArgs", "IngressSettings", "JobsConfig", "KeysConfig", "LimitsConfig",
-    "ModelAppArgs", "ModelConfig", "Plan", "PlansConfig", "PresetOverrides", "RayActorOptions", "S3Config",
+    "ModelAppArgs", "ModelConfig", "ParallelConfig", "Plan", "PlansConfig", "PresetOverrides", "RayActorOptions", "S3Config",
     "SafetyConfig", "StageSettings", "TenantLimits", "UsageConfig",
     "WebhookConfig",
 ]

@@ -25,6 +25,7 @@ from serve.config.base import Strict, absolute_local_path
 from serve.config.deploy import DeploymentsConfig
 from serve.config.enhance import EnhanceConfig
 from serve.config.limits import LimitsConfig
+from serve.config.parallel import ParallelConfig, check_parallel
 from serve.config.safety import SafetyConfig
 from serve.config.tenancy import KeysConfig, PlansConfig
 from serve.config.webhooks import WebhookConfig
@@ -82,9 +83,15 @@ class ModelConfig(Strict):
         default_factory=AccelConfig,
         description="Denoiser speed options (serve/config/accel.py, serve/stages/accel.py): attention backend, torch.compile, fp8, the step "
                     "cache used for quality='speed' requests, warm-up shapes.")
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig,
+        description="One video's denoising across several devices (serve/config/parallel.py): CFG-parallel and "
+                    "Ulysses sequence-parallel ranks of one Denoiser replica, which reserves cfg * ulysses bundles "
+                    "(deployments.denoiser placement_group_bundles).")
 
     @model_validator(mode="after")
     def _accel_fits_model(self) -> ModelConfig:
+        check_parallel(self.parallel, self.family, self.source, cache=self.accel.cache, compile=self.accel.compile)
         if self.accel.fp8 and self.device == "cpu":
             raise ValueError("model.accel.fp8 needs a CUDA GPU of compute capability >= 8.9 but model.device is 'cpu'")
         if self.accel.fp8 and self.accel.fp8_granularity == "row" and self.resolved_dtype() != "bfloat16":

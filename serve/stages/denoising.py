@@ -31,6 +31,7 @@ from serve.stages.accel import (
     reset_accel,
 )
 from serve.stages.image_encoding import generator_after, latent_frame_count
+from serve.stages.parallel import ParallelContext
 from serve.stages.types import ImageLatents, Latents, PromptEmbeddings, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,11 @@ class DenoisingStage:
         vae_scale_factor_temporal: int = 4,
         device: str = "cpu",
         accel: AccelConfig | None = None,
+        parallel: ParallelContext | None = None,
     ) -> None:
         self.transformer = transformer
+        # this rank's place among the ranks that denoise one video together (None: one process does it all)
+        self.parallel = parallel
         self.scheduler_cls = scheduler_cls
         self.scheduler_config = scheduler_config
         self.vae_scale_factor_spatial = vae_scale_factor_spatial
@@ -122,17 +126,23 @@ class DenoisingStage:
             configure_cuda_backends()
         if accel is not None:
             self.apply_accel(accel)
+        elif parallel is not None:
+            parallel.install(self.transformer)
 
     def apply_accel(self, accel: AccelConfig) -> AppliedAccel:
         """Apply attention backend, fp8, compile and prepare the step cache (see serve/stages/accel.py)."""
         self.accel = apply_accel(self.transformer, accel, self.device,
                                  current_timestep=lambda: self.current_timestep)
+        if self.parallel is not None:  # over the processors the attention backend installed
+            self.parallel.install(self.transformer, accel.attention_backend)
         self.compiled_buckets.clear()
         return self.accel
 
     def reset_accel(self) -> None:
         """Back to the stock model (all but fp8, which replaced the weights); for benchmarks."""
         reset_accel(self.transformer)
+        if self.parallel is not None:
+            self.parallel.install(self.transformer)
         self.accel = AppliedAccel(device=str(self.device))
         self.compiled_buckets.clear()
 
@@ -144,6 +154,7 @@ class DenoisingStage:
         dtype: torch.dtype = torch.float32,
         revision: str | None = None,
         accel: AccelConfig | None = None,
+        parallel: ParallelContext | None = None,
     ) -> DenoisingStage:
         import diffusers
         from diffusers import (
@@ -168,6 +179,7 @@ class DenoisingStage:
             vae_scale_factor_temporal=vae_config["temporal_compression_ratio"],
             device=device,
             accel=accel,
+            parallel=parallel,
         )
 
     @property
@@ -192,6 +204,9 @@ class DenoisingStage:
         `use_cache` engages the configured step cache (lossy); None: when `params.quality` is "speed".
         `compile_new_shape` (warm-up only) lets torch.compile compile graphs for a shape that has none
         yet; otherwise such a shape runs eagerly (see `compiled_buckets`).
+
+        On several ranks (`self.parallel`, serve/stages/parallel.py) every rank calls this with the same request;
+        rank 0's `should_cancel` stops all of them before the same step, and each returns the same latents.
         """
         from diffusers import CogVideoXDPMScheduler
         from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
@@ -211,6 +226,9 @@ class DenoisingStage:
         do_cfg = params.do_classifier_free_guidance
         if do_cfg and emb.negative is None:
             raise ValueError("guidance_scale > 1 needs negative embeddings, but `emb.negative` is None.")
+        par = self.parallel
+        # CFG-parallel: this rank computes one half of the CFG batch, and the halves are gathered after the model
+        split_cfg = par is not None and par.splits_cfg(do_cfg)
 
         # 2. Per-request scheduler and generator: the DPM scheduler carries state across steps and
         # draws noise from the generator at every step, so nothing may be shared between requests.
@@ -227,6 +245,8 @@ class DenoisingStage:
         if do_cfg:
             negative = torch.tensor(emb.negative, device=device, dtype=dtype)
             prompt_embeds = torch.cat([negative, prompt_embeds], dim=0)
+        if split_cfg:
+            prompt_embeds = par.cfg_half(prompt_embeds)
 
         # 4. Prepare timesteps (their values once on the host: reading `t.item()` per step would
         # wait for the GPU every step)
@@ -276,18 +296,25 @@ class DenoisingStage:
 
         # 8. Denoising loop, with the step cache engaged for this request only (if asked for), and
         # under compile with the compiled graphs of this shape bucket or eagerly (never compiling)
-        bucket = (tuple(latents.shape), 2 if do_cfg else 1)
+        bucket = (tuple(latents.shape), 1 if split_cfg or not do_cfg else 2)
         stance = self._compiled_run(bucket, compile_new_shape)
         if use_cache is None:
             use_cache = params.quality == "speed"
-        use_cache = use_cache and cache_engages(self.accel.cache, do_cfg)
+        # (FasterCache derives the unconditional branch from the CFG batch, which CFG-parallel splits)
+        use_cache = (use_cache and cache_engages(self.accel.cache, do_cfg)
+                     and not (split_cfg and self.accel.cache == "faster"))
         total = len(timesteps)
         old_pred_original_sample = None  # for DPM-solver++
         with stance, cache_for_request(self.transformer, self.accel.cache_config, use_cache) as engaged:
             self.last_cache_used = self.accel.cache if engaged else "none"
+            if engaged and par is not None:  # one skip decision for all ranks, or they would part ways
+                par.agree_cache_decisions(self.transformer)
             try:
                 for i, t in enumerate(timesteps):
-                    if should_cancel is not None and should_cancel():
+                    stop = should_cancel is not None and should_cancel()
+                    if par is not None:
+                        stop = par.agree(stop)  # rank 0's: every rank stops before the same step
+                    if stop:
                         raise DenoisingCancelled(f"cancelled before step {i + 1} of {total}")
                     self.current_timestep = timestep_values[i]
 
@@ -295,6 +322,8 @@ class DenoisingStage:
                     latent_model_input = scheduler.scale_model_input(latent_model_input, t)
                     if image_latents is not None:
                         latent_model_input = torch.cat([latent_model_input, image_latents], dim=2)
+                    if split_cfg:
+                        latent_model_input = par.cfg_half(latent_model_input)
                     timestep = t.expand(latent_model_input.shape[0])
 
                     # 8a. Predict the noise (cache_context lets diffusers' cache hooks key their state)
@@ -307,6 +336,8 @@ class DenoisingStage:
                             return_dict=False,
                             **({} if ofs is None else {"ofs": ofs}),
                         )[0]
+                    if split_cfg:
+                        noise_pred = par.gather_cfg(noise_pred)
                     noise_pred = noise_pred.float()
 
                     # 8b. Guidance. Dynamic CFG is computed from the timestep *value* over the step
