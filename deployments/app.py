@@ -20,7 +20,12 @@ from ray.serve import Application
 from deployments.denoiser import Denoiser
 from deployments.enhancer import Enhancer
 from deployments.ingress import Ingress
-from deployments.serve_config import INGRESS_DEPLOYMENT, MODEL_ROOT, settings_json
+from deployments.serve_config import (
+    INGRESS_DEPLOYMENT,
+    MODEL_ROOT,
+    settings_json,
+    stage_options,
+)
 from deployments.text_encoder import TextEncoder
 from deployments.vae_decoder import VaeDecoder
 from serve.config import DeploymentsConfig, IngressArgs, IngressSettings, ModelAppArgs
@@ -60,7 +65,7 @@ def model_application(args: ModelAppArgs | dict[str, Any], classes: Mapping[Stag
     defaults = deployments or DeploymentsConfig()
     chosen = {**_CLASSES, **(classes or {})}
     stages = [serve.deployment(chosen[stage], name=stage.deployment,
-                               **getattr(defaults, stage.key).to_serve_options()).bind(data)
+                               **stage_options(defaults, stage, margs.model).to_serve_options()).bind(data)
               for stage in stages_for(margs.model.enhance is not None)]
     root = serve.deployment(Model, name=MODEL_ROOT, num_replicas=1, ray_actor_options={"num_cpus": 0},
                             max_ongoing_requests=16, graceful_shutdown_timeout_s=5)

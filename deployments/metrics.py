@@ -29,6 +29,7 @@ from serve.metrics import (
     DENOISE_CANCELLED,
     DENOISE_STEP,
     DENOISE_UNCOMPILED,
+    DENOISER_RANK_GPU_MEMORY,
     GPU_MEMORY_ALLOCATED,
     GPU_MEMORY_PEAK,
     GPU_MEMORY_RESERVED,
@@ -159,8 +160,10 @@ class StageMetrics:
         self._gpu = None
         self._last_peak: int | None = None
         torch = sys.modules.get("torch")  # a stage replica has imported it; never import it for metrics
+        self._rank_memory = None
         if torch is not None and torch.cuda.is_available():
             self._gpu = (create(GPU_MEMORY_ALLOCATED), create(GPU_MEMORY_RESERVED), create(GPU_MEMORY_PEAK))
+            self._rank_memory = create(DENOISER_RANK_GPU_MEMORY)
         self.sample_memory()
         _refresher.add(lambda: self.sample_memory(peak=False))
 
@@ -215,6 +218,15 @@ class StageMetrics:
         if total > seen:
             counter.inc(total - seen)
         self._seen[attribute] = max(total, seen)
+
+    @_never_raises
+    def rank_memory(self, readings: Mapping[int, Mapping[str, int]]) -> None:
+        """Each rank's GPU memory readings (deployments/ranks.py `memory_readings`), by rank; none on CPU."""
+        if self._rank_memory is None:
+            return
+        for rank, values in readings.items():
+            for kind, value in values.items():
+                self._rank_memory.set(value, tags={"rank": str(rank), "memory": kind})
 
     @_never_raises
     def sample_memory(self, peak: bool = False) -> None:

@@ -31,7 +31,7 @@ from serve.config import (
     StageSettings,
 )
 from serve.config.app import model_app_name
-from serve.stages.stage import ENHANCER, stages_for
+from serve.stages.stage import DENOISER, ENHANCER, Stage, stages_for
 
 INGRESS_APP = "videogen"
 INGRESS_DEPLOYMENT = "Ingress"
@@ -59,6 +59,13 @@ def _section(name: str, options: DeploymentOptions, user_config: dict[str, Any] 
     return section
 
 
+def stage_options(deployments: DeploymentsConfig, stage: Stage, model: ModelConfig) -> DeploymentOptions:
+    """A stage's options in `model`'s application: a Denoiser of several ranks (model.parallel) reserves one
+    placement group bundle per rank (DeploymentOptions.with_ranks)."""
+    options = getattr(deployments, stage.key)
+    return options.with_ranks(model.parallel.world_size) if stage is DENOISER else options
+
+
 def model_application(config: AppConfig, model: ModelConfig, runtime_env: dict[str, Any] | None = None
                       ) -> dict[str, Any]:
     """One model's Serve application: its stages' sections, `args` = what they load."""
@@ -67,7 +74,7 @@ def model_application(config: AppConfig, model: ModelConfig, runtime_env: dict[s
         "name": model_app_name(model.name), "route_prefix": None, "import_path": BUILD_MODEL_APP,
         "logging_config": dict(LOGGING_CONFIG),
         "args": ModelAppArgs(model=model, s3=config.s3).model_dump(mode="json"),
-        "deployments": [_section(stage.deployment, getattr(config.deployments, stage.key), stage_settings)
+        "deployments": [_section(stage.deployment, stage_options(config.deployments, stage, model), stage_settings)
                         for stage in stages_for(model.enhance is not None)],
     }
     if runtime_env:
@@ -161,6 +168,10 @@ def check_serve_config(data: dict[str, Any]) -> AppConfig:
         defaults = DeploymentsConfig()
         options = {s.key: _options(sections.get(s.deployment), getattr(defaults, s.key))  # every model's, checked
                    for s in stages}
+        try:  # a parallel model's Denoiser: one bundle per rank, when the section gives them
+            options[DENOISER.key].with_ranks(model.parallel.world_size)
+        except ValueError as exc:
+            raise ValueError(f"application {name!r}, deployment {DENOISER.deployment!r}: {exc}") from None
         for stage in stages:
             StageSettings.model_validate((sections.get(stage.deployment) or {}).get("user_config") or {})
         if model.name == settings.model.name:

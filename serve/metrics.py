@@ -120,6 +120,12 @@ GPU_MEMORY_PEAK = Metric(
     "videogen_gpu_memory_peak_bytes", "gauge",
     "torch.cuda.max_memory_allocated() during the last call (peak reset after each call).",
     recorded_by=STAGES, gpu_only=True)
+DENOISER_RANK_GPU_MEMORY = Metric(
+    "videogen_denoiser_rank_gpu_memory_bytes", "gauge",
+    "GPU memory of each rank of a Denoiser replica that spans several GPUs (model.parallel), after its last "
+    "request: `memory` allocated, reserved or peak (the request's), `rank` 0 the replica itself, the others its "
+    "worker actors (recorded by rank 0, with the replica's labels).",
+    tag_keys=("rank", "memory"), recorded_by=(DENOISER.deployment,), gpu_only=True)
 PROCESS_RSS = Metric(
     "videogen_process_resident_memory_bytes", "gauge",
     "Resident memory of the replica process (host RAM: weights on CPU, frames, encode buffers).",
@@ -185,7 +191,7 @@ S3_ERRORS = Metric(
 CATALOG: tuple[Metric, ...] = (
     STAGE_PROCESSING, STAGE_LOCK_WAIT, DENOISE_STEP, DENOISE_CANCELLED, DENOISE_UNCOMPILED, VIDEO_ENCODE,
     TILED_DECODE_FALLBACKS,
-    GPU_MEMORY_ALLOCATED, GPU_MEMORY_RESERVED, GPU_MEMORY_PEAK, PROCESS_RSS,
+    GPU_MEMORY_ALLOCATED, GPU_MEMORY_RESERVED, GPU_MEMORY_PEAK, DENOISER_RANK_GPU_MEMORY, PROCESS_RSS,
     JOB_QUEUE_WAIT, JOB_DURATION, JOBS_FINISHED, JOB_ATTEMPTS, JOB_ATTEMPT_FAILURES, INGRESS_QUEUED, INGRESS_RUNNING,
     GPU_SECONDS, WEBHOOK_DELIVERIES, S3_REQUEST, S3_UPLOADED, S3_ERRORS,
 )
@@ -215,6 +221,8 @@ LABEL_VALUES: dict[str, tuple[str, ...] | None] = {
     "code": S3_ERROR_CODES,
     "tenant": None,  # one value per tenant in the keys file (plus the legacy tenant): bounded by the operator
     "outcome": WEBHOOK_OUTCOMES,
+    "rank": tuple(str(r) for r in range(32)),  # model.parallel's cfg * ulysses ranks: at most 32
+    "memory": ("allocated", "reserved", "peak"),
 }
 # What Ray adds to every Serve custom metric (bounded by deployments x replicas).
 SERVE_TAGS = ("deployment", "replica", "application")

@@ -75,6 +75,53 @@ class DeploymentOptions(Strict):
     graceful_shutdown_wait_loop_s: float = Field(default=2.0, ge=0)
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=30.0, gt=0)
+    placement_group_bundles: list[dict[str, float]] | None = Field(
+        default=None,
+        description="Serve's placement group of each replica: one bundle per rank of a Denoiser that spans several "
+                    "GPUs (model.parallel), e.g. [{GPU: 1, CPU: 4}, {GPU: 1, CPU: 4}]; the replica sits in the first "
+                    "(its ray_actor_options must fit in it), its worker ranks in the others. Unset for a parallel "
+                    "model: one copy of ray_actor_options' resources per rank.")
+    placement_group_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] | None = Field(
+        default=None,
+        description="How the bundles are placed; STRICT_PACK (the default with bundles) keeps a replica's ranks on "
+                    "one node, over NVLink.")
+
+    @model_validator(mode="after")
+    def _bundles(self) -> DeploymentOptions:
+        if self.placement_group_bundles is not None:
+            if not self.placement_group_bundles:
+                raise ValueError("placement_group_bundles needs at least one bundle")
+            for i, bundle in enumerate(self.placement_group_bundles):
+                if not any(v > 0 for v in bundle.values()) or any(v < 0 for v in bundle.values()):
+                    raise ValueError(f"placement_group_bundles[{i}] = {bundle}: Ray refuses a bundle that asks for "
+                                     "nothing (or for a negative amount); ask for e.g. {'CPU': 0.01} at least")
+            first = self.placement_group_bundles[0]
+            wants = {"CPU": self.ray_actor_options.num_cpus, "GPU": self.ray_actor_options.num_gpus,
+                     **(self.ray_actor_options.resources or {})}
+            short = {k: v for k, v in wants.items() if v > first.get(k, 0)}
+            if short:
+                raise ValueError(f"ray_actor_options ask for {short} but the first placement group bundle, where the "
+                                 f"replica runs, holds {first}: the replica's resources must fit in it")
+        elif self.placement_group_strategy is not None:
+            raise ValueError("placement_group_strategy needs placement_group_bundles")
+        return self
+
+    def with_ranks(self, world: int) -> DeploymentOptions:
+        """These options for a replica of `world` ranks (model.parallel): its placement group of `world` bundles,
+        each a copy of ray_actor_options' resources unless given, packed on one node unless told otherwise."""
+        if world == 1:
+            return self
+        bundles = self.placement_group_bundles
+        if bundles is None:
+            actor = self.ray_actor_options
+            bundle = {k: v for k, v in {"CPU": actor.num_cpus, "GPU": actor.num_gpus,
+                                         **(actor.resources or {})}.items() if v > 0} or {"CPU": 0.01}
+            bundles = [dict(bundle) for _ in range(world)]
+        elif len(bundles) != world:
+            raise ValueError(f"the model's parallel degree needs {world} ranks (model.parallel cfg * ulysses) but the "
+                             f"Denoiser's placement_group_bundles has {len(bundles)}; give one bundle per rank")
+        return self.model_copy(update={"placement_group_bundles": bundles,
+                                       "placement_group_strategy": self.placement_group_strategy or "STRICT_PACK"})
 
     def to_serve_options(self) -> dict[str, Any]:
         """Keyword arguments for `serve.deployment(cls, **options)`."""
@@ -87,6 +134,9 @@ class DeploymentOptions(Strict):
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
         }
+        if self.placement_group_bundles is not None:
+            opts["placement_group_bundles"] = self.placement_group_bundles
+            opts["placement_group_strategy"] = self.placement_group_strategy or "STRICT_PACK"
         if self.autoscaling_config is not None:
             opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
         else:

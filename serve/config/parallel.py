@@ -35,7 +35,7 @@ class ParallelConfig(Strict):
                     "ranks and are combined after an exchange (requests without guidance, guidance_scale <= 1, "
                     "then compute the same branch twice).")
     ulysses: int = Field(
-        default=1, ge=1, le=64,
+        default=1, ge=1, le=32,
         description="Ulysses sequence-parallel degree: attention heads are split across this many ranks, with an "
                     "all-to-all around each attention over the joint text+video sequence. Must divide the "
                     "transformer's attention heads (30 for CogVideoX-2b, 48 for the 5b models).")
@@ -60,8 +60,8 @@ class ParallelConfig(Strict):
 
     @model_validator(mode="after")
     def _bounded(self) -> ParallelConfig:
-        if self.world_size > 64:
-            raise ValueError(f"model.parallel: cfg * ulysses = {self.world_size} ranks; at most 64")
+        if self.world_size > 32:
+            raise ValueError(f"model.parallel: cfg * ulysses = {self.world_size} ranks; at most 32")
         return self
 
 

@@ -138,6 +138,11 @@ class DenoisingStage:
         self.compiled_buckets.clear()
         return self.accel
 
+    def join(self, parallel: ParallelContext) -> None:
+        """Become one rank of `parallel` (after loading: the model loads before the ranks meet)."""
+        self.parallel = parallel
+        parallel.install(self.transformer, self.accel.attention_backend)
+
     def reset_accel(self) -> None:
         """Back to the stock model (all but fp8, which replaced the weights); for benchmarks."""
         reset_accel(self.transformer)
