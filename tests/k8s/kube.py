@@ -28,7 +28,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod", "prod-2gpu")
+# prod and its variants (prod-2gpu: prod with CogVideoX-5b's Denoiser CFG-parallel on 2 GPUs): H100 nodes, GCS fault
+# tolerance, prod's models
+PROD_OVERLAYS = ("prod", "prod-2gpu")
 KUBERNETES_VERSION = "1.30"  # schema version for kubernetes-validate (any it ships from 1.25 on would do)
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 

@@ -19,12 +19,14 @@ import pytest
 import yaml
 
 from serve.config import AppConfig, DeploymentOptions, DeploymentsConfig
+from serve.config.parallel import ParallelConfig
 from serve.stages.stage import ENHANCER, stages_for
 from serve.stages.stage import STAGES as MODEL_STAGES
 from tests.k8s.kube import (
     CRD_FILES,
     K8S,
     MONITORING_SCHEMAS,
+    PROD_OVERLAYS,
     ROOT,
     SCHEMAS,
     crd_errors,
@@ -47,7 +49,9 @@ DASHBOARDS = K8S / "monitoring" / "dashboards"
 RULES = K8S / "monitoring" / "alerts.rules.yaml"
 # the image-to-video model each overlay serves beside its text-to-video default: (name, family, weights' repo)
 I2V_MODELS = {"dev": ("cogvideox-5b-i2v", "cogvideox-5b-i2v", "CogVideoX-5b-I2V"),
-              "prod": ("cogvideox1.5-5b-i2v", "cogvideox1.5-5b-i2v", "CogVideoX1.5-5B-I2V")}
+              **{prod: ("cogvideox1.5-5b-i2v", "cogvideox1.5-5b-i2v", "CogVideoX1.5-5B-I2V") for prod in PROD_OVERLAYS}}
+# the Serve config file each prod overlay's serveConfigV2 is (with the k8s changes and prod's image-to-video model)
+PROD_CONFIGS = {"prod": "gpu-5b", "prod-2gpu": "gpu-5b-2gpu"}
 # what kustomize v5 deprecates (`kustomize edit fix` rewrites them) and what replaced each
 KUSTOMIZE_DEPRECATED = {"bases": "resources", "patchesStrategicMerge": "patches", "patchesJson6902": "patches",
                         "commonLabels": "labels", "vars": "replacements", "imageTags": "images"}
@@ -122,7 +126,8 @@ def _replica_range(opts: DeploymentOptions) -> tuple[int, int]:
 def _stage_options(serve_config: dict[str, Any], app: AppConfig) -> list[tuple[str, str, DeploymentOptions]]:
     """(application, stage, options) of the Ingress and of every model application's stages (each model its own
     replicas: they share the worker groups' slots; the Enhancer only for a model with `enhance`), the section's
-    fields over the code's defaults as Serve applies them (deployments/serve_config.py `_options`)."""
+    fields over the code's defaults as Serve applies them (deployments/serve_config.py `_options`); a parallel model's
+    Denoiser with its placement group of one bundle per rank (`stage_options`: DeploymentOptions.with_ranks)."""
     out: list[tuple[str, str, DeploymentOptions]] = [("videogen", "ingress", app.deployments.ingress)]
     defaults = DeploymentsConfig()
     for application in serve_config["applications"]:
@@ -132,32 +137,64 @@ def _stage_options(serve_config: dict[str, Any], app: AppConfig) -> list[tuple[s
         for stage in stages_for(application["args"]["model"].get("enhance") is not None):
             fields = {k: v for k, v in sections.get(stage.deployment, {}).items() if k not in ("name", "user_config")}
             default = getattr(defaults, stage.key)
-            out.append((application["name"], stage.key,
-                        DeploymentOptions.model_validate({**default.model_dump(exclude_none=True), **fields})))
+            opts = DeploymentOptions.model_validate({**default.model_dump(exclude_none=True), **fields})
+            if stage.key == "denoiser":
+                parallel = ParallelConfig.model_validate(application["args"]["model"].get("parallel") or {})
+                opts = opts.with_ranks(parallel.world_size)
+            out.append((application["name"], stage.key, opts))
     return out
+
+
+# Ray's own resources: never a worker group's custom resource (num_cpus / num_gpus / memory of an actor)
+_RAY_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _replica_needs(opts: DeploymentOptions) -> tuple[float, float, dict[str, float]]:
+    """(GPUs, CPUs, custom resources) one replica takes of a pod: its ray_actor_options, or, with
+    placement_group_bundles (a Denoiser of several ranks), the SUM of its bundles: the replica runs inside bundle 0
+    (its ray_actor_options come out of it) and its worker ranks in the others, and STRICT_PACK puts them all on one
+    node, so one pod must hold the whole placement group."""
+    bundles = opts.placement_group_bundles
+    if bundles is None:
+        actor = opts.ray_actor_options
+        return actor.num_gpus, actor.num_cpus, dict(actor.resources or {})
+    assert (opts.placement_group_strategy or "STRICT_PACK") == "STRICT_PACK", \
+        f"placement_group_strategy {opts.placement_group_strategy}: a replica's ranks must share one pod (STRICT_PACK)"
+    custom: dict[str, float] = {}
+    for bundle in bundles:
+        for k, v in bundle.items():
+            if k not in _RAY_RESOURCES:
+                custom[k] = custom.get(k, 0) + v
+    return (sum(b.get("GPU", 0) for b in bundles), sum(b.get("CPU", 0) for b in bundles), custom)
 
 
 def _placement(rs: dict[str, Any], app: AppConfig, serve_config: dict[str, Any]
                ) -> dict[str, list[tuple[str, int, DeploymentOptions]]]:
     """group -> [(stage, replicas one pod holds, options)] over every application; asserts each stage lands on
-    exactly one group."""
+    exactly one group. A replica takes `_replica_needs` of a pod: with placement_group_bundles, all its bundles."""
     groups = _groups(rs)
     hosted: dict[str, list[tuple[str, int, DeploymentOptions]]] = {name: [] for name in groups}
     for app_name, stage, opts in _stage_options(serve_config, app):
         assert stage in STAGES, stage
         actor = opts.ray_actor_options
-        wanted = actor.resources or {}
-        assert wanted, f"{app_name} {stage}: ray_actor_options.resources must name its worker group's custom resource"
+        assert actor.resources, \
+            f"{app_name} {stage}: ray_actor_options.resources must name its worker group's custom resource"
+        gpus, cpus, wanted = _replica_needs(opts)
+        if opts.placement_group_bundles is not None:
+            for i, bundle in enumerate(opts.placement_group_bundles):
+                assert {k for k in bundle if k not in _RAY_RESOURCES} == set(actor.resources), \
+                    f"{app_name} {stage}: bundle {i} ({bundle}) must ask for the group's resource {actor.resources}"
         hosts = [n for n, g in groups.items() if all(_ray_resources(g).get(k, 0) >= v for k, v in wanted.items())]
         assert len(hosts) == 1, \
             f"{app_name} {stage} asks for {wanted}: exactly one worker group must advertise it, got {hosts}"
         group = groups[hosts[0]]
-        slots = min(math.floor(_ray_resources(group)[k] / v) for k, v in wanted.items())
-        if actor.num_gpus:
-            slots = min(slots, math.floor(_pod_gpus(group) / actor.num_gpus + 1e-9))
-        if actor.num_cpus:
-            slots = min(slots, math.floor(_pod_cpus(group) / actor.num_cpus + 1e-9))
-        assert slots >= 1, f"{app_name} {stage} ({actor}) does not fit one pod of group {hosts[0]}"
+        slots = min(math.floor(_ray_resources(group)[k] / v + 1e-9) for k, v in wanted.items())
+        if gpus:
+            slots = min(slots, math.floor(_pod_gpus(group) / gpus + 1e-9))
+        if cpus:
+            slots = min(slots, math.floor(_pod_cpus(group) / cpus + 1e-9))
+        assert slots >= 1, f"{app_name} {stage} (GPUs {gpus}, CPUs {cpus}, {wanted}) does not fit one pod of group " \
+                           f"{hosts[0]}"
         hosted[hosts[0]].append((stage, slots, opts))
     return hosted
 
@@ -293,6 +330,10 @@ def _without_k8s_changes(config: dict[str, Any]) -> dict[str, Any]:
         app["args"].get("model", {}).pop("source", None)
         for opts in app["deployments"]:
             opts.get("ray_actor_options", {}).pop("resources", None)
+            # a parallel Denoiser's bundles ask for the group's custom resource too (k8s only, like the above)
+            for bundle in opts.get("placement_group_bundles") or []:
+                for key in [k for k in bundle if k not in _RAY_RESOURCES]:
+                    del bundle[key]
     return config
 
 
@@ -308,19 +349,55 @@ def _as_prods_i2v(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def test_prod_serve_config_is_configs_gpu_5b() -> None:
-    # dev is CogVideoX-2b + 5b-I2V on fewer GPUs: its own config, held to the same structural tests
+def _check_prod_serve_config(overlay: str) -> dict[str, Any]:
+    """A prod overlay's serveConfigV2 is its configs/ file (PROD_CONFIGS) but for the k8s changes and prod's
+    image-to-video model; the serveConfigV2, parsed."""
     require_kubectl()
-    serve_config = yaml.safe_load(_one(render(K8S / "overlays" / "prod"), "RayService")["spec"]["serveConfigV2"])
-    expected = yaml.safe_load((ROOT / "configs" / "gpu-5b.yaml").read_text())
+    serve_config = yaml.safe_load(_one(render(K8S / "overlays" / overlay), "RayService")["spec"]["serveConfigV2"])
+    path = ROOT / "configs" / f"{PROD_CONFIGS[overlay]}.yaml"
+    expected = yaml.safe_load(path.read_text())
     assert _without_k8s_changes(serve_config) == _without_k8s_changes(_as_prods_i2v(expected)), \
-        "the RayService's serveConfigV2 and configs/gpu-5b.yaml differ (beyond model.source, resources and " \
-        "the image-to-video model)"
+        f"{overlay}'s serveConfigV2 and {path.relative_to(ROOT)} differ (beyond model.source, resources and the " \
+        "image-to-video model)"
     for app in serve_config["applications"][:-1]:
         assert app["args"]["model"]["source"].startswith("s3://"), app["name"]
     assert serve_config["applications"][0]["name"] == "model-cogvideox-5b"
     assert {m["name"]: m["source"] for m in (a["args"]["model"] for a in expected["applications"][:-1])} == {
         "cogvideox-5b": "THUDM/CogVideoX-5b", "cogvideox-5b-i2v": "THUDM/CogVideoX-5b-I2V"}
+    return serve_config
+
+
+def test_prod_serve_config_is_configs_gpu_5b() -> None:
+    # dev is CogVideoX-2b + 5b-I2V on fewer GPUs: its own config, held to the same structural tests
+    _check_prod_serve_config("prod")
+
+
+def test_prod_2gpu_serve_config_is_configs_gpu_5b_2gpu() -> None:
+    """prod-2gpu: configs/gpu-5b-2gpu.yaml (CogVideoX-5b's Denoiser CFG-parallel, 2 ranks), and its denoiser group's
+    pod is exactly one such replica: 2 GPUs = the two bundles' GPUs, the custom resource = theirs, CPUs enough."""
+    from deployments.serve_config import check_serve_config
+
+    serve_config = _check_prod_serve_config("prod-2gpu")
+    app = check_serve_config(serve_config)
+    rs = _one(render(K8S / "overlays" / "prod-2gpu"), "RayService")
+    [(_, _, opts)] = [o for o in _stage_options(serve_config, app) if o[:2] == ("model-cogvideox-5b", "denoiser")]
+    assert app.model.name == "cogvideox-5b" and app.model.parallel.world_size == 2 and app.model.parallel.cfg == 2
+    assert opts.placement_group_strategy == "STRICT_PACK" and len(opts.placement_group_bundles or []) == 2
+    gpus, cpus, custom = _replica_needs(opts)
+    assert (gpus, cpus, custom) == (2, 4, {"stage_denoiser": 2})
+    group = _groups(rs)["denoiser"]
+    assert _pod_gpus(group) == gpus == 2, "a denoiser pod holds exactly one 2-rank replica's bundles"
+    assert group["rayStartParams"].get("num-gpus") == "2"
+    assert _ray_resources(group) == custom
+    assert cpus <= _pod_cpus(group)
+    placement = _placement(rs, app, serve_config)
+    assert [(stage, slots) for stage, slots, _ in placement["denoiser"]] == [("denoiser", 1)], \
+        "the denoiser group hosts CogVideoX-5b's 2-GPU Denoiser alone, one replica per pod"
+    assert (group["minReplicas"], group["maxReplicas"]) == _replica_range(opts) == (1, 4)
+    # the image-to-video model's one-GPU Denoiser: a group of its own, one replica per 1-GPU pod
+    [(i2v_stage, i2v_slots, i2v)] = placement["denoiser-i2v"]
+    assert (i2v_stage, i2v_slots, i2v.placement_group_bundles) == ("denoiser", 1, None)
+    assert _pod_gpus(_groups(rs)["denoiser-i2v"]) == i2v.ray_actor_options.num_gpus == 1
 
 
 def test_overlay_serves_its_image_to_video_model(serve_config: dict[str, Any], app_config: AppConfig,
@@ -369,7 +446,7 @@ def test_enhanced_models_deploy_their_enhancer(serve_config: dict[str, Any], ove
             assert section["autoscaling_config"]["min_replicas"] == 1
             enhance = app["args"]["model"]["enhance"]
             assert enhance["sr"]["source"].startswith("s3://") and enhance["interpolation"]["source"].startswith("s3://")
-    assert enhanced == {"prod": ["model-cogvideox-5b"], "dev": []}[overlay]
+    assert enhanced == {"prod": ["model-cogvideox-5b"], "prod-2gpu": ["model-cogvideox-5b"], "dev": []}[overlay]
 
 
 def test_ray_version_matches_the_project(rayservice: dict[str, Any]) -> None:
@@ -414,15 +491,18 @@ def test_each_stage_has_a_worker_group_sized_to_its_replicas(rayservice: dict[st
         assert stages, f"worker group {name} hosts no deployment"
         # one pod holds one full set of its stages' slots, any model's replica in a slot: GPUs exactly used, CPUs
         # enough (so every model's replicas of one stage ask for the same GPUs and CPUs)
+        # (a replica's amounts: `_replica_needs`, the sum of its placement group's bundles where it has them)
         kinds: dict[str, tuple[int, float, float]] = {}
         for stage, slots, opts in stages:
-            actor = opts.ray_actor_options
-            kind = kinds.setdefault(stage, (slots, actor.num_gpus, actor.num_cpus))
-            assert kind == (slots, actor.num_gpus, actor.num_cpus), \
-                f"{name}: {stage} replicas of different models ask for different amounts ({kind} vs {actor})"
+            gpus, cpus, _ = _replica_needs(opts)
+            kind = kinds.setdefault(stage, (slots, gpus, cpus))
+            assert kind == (slots, gpus, cpus), \
+                f"{name}: {stage} replicas of different models ask for different amounts ({kind} vs {(slots, gpus, cpus)})"
         gpus = sum(slots * num_gpus for slots, num_gpus, _ in kinds.values())
         cpus = sum(slots * num_cpus for slots, _, num_cpus in kinds.values())
         assert math.isclose(_pod_gpus(group), gpus), f"{name}: {GPU} {_pod_gpus(group)} != replicas' {gpus}"
+        if "num-gpus" in group["rayStartParams"]:  # what Ray advertises, when set: the pod's GPUs, no more or less
+            assert math.isclose(float(group["rayStartParams"]["num-gpus"]), _pod_gpus(group)), name
         assert cpus <= _pod_cpus(group), f"{name}: replicas need {cpus} CPUs, a pod advertises {_pod_cpus(group)}"
         # Serve's replica range maps onto the group's pod range: per stage kind, all models' replicas together
         totals: dict[str, list[int]] = {}
@@ -450,7 +530,7 @@ def test_stage_groups_have_gpus_the_ingress_none(rayservice: dict[str, Any], app
             assert spec.get("nodeSelector"), f"{name}: GPU pods need a GPU node selector"
             assert any(t.get("effect") == "NoSchedule" and t.get("operator") == "Exists" for t in gpu_tolerations), \
                 f"{name}: GPU pods tolerate the {GPU} taint"
-            if overlay == "prod":
+            if overlay in PROD_OVERLAYS:
                 assert spec["nodeSelector"] == H100, name
         else:
             assert GPU not in limits and not gpu_tolerations, f"{name}: a CPU group stays off GPU nodes"
@@ -458,7 +538,7 @@ def test_stage_groups_have_gpus_the_ingress_none(rayservice: dict[str, Any], app
 
 def test_gcs_fault_tolerance_in_prod_only(rayservice: dict[str, Any], overlay: str) -> None:
     ft = _cluster(rayservice).get("gcsFaultToleranceOptions")
-    if overlay != "prod":
+    if overlay not in PROD_OVERLAYS:
         assert ft is None
         return
     assert ft["redisAddress"]

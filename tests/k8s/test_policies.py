@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from serve.config import AppConfig
-from tests.k8s.kube import K8S, render, require_kubectl
+from tests.k8s.kube import K8S, PROD_OVERLAYS, render, require_kubectl
 from tests.k8s.netpol import External, Pod, allows, isolating, policy_types, selects
 
 GPU = "nvidia.com/gpu"
@@ -405,7 +405,7 @@ def test_webhooks_leave_from_the_ingress_group_only(objects: tuple[dict[str, Any
 def test_only_the_head_side_reaches_redis(rayservice: dict[str, Any], policies: list[dict[str, Any]],
                                           pods: dict[str, Pod], workers: list[str], overlay: str) -> None:
     ft = _cluster(rayservice).get("gcsFaultToleranceOptions")
-    assert (ft is not None) == (overlay == "prod"), "GCS fault tolerance (Redis) in prod only"
+    assert (ft is not None) == (overlay in PROD_OVERLAYS), "GCS fault tolerance (Redis) in prod (and its variants) only"
     address = ft["redisAddress"] if ft else "videogen-redis:6379"
     port = urlsplit(address if "://" in address else f"redis://{address}").port or 6379
     redis = External("10.0.12.34")  # e.g. ElastiCache behind the ExternalName Service videogen-redis

@@ -212,6 +212,7 @@ SHIPPED = {
     "configs/local.yaml": lambda: yaml.safe_load((ROOT / "configs" / "local.yaml").read_text()),
     "configs/gpu-2b.yaml": lambda: yaml.safe_load((ROOT / "configs" / "gpu-2b.yaml").read_text()),
     "configs/gpu-5b.yaml": lambda: yaml.safe_load((ROOT / "configs" / "gpu-5b.yaml").read_text()),
+    "configs/gpu-5b-2gpu.yaml": lambda: yaml.safe_load((ROOT / "configs" / "gpu-5b-2gpu.yaml").read_text()),
     "k8s/base/rayservice.yaml serveConfigV2": _rayservice_serve_config,
     "deployments.serve_config.serve_config": lambda: serve_config(two_models()),
 }

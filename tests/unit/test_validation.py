@@ -1,8 +1,12 @@
 """Request validation against the model families (no Ray, no torch, no S3)."""
 
-import pytest
+import copy
+from pathlib import Path
 
-from deployments.serve_config import load_app_config
+import pytest
+import yaml
+
+from deployments.serve_config import check_serve_config, load_app_config
 from serve.api.wire import CreateVideoRequest
 from serve.config import ApiConfig, AppConfig, ModelConfig
 from serve.errors import ServiceError
@@ -93,7 +97,7 @@ def test_overrides_change_defaults_and_limits():
 
 
 def test_app_config_validates_and_loads_shipped_files():
-    for name in ("local", "gpu-2b", "gpu-5b"):
+    for name in ("local", "gpu-2b", "gpu-5b", "gpu-5b-2gpu"):
         cfg = load_app_config(f"configs/{name}.yaml")
         assert cfg.model.family in FAMILIES
         opts = cfg.deployments.denoiser.to_serve_options()
@@ -109,6 +113,33 @@ def test_app_config_validates_and_loads_shipped_files():
         AppConfig.model_validate({"jobs": {"lease_s": 5, "heartbeat_s": 10}})
     with pytest.raises(ValueError):
         AppConfig.model_validate({"model": {"family": "sora"}})
+
+
+def test_the_cfg_parallel_5b_config_gives_its_denoiser_one_bundle_per_rank():
+    """configs/gpu-5b-2gpu.yaml: CogVideoX-5b's Denoiser CFG-parallel (2 ranks), a placement group of 2 bundles packed
+    on one node; a bundle count other than cfg * ulysses is refused, naming placement_group_bundles."""
+    path = Path("configs/gpu-5b-2gpu.yaml")
+    cfg = load_app_config(path)
+    assert cfg.model.name == "cogvideox-5b" and cfg.model.parallel.cfg == 2 and cfg.model.parallel.world_size == 2
+    denoiser = cfg.deployments.denoiser
+    assert len(denoiser.placement_group_bundles) == 2 and denoiser.placement_group_strategy == "STRICT_PACK"
+    opts = denoiser.with_ranks(cfg.model.parallel.world_size).to_serve_options()
+    assert len(opts["placement_group_bundles"]) == 2 and opts["placement_group_strategy"] == "STRICT_PACK"
+    assert sum(b["GPU"] for b in opts["placement_group_bundles"]) == 2
+    # the catalogue's entry is the application's (one model entry), the image-to-video model stays on one GPU
+    i2v = cfg.model_named("cogvideox-5b-i2v")
+    assert i2v is not None and i2v.parallel.world_size == 1
+    data = yaml.safe_load(path.read_text())
+    assert data["applications"][0]["args"]["model"]["parallel"] == {"cfg": 2}
+    # half gpu-5b.yaml's Denoiser replicas: each is two GPUs now (the same GPUs at most)
+    one_gpu = load_app_config("configs/gpu-5b.yaml").deployments.denoiser.autoscaling_config.max_replicas
+    assert denoiser.autoscaling_config.max_replicas * 2 == one_gpu
+    broken = copy.deepcopy(data)
+    [section] = [d for d in broken["applications"][0]["deployments"] if d["name"] == "Denoiser"]
+    section["placement_group_bundles"].append({"CPU": 2, "GPU": 1})
+    with pytest.raises(ValueError, match="placement_group_bundles") as info:
+        check_serve_config(broken)
+    assert "3" in str(info.value) and "2 ranks" in str(info.value)
 
 
 def test_width_and_height_are_an_alternative_to_size():
