@@ -120,3 +120,29 @@ def spawn(plan: dict, models: dict[str, str], cases: list[dict], out_dir: Path) 
     mp.spawn(rank_main, args=(world, port, plan, {k: str(v) for k, v in models.items()}, cases, str(out_dir)),
              nprocs=world, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def rank_stalls(rank: int, world: int, port: int, timeout_s: float, out_dir: str) -> None:
+    """Rank 1 joins and then never takes part (a stalled or dead peer); rank 0's next collective must fail within
+    the group's timeout instead of waiting forever. Rank 0 writes when it started waiting and what it saw (gloo
+    either raises at the timeout or, from its own thread, aborts the process: no rank waits on)."""
+    import time
+
+    from serve.config.parallel import ParallelConfig
+    from serve.stages.parallel import ParallelContext, init_distributed
+
+    init_distributed(rank, world, "127.0.0.1", port, backend="gloo", timeout_s=timeout_s)
+    ctx = ParallelContext(ParallelConfig(ulysses=world))
+    if rank == 1:  # silent until rank 0 has its answer (or long past the timeout)
+        deadline = time.time() + timeout_s * 6
+        while time.time() < deadline and not (Path(out_dir) / "rank0.pt").exists():
+            time.sleep(0.1)
+        return
+    (Path(out_dir) / "started").write_text(str(time.time()))
+    started = time.perf_counter()
+    try:
+        ctx.agree(True)
+        outcome = "returned"
+    except Exception as exc:  # noqa: BLE001 - what it raised is the result
+        outcome = type(exc).__name__
+    torch.save({"outcome": outcome, "seconds": time.perf_counter() - started}, Path(out_dir) / "rank0.pt")

@@ -80,3 +80,25 @@ def test_first_block_cache_decides_once_for_every_rank(plan, models, tmp_path):
     for rank, results in enumerate(ranks):
         diff = float(np.abs(results[case["name"]]["latents"] - ref).max())
         assert diff <= TOLERANCE, f"rank {rank}: {diff:.3g}"
+
+
+def test_a_collective_whose_peer_stalls_fails_at_the_timeout_instead_of_hanging(tmp_path):
+    import socket
+    import time
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        mp.spawn(pr.rank_stalls, args=(2, port, 2.0, str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessExitedException as exc:  # gloo aborted rank 0 at the timeout: it did not wait on either
+        assert exc.error_index == 0, exc
+        ended = time.time()
+        seen = {"outcome": str(exc), "seconds": ended - float((tmp_path / "started").read_text())}
+    else:
+        seen = torch.load(tmp_path / "rank0.pt")
+        assert seen["outcome"] != "returned", seen
+    assert 1.5 <= seen["seconds"] < 10, seen  # the group's 2 s timeout, not forever
