@@ -32,6 +32,7 @@ class Denoiser(StageReplica):
         if self._model.parallel.enabled:
             self._ranks = RankGroup(self._stage, self._args.model_dump(mode="json"), self._model.parallel)
             self._ranks.start()
+            self._gpus[DENOISER.key] = self._ranks.gpus  # billed for every rank's GPU, not only this process's
         if accel.warmup_on_start:
             # compile and first-call costs for the configured shapes are paid here, not by a request
             warm = self._ranks.warmup if self._ranks is not None else self._stage.warmup

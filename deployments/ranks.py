@@ -46,6 +46,11 @@ def memory_readings(reset_peak: bool = True) -> dict[str, int]:
     return out
 
 
+def bundle_gpus(bundles: list[dict[str, float]], world: int) -> float:
+    """The GPUs a replica of `world` ranks holds: its first `world` bundles' (what its compute time is billed by)."""
+    return float(sum(bundle.get("GPU", 0) for bundle in bundles[:world]))
+
+
 class RankState:
     """What a rank did last (for health, the metrics and the tests): busy, steps, how the last request ended."""
 
@@ -137,6 +142,7 @@ class RankGroup:
         self.workers: list[Any] = []
         self.broken: str | None = None  # why the group cannot compute any more
         self.memory: dict[int, dict[str, int]] = {}
+        self.gpus = 0.0  # every rank's, once started
         self._args = args
 
     def start(self) -> None:
@@ -154,6 +160,7 @@ class RankGroup:
                 f"model.parallel needs {world} ranks but this replica has "
                 f"{'no placement group' if pg is None else f'{len(pg.bundle_specs)} bundles'}: give the Denoiser "
                 f"placement_group_bundles of {world} bundles (deployments/app.py derives them from the model entry)")
+        self.gpus = bundle_gpus(pg.bundle_specs, world)
         actor = ray.remote(DenoiserRank)
         context = ray.get_runtime_context()
         for rank in range(1, world):

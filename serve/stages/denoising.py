@@ -389,7 +389,9 @@ class DenoisingStage:
         """How the last request was computed (for its metadata record): the speed options that served it."""
         return {"attention_backend": self.accel.attention_backend, "compile": self.accel.compile,
                 "compiled": self.last_run_compiled, "fp8": self.accel.fp8, "cache": self.last_cache_used,
-                "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device)}
+                "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+                **({} if self.parallel is None else {"parallel": {"cfg": self.parallel.cfg,
+                                                                  "ulysses": self.parallel.ulysses}})}
 
     @contextlib.contextmanager
     def _compiled_run(self, bucket: tuple[tuple[int, ...], int], compile_new_shape: bool):

@@ -76,6 +76,8 @@ def test_the_two_rank_replica_gives_the_one_rank_replicas_latents(cluster):
     encoded = encoded.result(timeout_s=60)
     out = {app: serve.get_deployment_handle("Denoiser", app_name=app).denoise.remote(req, encoded).result(timeout_s=120)
            for app in ("model-cogvideox-tiny-2b", APP)}
+    assert out[APP].info["denoiser"]["parallel"] == {"cfg": 1, "ulysses": 2}  # the video's record says how
+    assert "parallel" not in out["model-cogvideox-tiny-2b"].info["denoiser"]
     one, two = (out[app].value.latents for app in ("model-cogvideox-tiny-2b", APP))
     assert one.shape == two.shape
     assert float(np.abs(one - two).max()) <= 1e-5

@@ -126,3 +126,11 @@ def test_the_builder_gives_serve_the_bundles():
     replica = denoiser._bound_deployment._replica_config
     assert replica.placement_group_bundles == [{"CPU": 0.01}] * 2  # the builder's defaults (num_cpus 0, no GPU)
     assert replica.placement_group_strategy == "STRICT_PACK"
+
+
+def test_a_multi_gpu_replica_is_billed_for_every_ranks_gpu():
+    from deployments.ranks import bundle_gpus
+
+    bundles = [{"CPU": 2, "GPU": 1, "stage_denoiser": 1}, {"CPU": 2, "GPU": 1, "stage_denoiser": 1}]
+    assert bundle_gpus(bundles, 2) == 2.0
+    assert bundle_gpus([{"CPU": 0.01}] * 2, 2) == 0.0
