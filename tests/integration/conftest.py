@@ -52,10 +52,21 @@ def write_keys(path: Path) -> dict[str, str]:
 SMALL = {"width": 48, "height": 32, "num_frames": 9, "num_inference_steps": 4, "max_side": 128}
 
 
-# the tiny 2b again, its Denoiser a replica of 2 ranks (Ulysses: the 2 heads split across a worker actor; gloo):
-# its stage deployments are its own application, like every model's
+# the tiny 2b again, its Denoiser a replica of 2 ranks (Ulysses: the 2 heads split across a worker actor; gloo), its
+# stage deployments an application of their own, like every model's: deployed for tests/integration/test_parallel.py
+# only (`with_parallel_model`), so the rest of the session's tests do not share 2 cores with its processes
 PARALLEL_MODEL = "cogvideox-tiny-2b-ulysses"
 PARALLEL = {"ulysses": 2, "collective_timeout_s": 20, "start_timeout_s": 120}
+
+
+def with_parallel_model(config):
+    """The session's `AppConfig` with PARALLEL_MODEL added to its catalogue."""
+    from serve.config import AppConfig
+
+    data = config.model_dump(mode="json")
+    data["api"]["api_keys"] = [k.get_secret_value() for k in config.api.api_keys]
+    data["models"] = [*data["models"], {**data["model"], "name": PARALLEL_MODEL, "aliases": [], "parallel": PARALLEL}]
+    return AppConfig.model_validate(data)
 
 I2V_MODEL = "cogvideox-tiny-5b-i2v"
 I2V_SMALL = {"width": 48, "height": 32, "num_frames": 9, "num_inference_steps": 4}  # the tiny variant's native size
@@ -84,8 +95,6 @@ def app_config(model_dir: Path, endpoint: str, bucket: str, keys_file: Path | No
                     "enhance": {"sr": {"source": str(enhance_dirs[0]), "scale": 2},
                                 "interpolation": {"source": str(enhance_dirs[1])}} if enhance_dirs else None,
                     }] if second_model_dir else [])
-        + [{"name": PARALLEL_MODEL, "source": str(model_dir), "family": "cogvideox-2b", "device": "cpu",
-            "defaults": SMALL, "parallel": PARALLEL}]
         # image-to-video (a picture and a prompt), its own three stage deployments too
         + ([{"name": I2V_MODEL, "source": str(i2v_model_dir), "family": "cogvideox-5b-i2v", "device": "cpu",
              "defaults": I2V_SMALL}] if i2v_model_dir else []),

@@ -48,6 +48,8 @@ GPU_ONLY_PANELS = {
     ("videogen-stages.json", "GPU memory per replica: allocated, reserved, peak (torch)"),
     ("videogen-stages.json", "GPU memory per stage (NVML, per replica process)"),
     ("videogen-stages.json", "Enhancer GPU memory per replica: reserved, peak (torch)"),  # Enhancer
+    # (and a Denoiser of several GPUs)
+    ("videogen-stages.json", "Denoiser GPU memory per rank (replicas that span several GPUs): reserved, peak"),
 }
 SHORT = {"prompt": "a red kite over a windy beach"}  # the test config's defaults: 48x32, 9 frames, 4 steps
 # Enhancer: an enhanced job (96x64 at 16 fps from the second model's native 48x32 at 8 fps: SR x2 + RIFE x2), one
