@@ -51,6 +51,15 @@ def bundle_gpus(bundles: list[dict[str, float]], world: int) -> float:
     return float(sum(bundle.get("GPU", 0) for bundle in bundles[:world]))
 
 
+def join_group(stage, plan, rank: int, address: str, port: int) -> None:
+    """Make `stage` rank `rank` of the `plan.world_size` ranks meeting at `address:port` (blocks until all have)."""
+    from serve.stages.parallel import ParallelContext, init_distributed
+
+    init_distributed(rank, plan.world_size, address, port, backend=plan.backend,
+                     timeout_s=plan.collective_timeout_s, device=str(stage.device))
+    stage.join(ParallelContext(plan, device=str(stage.device)))
+
+
 class RankState:
     """What a rank did last (for health, the metrics and the tests): busy, steps, how the last request ended."""
 
@@ -109,12 +118,7 @@ class DenoiserRank:
 
     def join(self, address: str, port: int) -> dict[str, Any]:
         """Join the replica's process group (blocks until every rank has)."""
-        from serve.stages.parallel import ParallelContext, init_distributed
-
-        plan = self._model.parallel
-        init_distributed(self._rank, plan.world_size, address, port, backend=plan.backend,
-                         timeout_s=plan.collective_timeout_s, device=str(self._stage.device))
-        self._stage.join(ParallelContext(plan, device=str(self._stage.device)))
+        join_group(self._stage, self._model.parallel, self._rank, address, port)
         return self._stage.parallel.describe()
 
     def warmup(self, shapes: list[tuple[int, int, int]], steps: int, without_cfg: bool) -> dict[str, float]:
@@ -151,8 +155,6 @@ class RankGroup:
         from ray.util.placement_group import get_current_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from serve.stages.parallel import ParallelContext, init_distributed
-
         pg = get_current_placement_group()
         world = self.plan.world_size
         if pg is None or len(pg.bundle_specs) < world:
@@ -179,9 +181,7 @@ class RankGroup:
         ray.get([w.ping.remote() for w in self.workers], timeout=timeout)
         address, port = ray.util.get_node_ip_address(), free_port()
         joined = [w.join.remote(address, port) for w in self.workers]
-        init_distributed(0, world, address, port, backend=self.plan.backend,
-                         timeout_s=self.plan.collective_timeout_s, device=str(self.stage.device))
-        self.stage.join(ParallelContext(self.plan, device=str(self.stage.device)))
+        join_group(self.stage, self.plan, 0, address, port)
         ray.get(joined, timeout=timeout)
         log.info("denoiser: %d ranks joined (cfg %d x ulysses %d) at %s:%d", world, self.plan.cfg,
                  self.plan.ulysses, address, port)
@@ -204,7 +204,7 @@ class RankGroup:
         mine = asyncio.ensure_future(asyncio.to_thread(
             run_rank, self.stage, self.state, emb, params, image=image, should_cancel=should_cancel,
             on_step=on_step))
-        others = [asyncio.ensure_future(self._answer(r)) for r in refs]
+        others = [asyncio.ensure_future(r) for r in refs]
         everyone = [mine, *others]
         try:
             # a worker that fails first must not leave rank 0 waiting in a collective until the timeout
@@ -230,9 +230,6 @@ class RankGroup:
             if isinstance(exc, BaseException) and not isinstance(exc, DenoisingCancelled):
                 self.fail(f"rank {rank}: {type(exc).__name__}")
                 raise exc
-
-    async def _answer(self, ref) -> dict[str, Any]:
-        return await ref
 
     def fail(self, why: str) -> None:
         """The group is broken for good: say so, and leave so that Serve starts a whole new replica."""

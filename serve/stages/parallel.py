@@ -90,7 +90,7 @@ class ShardState:
 class ParallelContext:
     """This rank's place in the `cfg x ulysses` mesh, its process groups, and the collectives the loop uses."""
 
-    def __init__(self, plan: ParallelConfig, rank: int | None = None, device: str = "cpu") -> None:
+    def __init__(self, plan: ParallelConfig, device: str = "cpu") -> None:
         if not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call init_distributed first")
         self.plan = plan
@@ -98,7 +98,7 @@ class ParallelContext:
         if self.world != plan.world_size:
             raise ValueError(f"the process group has {self.world} ranks but model.parallel needs "
                              f"cfg * ulysses = {plan.world_size}")
-        self.rank = dist.get_rank() if rank is None else rank
+        self.rank = dist.get_rank()
         self.device = torch.device(device)
         self.cfg, self.ulysses = plan.cfg, plan.ulysses
         self.cfg_rank, self.sp_rank = divmod(self.rank, self.ulysses)
@@ -233,8 +233,8 @@ class ParallelContext:
             if prev is None:  # the first step computes everything, on every rank
                 self.cache_log.append((math.inf, math.inf, True))
                 return True
-            diff = self.real(residual) - self.real(prev)
-            local = torch.stack([diff.abs().sum(), self.real(prev).abs().sum()]).to(torch.float64)
+            prev = self.real(prev)
+            local = torch.stack([(self.real(residual) - prev).abs().sum(), prev.abs().sum()]).to(torch.float64)
             parts = self.all_gather(local.to(self._comm_device()), None, self.world, "cache_all_gather")
             totals = torch.stack([p.cpu() for p in parts]).sum(dim=0)
             ratio = float(totals[0] / totals[1])
